@@ -1,0 +1,199 @@
+"""The driver: ``merge()`` runs the whole job (headers -> deltas -> plan -> Ray tasks -> publish).
+
+Example:
+    >>> # import distmerge
+    >>> # report = distmerge.merge("Wan2.2-T2V-A14B/low_noise_model", ["diffusion_module.pth"],
+    >>> #                          "merged/low_noise_model", dtype="bf16")
+    >>> # print(report.summary_line())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import __version__
+from .checkpoint import BaseCheckpoint, open_base
+from .dtypes import CLI_DTYPES, code_of
+from .errors import MatchError, PlanError
+from .lora import Delta, Unmatched, normalize
+from .lorafile import open_lora
+from .output import Staging, abort, part_path, prepare, publish, resolve_output
+from .plan import MergePlan, describe, make_plan, parse_size
+from .report import MergeReport, UnitReport
+
+__all__ = ["merge", "LoraInput", "collect_deltas", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+LoraInput = "str | os.PathLike[str] | tuple[str | os.PathLike[str], float]"
+ProgressFn = Callable[[int, int, int, int], None]  # units done, units total, bytes done, bytes total
+
+
+@dataclass
+class _Gathered:
+    deltas: list[Delta]
+    unmatched: list[tuple[str, Unmatched]]
+    loras: list[dict]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
+    """``None``/``keep`` -> None; ``bf16``/``fp16``/``fp32`` or a torch dtype -> safetensors code."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        code = code_of(dtype)
+        if code not in ("BF16", "F16", "F32"):
+            raise PlanError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32 or keep")
+        return code
+    key = str(dtype).lower()
+    if key not in CLI_DTYPES:
+        raise PlanError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16 or fp32")
+    return CLI_DTYPES[key]
+
+
+def _specs(loras: Sequence[object]) -> list[tuple[str, float]]:
+    out = []
+    for item in loras:
+        if isinstance(item, (tuple, list)):
+            path, weight = item
+            out.append((os.fspath(path), float(weight)))
+        else:
+            out.append((os.fspath(item), 1.0))  # type: ignore[arg-type]
+    if not out:
+        raise PlanError("no LoRA given; pass at least one --lora")
+    return out
+
+
+def collect_deltas(base: BaseCheckpoint, loras: Sequence[tuple[str, float]], *, alpha: float = 1.0,
+                   skip_unmatched: bool = False) -> _Gathered:
+    """Open and normalize every LoRA against ``base``; enforce the strictness rules.
+
+    Raises:
+        MatchError: unplaceable LoRA tensors (unless ``skip_unmatched``), or nothing matched at all.
+    """
+    deltas: list[Delta] = []
+    unmatched: list[tuple[str, Unmatched]] = []
+    infos = []
+    for path, weight in loras:
+        lf = open_lora(path)
+        n = normalize(lf, base.tensors, strength=weight * alpha)
+        deltas += n.deltas
+        unmatched += [(lf.path, u) for u in n.unmatched]
+        infos.append({"path": lf.path, "layout": n.layout, "weight": weight, "tensors": len(lf.tensors),
+                      "pairs": len(n.deltas), "unmatched": len(n.unmatched),
+                      "ranks": sorted({d.rank for d in n.deltas if d.rank is not None}),
+                      "scales": sorted({round(d.scale, 6) for d in n.deltas})})
+        logger.info("%s: layout %s, %d deltas, %d unmatched", lf.path, n.layout, len(n.deltas),
+                    len(n.unmatched))
+    if unmatched and not skip_unmatched:
+        first = "; ".join(f"{os.path.basename(p)}: '{u.key}' ({u.reason})" for p, u in unmatched[:3])
+        raise MatchError(f"{len(unmatched)} LoRA tensor(s) cannot be placed on the base "
+                         f"{base.path}: {first}{'; …' if len(unmatched) > 3 else ''}. "
+                         "Pass --skip-unmatched to merge the rest and list these in the report")
+    if not deltas:
+        first = f" (first: '{unmatched[0][1].key}': {unmatched[0][1].reason})" if unmatched else ""
+        raise MatchError(f"no LoRA tensor matched the base {base.path}: 0 pairs to merge from "
+                         f"{', '.join(p for p, _ in loras)}{first}")
+    return _Gathered(deltas, unmatched, infos)
+
+
+def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | os.PathLike[str], *,
+          alpha: float = 1.0, dtype: str | torch.dtype | None = None,
+          max_shard_size: int | str = "5GB", skip_unmatched: bool = False, overwrite: bool = False,
+          address: str | None = None, num_workers: int | None = None, device: str = "auto",
+          report: str | os.PathLike[str] | None = None, unit_size: int | str | None = None,
+          max_retries: int = 3, num_cpus: int | None = None,
+          progress: ProgressFn | None = None) -> MergeReport:
+    """Merge LoRA(s) into a base checkpoint with Ray tasks and publish the result atomically.
+
+    Args:
+        base: ``.safetensors`` file, HF sharded folder (with ``*.safetensors.index.json``) or a
+            folder with one ``.safetensors``.
+        loras: paths, or ``(path, weight)`` pairs; each LoRA's deltas are multiplied by its weight.
+        output: a folder (sharded output + index) or a path ending in ``.safetensors`` (one file).
+        alpha: global multiplier on every delta (the seed script's ``--alpha``).
+        dtype: output dtype for float tensors: ``None``/``keep``, ``bf16``, ``fp16``, ``fp32``.
+        max_shard_size: e.g. ``5GB``; ignored for a single-file output.
+        skip_unmatched: merge what matches and report the rest instead of failing.
+        overwrite: write into a non-empty output folder / replace an output file.
+        address: Ray address (``auto``, ``HOST:PORT``); default embedded local Ray.
+        num_workers: tasks in flight (default: all CPUs, or all GPUs on a GPU cluster).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        report: write the JSON report here.
+        unit_size: target bytes per work unit (default: total / (4 · workers)).
+        max_retries: Ray retries per task after a worker/node failure.
+        num_cpus: CPUs for an embedded local Ray (default: all).
+        progress: ``f(units_done, units_total, bytes_done, bytes_total)`` called on the driver.
+
+    Returns:
+        A ``MergeReport``.
+
+    Raises:
+        DistmergeError: any input, planning, output or task problem; nothing is published then.
+    """
+    start = time.perf_counter()
+    # 1. Base headers and LoRA deltas, all validated before anything is written.
+    base_ck = open_base(base)
+    specs = _specs(loras)
+    gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
+    out_code = resolve_dtype(dtype)
+    parse_size(max_shard_size)
+    if max_retries < 0:
+        raise PlanError(f"max_retries must be >= 0, got {max_retries}")
+    target = resolve_output(output, base_ck, [p for p, _ in specs], overwrite=overwrite)
+
+    from .cluster import RaySession, run_units  # Ray is only imported once there is work to do
+
+    with RaySession(address, num_cpus=num_cpus) as session:
+        settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries)
+        # 2. The plan: shards, offsets, units.
+        plan = make_plan(base_ck, gathered.deltas, out_dtype=out_code, max_shard_size=max_shard_size,
+                         single_file=target.single_file, workers=settings.workers, unit_size=unit_size)
+        logger.info("plan: %s on %s (%s, %d in flight)", describe(plan), session.mode,
+                    settings.device, settings.workers)
+        dests = {s.name: part_path(target.directory, s.name) for s in plan.shards}
+        staging = Staging()
+        try:
+            # 3. Part files, Ray tasks, then the atomic publish (index last).
+            prepare(plan, target, staging)
+            done = {"units": 0, "bytes": 0}
+
+            def on_done(res) -> None:
+                done["units"] += 1
+                done["bytes"] += res.nbytes
+                if progress:
+                    progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
+
+            if progress:
+                progress(0, len(plan.units), 0, plan.total_size)
+            results = run_units(plan.units, dests, settings=settings, on_done=on_done)
+            shards = publish(plan, target, staging, extra_metadata={"version": __version__})
+        except BaseException:
+            abort(plan, target, staging)
+            raise
+        ray_info = {"mode": session.mode, "device": settings.device, "workers": settings.workers}
+
+    rep = _report(plan, target, shards, results, gathered, time.perf_counter() - start, ray_info)
+    if report:
+        rep.write_json(report)
+    return rep
+
+
+def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, seconds: float,
+            ray_info: dict) -> MergeReport:
+    out = os.path.join(target.directory, target.single_file) if target.single_file else target.directory
+    units = [UnitReport(r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged)
+             for r in results]
+    n_tensors = sum(len(s.keys) for s in plan.shards)
+    return MergeReport(
+        output=out, pairs_merged=len(gathered.deltas), tensors_written=n_tensors,
+        tensors_merged=sum(r.merged for r in results), shards=shards, total_bytes=plan.total_size,
+        seconds=round(seconds, 3),
+        unmatched=[{"file": p, "key": u.key, "reason": u.reason} for p, u in gathered.unmatched],
+        loras=gathered.loras, units=units, ray=ray_info)

@@ -1,0 +1,225 @@
+"""Plan the merge as plain data: output shards, tensor placement and byte-balanced work units.
+
+Everything here is pure and deterministic: the same base, deltas and options always give the same
+shards, headers and offsets, whatever the number of workers (only how tensors are grouped into
+work units depends on it, and units never change the bytes written).
+
+Example:
+    >>> split_by_size([("a", 6), ("b", 6), ("c", 2), ("d", 6), ("e", 2), ("f", 2)], 8)
+    [['a'], ['b', 'c'], ['d', 'e'], ['f']]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import BaseCheckpoint
+from .dtypes import is_float, itemsize
+from .errors import PlanError
+from .lora import Delta
+from .writer import layout_shard
+
+__all__ = ["PlannedTensor", "ShardPlan", "WorkUnit", "MergePlan", "parse_size", "split_by_size",
+           "shard_names", "make_plan", "partition_units"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Parse ``5GB`` (10⁹), ``500MiB`` (2²⁰) or a plain byte count.
+
+    >>> parse_size("5GB"), parse_size("1.5MiB"), parse_size(1024)
+    (5000000000, 1572864, 1024)
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise PlanError(f"cannot parse size {size!r}; expected e.g. 5GB, 500MB, 2GiB or a byte count")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise PlanError(f"size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where its base bytes are, where its output bytes go, what to add."""
+
+    key: str
+    shape: tuple[int, ...]
+    src_path: str
+    src_offset: int
+    src_dtype: str
+    src_nbytes: int
+    out_dtype: str
+    out_offset: int
+    out_nbytes: int
+    deltas: tuple[Delta, ...] = ()
+
+    @property
+    def action(self) -> str:
+        """``merge`` (deltas to add), ``convert`` (dtype change only) or ``copy`` (bytes as is)."""
+        if self.deltas:
+            return "merge"
+        return "convert" if self.out_dtype != self.src_dtype else "copy"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str  #: final file name
+    header: bytes
+    size: int
+    keys: tuple[str, ...]  #: in data order
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one Ray task does: fill ``tensors`` of output shard ``shard``."""
+
+    index: int
+    shard: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    @property
+    def memory(self) -> int:
+        """A bound on the task's peak working memory, for Ray's ``memory=`` admission control."""
+        peak = 0
+        for t in self.tensors:
+            if t.action == "copy":
+                continue
+            numel = math.prod(t.shape)
+            work = t.src_nbytes + numel * (8 if t.src_dtype == "F64" else 4) + t.out_nbytes
+            work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
+            peak = max(peak, work)
+        return peak + (64 << 20)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    stem: str
+    single_file: bool
+    shards: tuple[ShardPlan, ...]
+    units: tuple[WorkUnit, ...]
+
+    @property
+    def total_size(self) -> int:
+        """Sum of tensor bytes (the index's ``metadata.total_size``)."""
+        return sum(u.nbytes for u in self.units)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {k: s.name for s in self.shards for k in sorted(s.keys)}
+
+
+def split_by_size(sizes: Sequence[tuple[str, int]], max_size: int) -> list[list[str]]:
+    """Greedy HF-style sharding: fill in order; start a new shard when the next tensor won't fit.
+
+    A tensor larger than ``max_size`` gets a shard of its own. Greedy is not optimal
+    ([6,6,2,6,2,2] with limit 8 gives 4 shards where 3 would do) but it keeps keys in order.
+    """
+    shards: list[list[str]] = []
+    cur: list[str] = []
+    used = 0
+    for key, n in sizes:
+        if cur and used + n > max_size:
+            shards.append(cur)
+            cur, used = [], 0
+        cur.append(key)
+        used += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def shard_names(stem: str, n: int) -> list[str]:
+    """``<stem>-00001-of-0000N.safetensors`` names (always sharded names, with an index)."""
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def partition_units(sizes: Sequence[int], target: int) -> list[tuple[int, int]]:
+    """Split a run of items into consecutive ``[start, end)`` groups of about ``target`` bytes.
+
+    >>> partition_units([5, 5, 5, 5, 30, 5], 10)
+    [(0, 2), (2, 4), (4, 5), (5, 6)]
+    """
+    groups, start, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and used + n > target:
+            groups.append((start, i))
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
+
+
+def make_plan(base: BaseCheckpoint, deltas: Sequence[Delta], *, out_dtype: str | None = None,
+              max_shard_size: int | str = "5GB", single_file: str | None = None,
+              workers: int = 1, units_per_worker: int = 4, unit_size: int | str | None = None,
+              metadata: Mapping[str, str] | None = None) -> MergePlan:
+    """Plan the output of merging ``deltas`` into ``base``.
+
+    Args:
+        base: the base checkpoint (headers only).
+        deltas: validated deltas; their targets must be base keys.
+        out_dtype: safetensors code to convert every float tensor to, or None to keep dtypes.
+        max_shard_size: shard size limit (ignored with ``single_file``).
+        single_file: write one file with this name instead of shards + index.
+        workers: how many tasks will run at once; the plan makes ``units_per_worker`` times as
+            many work units so that work stays balanced.
+        unit_size: target bytes per unit, overriding the workers-based choice.
+    """
+    by_target: dict[str, list[Delta]] = {}
+    for d in deltas:
+        if d.target not in base.tensors:
+            raise PlanError(f"delta from {d.source} targets '{d.target}', which is not in the base")
+        by_target.setdefault(d.target, []).append(d)
+
+    def out_code(src: str) -> str:
+        return out_dtype if (out_dtype and is_float(src)) else src
+
+    infos = list(base.tensors.values())
+    sizes = [(t.key, t.numel * itemsize(out_code(t.dtype))) for t in infos]
+    limit = math.inf if single_file else parse_size(max_shard_size)
+    groups = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
+    names = [single_file] if single_file else shard_names(base.stem, len(groups))
+    meta = {"format": "pt", **(metadata or {})}
+    total = sum(n for _, n in sizes)
+    target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
+
+    shards, units = [], []
+    for name, keys in zip(names, groups):
+        layout = layout_shard([(k, out_code(base.tensors[k].dtype), base.tensors[k].shape) for k in keys],
+                              metadata=meta)
+        planned = []
+        for e in layout.entries:
+            src = base.tensors[e.key]
+            planned.append(PlannedTensor(e.key, src.shape, src.path, src.offset, src.dtype, src.nbytes,
+                                         e.dtype, e.offset, e.nbytes, tuple(by_target.get(e.key, ()))))
+        shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
+        for start, end in partition_units([p.out_nbytes for p in planned], target):
+            units.append(WorkUnit(len(units), name, tuple(planned[start:end])))
+    return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units))
+
+
+def describe(plan: MergePlan) -> str:
+    """One line: shards, units, bytes (for logs)."""
+    return (f"{len(plan.shards)} shard(s), {len(plan.units)} work unit(s), "
+            f"{plan.total_size / 1e9:.2f} GB")
+
+
+def output_paths(plan: MergePlan, out_dir: str) -> list[str]:
+    return [os.path.join(out_dir, s.name) for s in plan.shards]

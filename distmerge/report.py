@@ -1,0 +1,69 @@
+"""What a merge did, as data: the summary line and the ``--report`` JSON.
+
+Example:
+    >>> r = MergeReport(output="/out", pairs_merged=80, tensors_written=219, shards=["m.safetensors"],
+    ...                 total_bytes=6_100_000_000, seconds=12.5)
+    >>> r.summary_line()
+    'merged 80 pairs into 219 tensors, 1 shard, 6.10 GB in 12.5 s -> /out'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["UnitReport", "MergeReport"]
+
+
+@dataclass
+class UnitReport:
+    index: int
+    shard: str
+    node_id: str
+    device: str
+    bytes: int
+    seconds: float
+    tensors_merged: int
+
+
+@dataclass
+class MergeReport:
+    output: str
+    pairs_merged: int = 0
+    tensors_written: int = 0
+    tensors_merged: int = 0
+    shards: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    seconds: float = 0.0
+    unmatched: list[dict[str, str]] = field(default_factory=list)
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    units: list[UnitReport] = field(default_factory=list)
+    ray: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        skipped = f", {len(self.unmatched)} unmatched LoRA keys skipped" if self.unmatched else ""
+        n = len(self.shards)
+        return (f"merged {self.pairs_merged} pairs into {self.tensors_written} tensors, {n} "
+                f"shard{'s' if n != 1 else ''}, {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s"
+                f"{skipped} -> {self.output}")
+
+    def per_node(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for u in self.units:
+            n = out.setdefault(u.node_id or "?", {"units": 0, "bytes": 0, "seconds": 0.0})
+            n["units"] += 1
+            n["bytes"] += u.bytes
+            n["seconds"] += u.seconds
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["nodes"] = self.per_node()
+        return d
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")

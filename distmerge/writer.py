@@ -1,0 +1,165 @@
+"""Write safetensors files whose header is known before any tensor exists.
+
+``layout_shard`` turns (key, dtype, shape) entries into the exact header bytes and each tensor's
+absolute offset, so many writers (Ray tasks, even on different nodes) can fill one file at known
+offsets. Entries are ordered by element size, largest first (stable), which keeps every tensor
+aligned to its element size, as safetensors' own serializer does; the JSON header is padded with
+spaces so the data buffer starts on an 8-byte boundary.
+
+Example:
+    >>> lay = layout_shard([("b", "BF16", (3,)), ("a", "F32", (2,))], metadata={"format": "pt"})
+    >>> [(e.key, e.offset - lay.data_start) for e in lay.entries], lay.data_start % 8, lay.size
+    ([('a', 0), ('b', 8)], 0, 94)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import code_of, itemsize
+from .errors import ShardWriteError
+
+__all__ = ["LaidTensor", "ShardLayout", "layout_shard", "create_file", "pwrite_all", "copy_range",
+           "write_safetensors"]
+
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class LaidTensor:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  #: absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    header: bytes  #: the first ``data_start`` bytes of the file (length prefix + padded JSON)
+    entries: tuple[LaidTensor, ...]
+    size: int  #: total file size
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+
+def layout_shard(entries: Iterable[tuple[str, str, tuple[int, ...]]], *,
+                 metadata: Mapping[str, str] | None = None) -> ShardLayout:
+    """Compute the header bytes and offsets of a safetensors file holding ``entries``.
+
+    Args:
+        entries: ``(key, safetensors dtype code, shape)`` in the preferred order.
+        metadata: the ``__metadata__`` string map (e.g. ``{"format": "pt"}``).
+    """
+    items = list(entries)
+    order = sorted(range(len(items)), key=lambda i: -itemsize(items[i][1]))  # stable
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    spans = []
+    for i in order:
+        key, dtype, shape = items[i]
+        n = math.prod(shape) * itemsize(dtype)
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        spans.append((key, dtype, tuple(shape), pos, n))
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    laid = tuple(LaidTensor(k, d, s, len(head) + off, n) for k, d, s, off, n in spans)
+    return ShardLayout(header=head, entries=laid, size=len(head) + pos)
+
+
+def create_file(path: str, header: bytes, size: int) -> None:
+    """Create ``path`` at its final ``size`` with ``header`` written; the data area is left sparse."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pwrite_all(fd, header, 0)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ShardWriteError(f"{path}: cannot create output file ({e.strerror or e})") from None
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "pwrite wrote 0 bytes")
+        view, offset = view[n:], offset + n
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
+    """Copy ``n`` bytes between files in the kernel (``copy_file_range``), or in chunks if unsupported."""
+    use_kernel = hasattr(os, "copy_file_range")
+    buf = None
+    while n > 0:
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), src_off, dst_off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                use_kernel = False
+                continue
+            if done == 0:
+                raise OSError(errno.EIO, f"unexpected end of input file at byte {src_off}")
+        else:
+            buf = buf or bytearray(min(n, _COPY_CHUNK))
+            view = memoryview(buf)[: min(n, len(buf))]
+            got = os.preadv(src_fd, [view], src_off)
+            if got == 0:
+                raise OSError(errno.EIO, f"unexpected end of input file at byte {src_off}")
+            pwrite_all(dst_fd, view[:got], dst_off)
+            done = got
+        src_off, dst_off, n = src_off + done, dst_off + done, n - done
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    t = t.detach().contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                      *, metadata: Mapping[str, str] | None = None,
+                      specs: list[tuple[str, str, tuple[int, ...]]] | None = None) -> ShardLayout:
+    """Write a safetensors file tensor by tensor (at most one tensor in memory when given a generator).
+
+    ``specs`` (key, dtype code, shape) must be given when ``tensors`` is a generator; the header is
+    written first and each tensor lands at its offset as it arrives.
+    """
+    if isinstance(tensors, Mapping):
+        specs = [(k, code_of(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+        tensors = tensors.items()
+    if specs is None:
+        raise ValueError("specs are required when tensors is an iterator")
+    layout = layout_shard(specs, metadata=metadata if metadata is not None else {"format": "pt"})
+    where = {e.key: e for e in layout.entries}
+    create_file(path, layout.header, layout.size)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for key, t in tensors:
+            e = where[key]
+            if code_of(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
+                raise ValueError(f"{key}: got {t.dtype} {tuple(t.shape)}, spec says {e.dtype} {e.shape}")
+            pwrite_all(fd, tensor_bytes(t.cpu()), e.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return layout
