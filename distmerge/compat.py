@@ -26,7 +26,8 @@ from .dtypes import code_of
 from .errors import FormatError, MatchError
 from .lora import normalize
 from .lorafile import LoraFile, TensorMeta
-from .mergemath import Term, merge_tensor
+from .mergemath import merge_tensor
+from .unit import load_terms
 
 __all__ = ["load_state_dict_from_safetensors", "merge_lora_into_state_dict"]
 
@@ -85,12 +86,12 @@ def merge_lora_into_state_dict(base_state_dict: dict[str, torch.Tensor],
         raise MatchError(f"<lora_state_dict>: {len(n.unmatched)} LoRA tensor(s) cannot be placed: {first}")
     if not n.deltas:
         raise MatchError("<lora_state_dict>: no LoRA tensor matched the base state dict")
-    by_target: dict[str, list[Term]] = {}
+    by_target: dict[str, list] = {}
     for d in n.deltas:
-        by_target.setdefault(d.target, []).append(
-            Term(d.kind, d.coef, tuple(lora_state_dict[f.key] for f in d.factors)))
+        by_target.setdefault(d.target, []).append(d)
     out = dict(base_state_dict)
-    for key, terms in by_target.items():
+    for key, deltas in by_target.items():
         w = base_state_dict[key]
+        terms = load_terms(deltas, lambda path, k: lora_state_dict[k])
         out[key] = merge_tensor(w.to(device), terms, out_dtype=dtype or w.dtype).to(w.device)
     return out

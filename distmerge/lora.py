@@ -1,15 +1,16 @@
 """Normalize any supported LoRA layout into one type: ``Delta`` (what to add to which base tensor).
 
-Two data tables drive everything:
+Three data tables drive everything:
 
-* ``LAYOUTS``: how a file's keys are recognised and which prefixes are stripped;
-* ``SUFFIXES``: which tensor role a key suffix names (``down``/``up`` factor, ``alpha``, full
-  ``diff`` …) and which base parameter it targets.
+* ``LAYOUTS``: how a file is recognised and which prefixes are stripped from its keys;
+* ``SUFFIXES``: which role a key suffix names (``down``/``up`` factor, ``alpha``, ``diff``, LoHa and
+  LoKr factors, DoRA magnitudes …); unsupported families (OFT/BOFT, GLoRA) are listed too, so they
+  fail with their name instead of being skipped;
+* ``keymap``: module paths -> base keys (diffusers names, kohya underscores).
 
-Every layout feeds the same grouping step (module -> roles), which yields ``Delta`` values with
-base keys, factor references and the scale ``c`` (``α/r`` when the file carries ``α``, else 1).
-Keys that cannot be placed are returned as ``Unmatched`` with a reason; nothing is dropped
-silently. Bad shapes are errors.
+Grouping by module turns roles into ``Delta`` values (``KINDS``) with the scale ``c``: ``α/r`` from a
+``.alpha`` tensor, else from a PEFT/diffusers config, else 1. Keys that cannot be placed come back as
+``Unmatched`` with a reason; shapes that cannot fit are errors. Nothing is dropped silently.
 
 Example:
     >>> from distmerge.lorafile import LoraFile, TensorMeta
@@ -32,12 +33,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .dtypes import is_float
+from .dtypes import is_float, itemsize
 from .errors import FormatError, MatchError
+from .keymap import UNDERSCORE_PREFIXES, diffusers_param_to_wan, diffusers_to_wan, strip_prefixes, underscore_map
 from .lorafile import LoraFile
+from .mergemath import implied_shape
+from .scales import AdapterConfig
 
-__all__ = ["FactorRef", "Delta", "Unmatched", "NormalizedLora", "Layout", "LAYOUTS", "SUFFIXES",
-           "normalize", "delta_shape_error"]
+__all__ = ["FactorRef", "Delta", "Unmatched", "NormalizedLora", "Layout", "LAYOUTS", "SUFFIXES", "KINDS",
+           "normalize", "detect_layout", "delta_shape_error"]
+
+#: delta kinds and what their factors are (see ``mergemath``)
+KINDS = ("lora", "loha", "lokr", "diff", "set")
 
 
 class _Meta(Protocol):
@@ -47,16 +54,16 @@ class _Meta(Protocol):
 
 @dataclass(frozen=True)
 class FactorRef:
-    """One LoRA tensor a task must read: ``key`` in ``path``."""
+    """One LoRA tensor a task must read: ``key`` in ``path``, playing ``role``."""
 
     path: str
     key: str
     dtype: str
     shape: tuple[int, ...]
+    role: str = ""
 
     @property
     def nbytes(self) -> int:
-        from .dtypes import itemsize
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
@@ -64,9 +71,11 @@ class FactorRef:
 class Delta:
     """``W[target] += coef · ΔW`` where ΔW comes from ``factors`` according to ``kind``.
 
-    ``kind`` is ``lora`` (factors = (down/A, up/B); ΔW = B.flatten(1) @ A.flatten(1) reshaped to W)
-    or ``diff`` (factors = (D,); ΔW = D). ``coef = scale · strength``: ``scale`` is the format's
-    ``c`` (α/r, or 1), ``strength`` the user's per-LoRA weight times the global ``--alpha``.
+    ``kind``: ``lora`` (roles down, up, optional mid), ``loha``, ``lokr``, ``diff`` (a full ΔW) or
+    ``set`` (a replacement; strength ignored). ``transpose`` applies ΔWᵀ (PEFT embeddings,
+    ``fan_in_fan_out``). ``dora`` is ``peft`` (``lora_magnitude_vector``) or ``lycoris``
+    (``dora_scale``) when the factors include a magnitude. ``coef = scale · strength``: ``scale`` is the
+    format's ``c`` (α/r, or 1), ``strength`` the user's per-LoRA weight times the global ``--alpha``.
     """
 
     target: str
@@ -76,6 +85,8 @@ class Delta:
     strength: float
     source: str
     module: str = ""
+    transpose: bool = False
+    dora: str = ""
 
     @property
     def coef(self) -> float:
@@ -83,7 +94,12 @@ class Delta:
 
     @property
     def rank(self) -> int | None:
-        return self.factors[0].shape[0] if self.kind == "lora" else None
+        roles = {f.role: f for f in self.factors}
+        if self.kind == "lora":
+            return roles["down"].shape[0]
+        if self.kind == "loha":
+            return roles["hada_w1_b"].shape[0]
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,107 +125,119 @@ class Layout:
     example: str
     detect: re.Pattern[str]
     prefixes: tuple[str, ...] = ()
+    diffusers_names: bool = False
 
 
 _P = re.compile
-#: Tried in order; the first layout whose ``detect`` matches any key names the file.
+_WRAPPERS = ("pipe.dit2.", "pipe.dit.", "base_model.model.")
+#: Tried in order; the first layout whose ``detect`` matches any key names the file. A PEFT folder
+#: (``adapter_config.json``) is always ``peft``.
 LAYOUTS: tuple[Layout, ...] = (
     Layout("roll", "ROLL diffusion_module.pth / PEFT model with the adapter name in the keys",
            "base_model.model.blocks.0.self_attn.q.lora_A.default.weight",
-           _P(r"^(?:pipe\.dit2?\.)?base_model\.model\..+\.lora_[AB]\.[^.]+\.weight$"),
-           ("pipe.dit2.", "pipe.dit.", "base_model.model.")),
+           _P(r"^(?:pipe\.dit2?\.)?base_model\.model\..+\.lora_[AB]\.[^.]+\.weight$"), _WRAPPERS),
     Layout("peft", "PEFT adapter (base_model.model.…lora_A.weight)",
            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-           _P(r"^base_model\.model\..+\.lora_[AB]\.weight$"), ("base_model.model.",)),
+           _P(r"^base_model\.model\."), _WRAPPERS),
+    Layout("diffusers", "diffusers (transformer.blocks.N.attn1.to_q.lora_A.weight)",
+           "transformer.blocks.0.attn1.to_q.lora_A.weight", _P(r"^transformer(?:_2)?\."),
+           ("transformer.", "transformer_2."), diffusers_names=True),
     Layout("diffsynth", "DiffSynth-Studio (bare module names, adapter name kept)",
            "blocks.0.self_attn.q.lora_A.default.weight",
-           _P(r"^(?!diffusion_model\.|base_model\.|lora_unet).+\.lora_[AB]\.default\.weight$"),
+           _P(r"^(?!diffusion_model\.|base_model\.|lora_unet|lycoris_).+\.lora_[AB]\.default\.weight$"),
            ("pipe.dit2.", "pipe.dit.")),
     Layout("diffusion_model", "ComfyUI / native Wan / lightx2v / Wan2.2-Lightning (diffusion_model.…)",
            "diffusion_model.blocks.0.self_attn.q.lora_down.weight",
            _P(r"^(?:model\.)?diffusion_model\."), ("model.diffusion_model.", "diffusion_model.")),
-    Layout("kohya", "kohya / musubi-tuner (lora_unet_<path with _>)",
-           "lora_unet_blocks_0_self_attn_q.lora_down.weight", _P(r"^lora_unet_")),
-    Layout("plain", "bare module names (…lora_A.weight)", "blocks.0.self_attn.q.lora_A.weight",
-           _P(r".")),
+    Layout("kohya", "kohya / musubi-tuner / LyCORIS (lora_unet_<path with _>)",
+           "lora_unet_blocks_0_self_attn_q.lora_down.weight", _P(r"^(?:lora_unet_|lycoris_)")),
+    Layout("plain", "bare module names (…lora_A.weight)", "blocks.0.self_attn.q.lora_A.weight", _P(r".")),
 )
 
-#: (pattern, role). Group 1 is the module path. Roles ``down``/``up``/``alpha`` form a LoRA pair;
-#: ``diff*`` are full deltas. First match wins.
-SUFFIXES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (_P(r"^(.+)\.lora_A(?:\.[^.]+)?\.weight$"), "down"),
-    (_P(r"^(.+)\.lora_B(?:\.[^.]+)?\.weight$"), "up"),
-    (_P(r"^(.+)\.lora_down\.weight$"), "down"),
-    (_P(r"^(.+)\.lora_up\.weight$"), "up"),
-    (_P(r"^(.+)\.lora\.down\.weight$"), "down"),
-    (_P(r"^(.+)\.lora\.up\.weight$"), "up"),
-    (_P(r"^(.+)_lora\.down\.weight$"), "down"),
-    (_P(r"^(.+)_lora\.up\.weight$"), "up"),
-    (_P(r"^(.+)\.lora_linear_layer\.down\.weight$"), "down"),
-    (_P(r"^(.+)\.lora_linear_layer\.up\.weight$"), "up"),
-    (_P(r"^(.+)\.lora_A$"), "down"),
-    (_P(r"^(.+)\.lora_B$"), "up"),
-    (_P(r"^(.+)\.alpha$"), "alpha"),
-    (_P(r"^(.+)\.diff$"), "diff"),
-    (_P(r"^(.+)\.diff_b$"), "diff_b"),
-    (_P(r"^(.+)\.diff_m$"), "diff_m"),
-)
-#: which base parameter each full-delta role targets
-_DIFF_PARAM = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
+_A = r"(?:\.[^.]+)?"  # an optional adapter-name token (``.default``)
+#: (pattern, role). Group 1 is the module path. First match wins.
+SUFFIXES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), role) for p, role in (
+    (rf"^(.+)\.lora_A{_A}\.weight$", "down"), (rf"^(.+)\.lora_B{_A}\.weight$", "up"),
+    (rf"^(.+)\.lora_B{_A}\.bias$", "up_bias"),
+    (r"^(.+)\.lora_down\.weight$", "down"), (r"^(.+)\.lora_up\.weight$", "up"),
+    (r"^(.+)\.lora_mid\.weight$", "mid"),
+    (r"^(.+)\.lora\.down\.weight$", "down"), (r"^(.+)\.lora\.up\.weight$", "up"),
+    (r"^(.+)_lora\.down\.weight$", "down"), (r"^(.+)_lora\.up\.weight$", "up"),
+    (r"^(.+)\.lora_linear_layer\.down\.weight$", "down"), (r"^(.+)\.lora_linear_layer\.up\.weight$", "up"),
+    (rf"^(.+)\.lora_embedding_A{_A}$", "emb_down"), (rf"^(.+)\.lora_embedding_B{_A}$", "emb_up"),
+    (rf"^(.+)\.lora_magnitude_vector{_A}(?:\.weight)?$", "magnitude"),
+    (r"^(.+)\.dora_scale$", "dora_scale"),
+    (r"^(.+)\.lora_A$", "down"), (r"^(.+)\.lora_B$", "up"),
+    *((rf"^(.+)\.{r}{_A}$", r) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+                                         "hada_t2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b",
+                                         "lokr_w1", "lokr_w2", "lokr_t2")),
+    (r"^(.+)\.alpha$", "alpha"),
+    (r"^(.+)\.diff$", "diff"), (r"^(.+)\.diff_b$", "diff_b"), (r"^(.+)\.diff_m$", "diff_m"),
+    (r"^(.+)\.w_norm$", "w_norm"), (r"^(.+)\.b_norm$", "b_norm"),
+    (r"^(.+)\.set_weight$", "set_weight"),
+    # families distmerge refuses by name rather than skip
+    (rf"^(.+)\.(?:oft_blocks|oft_R{_A}(?:\.weight)?|boft_R{_A}|boft_s{_A})$", "!OFT/BOFT"),
+    (r"^(.+)\.(?:a1|a2|b1|b2)\.weight$", "!GLoRA"),
+    (r"^(.+)\.reshape_weight$", "!reshape_weight"),
+))
+#: full-delta roles: role -> (kind, base parameter)
+_FULL = {"diff": ("diff", "weight"), "diff_b": ("diff", "bias"), "diff_m": ("diff", "modulation"),
+         "w_norm": ("diff", "weight"), "b_norm": ("diff", "bias"), "set_weight": ("set", "weight")}
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
-def detect_layout(keys: list[str]) -> Layout:
+def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
     """The first layout in ``LAYOUTS`` that recognises any of ``keys``."""
+    if has_config:
+        return next(lay for lay in LAYOUTS if lay.name == "peft")
     for layout in LAYOUTS:
         if any(layout.detect.search(k) for k in keys):
             return layout
     return LAYOUTS[-1]
 
 
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
+def delta_shape_error(kind: str, shapes: dict[str, tuple[int, ...]], w_shape: tuple[int, ...], *,
+                      transpose: bool = False) -> str | None:
+    """Why a delta with factor ``shapes`` (by role) cannot be added to ``w_shape`` (None if it can).
 
-
-def _kohya_map(base: Mapping[str, _Meta]) -> dict[str, str]:
-    """Forward map ``lora_unet_<P with . -> _>`` -> ``P`` built from the base's ``P.weight`` keys."""
-    out: dict[str, str] = {}
-    for k in base:
-        if k.endswith(".weight"):
-            p = k[: -len(".weight")]
-            out["lora_unet_" + p.replace(".", "_")] = p
-    return out
-
-
-def delta_shape_error(kind: str, shapes: tuple[tuple[int, ...], ...], w_shape: tuple[int, ...]) -> str | None:
-    """Why a delta with factor ``shapes`` cannot be added to a tensor of ``w_shape`` (None if it can).
-
-    >>> delta_shape_error("lora", ((4, 16), (8, 4)), (8, 16)) is None
+    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 4)}, (8, 16)) is None
     True
-    >>> delta_shape_error("lora", ((4, 16), (8, 2)), (8, 16))
+    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 2)}, (8, 16))
     'A has rank 4 but B has rank 2'
     """
-    if kind == "diff":
-        (d,) = shapes
-        if d != w_shape:
-            return f"delta has shape {d}, base needs {w_shape}"
-        return None
-    a, b = shapes
-    if len(a) < 2 or len(b) < 2:
-        return f"factors must be at least 2-D, found A {a} and B {b}"
-    r = a[0]
-    if math.prod(b[1:]) != r:
-        return f"A has rank {r} but B has rank {math.prod(b[1:])}" if len(b) == 2 else \
-            f"B {b} does not match A's rank {r} (expected ({w_shape[0] if w_shape else '?'}, {r}, 1, …))"
-    if not w_shape or b[0] != w_shape[0] or math.prod(a[1:]) != math.prod(w_shape[1:]):
-        return (f"B @ A gives ({b[0]}, {math.prod(a[1:])}) but base needs "
-                f"({w_shape[0] if w_shape else '?'}, {math.prod(w_shape[1:])}) for shape {w_shape}")
+    try:
+        got = implied_shape(kind, shapes)
+    except ValueError as e:
+        return str(e)
+    if kind in ("diff", "set"):
+        return None if got == tuple(w_shape) else f"delta has shape {got}, base needs {tuple(w_shape)}"
+    out, inner = got
+    if transpose:
+        out, inner = inner, out
+    if not w_shape or out != w_shape[0] or inner != math.prod(w_shape[1:]):
+        return (f"the delta is ({out}, {inner}) but base needs ({w_shape[0] if w_shape else '?'}, "
+                f"{math.prod(w_shape[1:])}) for shape {tuple(w_shape)}")
     return None
+
+
+class _Ctx:
+    """Per-file state for grouping: the file, the base, the layout and its scale source."""
+
+    def __init__(self, lf: LoraFile, base: Mapping[str, _Meta], layout: Layout, strength: float) -> None:
+        self.lf, self.base, self.layout, self.strength = lf, base, layout, strength
+        self.out = NormalizedLora(lf.path, layout.name)
+        self.config = (AdapterConfig.from_peft(lf.config, lf.path) if lf.config is not None
+                       else AdapterConfig.from_diffusers_metadata(lf.metadata, lf.path))
+        self.underscore = underscore_map(base) if layout.name == "kohya" else {}
+
+    def ref(self, key: str, role: str) -> FactorRef:
+        m = self.lf.tensors[key]
+        return FactorRef(self.lf.path, key, m.dtype, m.shape, role)
+
+    def resolve(self, module: str) -> str:
+        if self.layout.diffusers_names:
+            return diffusers_to_wan(module)
+        return self.underscore.get(module, module)
 
 
 def normalize(lf: LoraFile, base: Mapping[str, _Meta], *, strength: float = 1.0) -> NormalizedLora:
@@ -217,88 +245,159 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta], *, strength: float = 1.0)
 
     Args:
         lf: the opened LoRA file.
-        base: the base tensors (``TensorInfo`` or anything with ``dtype`` code and ``shape``).
+        base: the base tensors (``TensorInfo`` or anything with a ``dtype`` code and ``shape``).
         strength: the user's weight for this LoRA times the global alpha.
 
     Raises:
-        MatchError: a factor pair whose ranks or shapes do not fit its base tensor, a delta on a
-            non-float tensor, or a bad ``alpha`` value.
-        FormatError: the file holds no tensors.
+        FormatError: an empty file, or a family distmerge does not merge (OFT/BOFT, GLoRA, …).
+        MatchError: factors whose ranks or shapes do not fit their base tensor, a delta on a
+            non-float (e.g. quantized) tensor, or a bad ``alpha`` value.
     """
     keys = list(lf.tensors)
     if not keys:
         raise FormatError(f"{lf.path}: the LoRA file holds no tensors")
-    layout = detect_layout(keys)
-    out = NormalizedLora(lf.path, layout.name)
-    kohya = _kohya_map(base) if layout.name == "kohya" else {}
+    ctx = _Ctx(lf, base, detect_layout(keys, has_config=lf.config is not None), strength)
     modules: dict[str, dict[str, str]] = {}
     for key in keys:
-        body = _strip(key, layout.prefixes)
+        body = strip_prefixes(key, ctx.layout.prefixes).replace(".base_layer.", ".")
         if body.startswith("lora_unet__"):  # Wan "Fun" double underscore
             body = "lora_unet_" + body[len("lora_unet__"):]
-        for pattern, role in SUFFIXES:
-            m = pattern.match(body)
-            if m:
-                roles = modules.setdefault(m.group(1), {})
-                if role in roles:
-                    out.unmatched.append(Unmatched(key, f"duplicate {role} tensor for module "
-                                                        f"'{m.group(1)}' (also '{roles[role]}')"))
-                else:
-                    roles[role] = key
-                break
+        role, module = _classify(body)
+        if role is None:
+            full = diffusers_param_to_wan(body) if ctx.layout.diffusers_names else body
+            if full in base and tuple(base[full].shape) == lf.tensors[key].shape:
+                _add(ctx, Delta(full, "set", (ctx.ref(key, "set"),), 1.0, 1.0, lf.path, full))
+            else:
+                ctx.out.unmatched.append(Unmatched(key, "unknown key suffix (not a LoRA factor, alpha, "
+                                                        "diff or a full base tensor)"))
+            continue
+        if role.startswith("!"):
+            raise FormatError(f"{lf.path}: '{key}' is a {role[1:]} tensor; distmerge does not merge "
+                              f"{role[1:]} adapters (they are not additive low-rank deltas)")
+        roles = modules.setdefault(module, {})
+        if role in roles:
+            ctx.out.unmatched.append(Unmatched(key, f"duplicate {role} tensor for module '{module}' "
+                                                    f"(also '{roles[role]}')"))
         else:
-            out.unmatched.append(Unmatched(key, "unknown key suffix (not a LoRA factor, alpha or diff)"))
+            roles[role] = key
     for module, roles in modules.items():
-        path = kohya.get(module, module)
-        for role in ("diff", "diff_b", "diff_m"):
-            if role in roles:
-                _add(out, lf, base, Delta(f"{path}.{_DIFF_PARAM[role]}", "diff",
-                                          (_ref(lf, roles[role]),), 1.0, strength, lf.path, module))
-        down, up = roles.get("down"), roles.get("up")
-        if down and up:
-            scale = _scale(lf, roles.get("alpha"), lf.tensors[down].shape[0])
-            _add(out, lf, base, Delta(f"{path}.weight", "lora", (_ref(lf, down), _ref(lf, up)),
-                                      scale, strength, lf.path, module))
-        elif down or up:
-            have, miss = ("A/down", "B/up") if down else ("B/up", "A/down")
-            out.unmatched.append(Unmatched(down or up, f"{have} factor without its {miss} factor"))
-        elif "alpha" in roles:
-            out.unmatched.append(Unmatched(roles["alpha"], "alpha without LoRA factors"))
-    return out
+        _group(ctx, module, roles)
+    return ctx.out
 
 
-def _ref(lf: LoraFile, key: str) -> FactorRef:
-    meta = lf.tensors[key]
-    return FactorRef(lf.path, key, meta.dtype, meta.shape)
+def _classify(body: str) -> tuple[str | None, str]:
+    for pattern, role in SUFFIXES:
+        m = pattern.match(body)
+        if m:
+            return role, m.group(1)
+    return None, ""
 
 
-def _scale(lf: LoraFile, alpha_key: str | None, rank: int) -> float:
-    if alpha_key is None:
+def _group(ctx: _Ctx, module: str, roles: dict[str, str]) -> None:
+    """Turn one module's tensors (role -> key) into deltas; leftovers become ``Unmatched``."""
+    path = ctx.resolve(module)
+    used: set[str] = set()
+
+    def delta(kind: str, param: str, rs: tuple[str, ...], scale: float, *, strength: float | None = None,
+              transpose: bool = False, dora: str = "") -> None:
+        used.update(rs)
+        factors = tuple(ctx.ref(roles[r], r) for r in rs)
+        _add(ctx, Delta(f"{path}.{param}", kind, factors, scale, ctx.strength if strength is None else strength,
+                        ctx.lf.path, module, transpose, dora))
+
+    for role, (kind, param) in _FULL.items():
+        if role in roles:
+            delta(kind, param, (role,), 1.0, strength=1.0 if kind == "set" else None)
+    cfg = ctx.config
+    fan = bool(cfg and cfg.fan_in_fan_out)
+    if "down" in roles and "up" in roles:
+        rank = ctx.lf.tensors[roles["down"]].shape[0]
+        c = _scale(ctx, module, roles.get("alpha"), rank)
+        rs = ("down", "up") + (("mid",) if "mid" in roles else ())
+        dora = "peft" if "magnitude" in roles else "lycoris" if "dora_scale" in roles else ""
+        rs += ("magnitude",) if dora == "peft" else ("dora_scale",) if dora == "lycoris" else ()
+        delta("lora", "weight", rs, c, transpose=fan, dora=dora)
+        if "up_bias" in roles:
+            delta("diff", "bias", ("up_bias",), c)
+        used.add("alpha")
+    if "emb_down" in roles and "emb_up" in roles:
+        rank = ctx.lf.tensors[roles["emb_down"]].shape[0]
+        c = _scale(ctx, module, roles.get("alpha"), rank)
+        roles = {**roles, "down": roles["emb_down"], "up": roles["emb_up"]}
+        used.update(("emb_down", "emb_up", "alpha"))
+        delta("lora", "weight", ("down", "up"), c, transpose=True)
+    if all(r in roles for r in _LOHA):
+        rank = ctx.lf.tensors[roles["hada_w1_b"]].shape[0]
+        tucker = ("hada_t1", "hada_t2") if "hada_t1" in roles and "hada_t2" in roles else ()
+        delta("loha", "weight", _LOHA + tucker, _scale(ctx, module, roles.get("alpha"), rank),
+              dora="lycoris" if "dora_scale" in roles else "")
+        used.update(("alpha", "dora_scale"))
+    lokr = [r for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+            if r in roles]
+    if lokr:
+        delta("lokr", "weight", tuple(lokr), _lokr_scale(ctx, module, roles))
+        used.add("alpha")
+    for role, key in roles.items():
+        if role not in used:
+            ctx.out.unmatched.append(Unmatched(key, _leftover_reason(role)))
+
+
+def _leftover_reason(role: str) -> str:
+    if role in ("down", "emb_down"):
+        return "A/down factor without its B/up factor"
+    if role in ("up", "emb_up"):
+        return "B/up factor without its A/down factor"
+    if role.startswith(("hada_", "lokr_")):
+        return f"incomplete {role.split('_')[0].upper()} factor set ({role} alone)"
+    return f"{role} tensor without LoRA factors for its module"
+
+
+def _scale(ctx: _Ctx, module: str, alpha_key: str | None, rank: int) -> float:
+    if alpha_key is not None:
+        t = ctx.lf.read(alpha_key)
+        if t.numel() != 1:
+            raise MatchError(f"{ctx.lf.path}: '{alpha_key}' should be a scalar, found shape {tuple(t.shape)}")
+        alpha = float(t.float().item())
+        if not math.isfinite(alpha) or rank <= 0:
+            raise MatchError(f"{ctx.lf.path}: '{alpha_key}' = {alpha} with rank {rank}; expected a finite "
+                             "alpha and a positive rank")
+        return alpha / rank
+    if ctx.config is not None:
+        return ctx.config.scale(module, rank)
+    return 1.0
+
+
+def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
+    """α/dim where a factor is decomposed (dim = w2_b's rank, else w1_b's), else 1."""
+    dim = None
+    for r in ("lokr_w1_b", "lokr_w2_b"):
+        if r in roles:
+            dim = ctx.lf.tensors[roles[r]].shape[0]
+    if dim is None:
         return 1.0
-    t = lf.read(alpha_key)
-    if t.numel() != 1:
-        raise MatchError(f"{lf.path}: '{alpha_key}' should be a scalar, found shape {tuple(t.shape)}")
-    alpha = float(t.float().item())
-    if not math.isfinite(alpha) or rank <= 0:
-        raise MatchError(f"{lf.path}: '{alpha_key}' = {alpha} with rank {rank}; expected a finite "
-                         "alpha and a positive rank")
-    return alpha / rank
+    return _scale(ctx, module, roles.get("alpha"), dim)
 
 
-def _add(out: NormalizedLora, lf: LoraFile, base: Mapping[str, _Meta], d: Delta) -> None:
+def _add(ctx: _Ctx, d: Delta) -> None:
+    lf, base = ctx.lf, ctx.base
     w = base.get(d.target)
     if w is None:
         for f in d.factors:
-            out.unmatched.append(Unmatched(f.key, f"no base tensor '{d.target}'"))
+            ctx.out.unmatched.append(Unmatched(f.key, f"no base tensor '{d.target}'"))
         return
-    if not is_float(w.dtype):
-        raise MatchError(f"{lf.path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}; "
-                         "deltas can only be added to floating-point tensors")
+    if not is_float(w.dtype) or w.dtype.startswith("F8"):
+        raise MatchError(f"{lf.path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}: "
+                         "quantized or integer base tensors are not supported (merge into a float base)")
     for f in d.factors:
         if not is_float(f.dtype):
             raise MatchError(f"{lf.path}: '{f.key}' has dtype {f.dtype}, expected a float type")
-    why = delta_shape_error(d.kind, tuple(f.shape for f in d.factors), tuple(w.shape))
+    shapes = {f.role: f.shape for f in d.factors if f.role not in ("magnitude", "dora_scale")}
+    why = delta_shape_error(d.kind, shapes, tuple(w.shape), transpose=d.transpose)
+    if why is None and d.dora:
+        mag = next(f for f in d.factors if f.role in ("magnitude", "dora_scale"))
+        if math.prod(mag.shape) not in (w.shape[0], math.prod(w.shape[1:]) if len(w.shape) > 1 else -1):
+            why = f"DoRA magnitude {mag.shape} fits neither the output nor the input size of {tuple(w.shape)}"
     if why:
         names = " and ".join(f"'{f.key}' {f.shape}" for f in d.factors)
         raise MatchError(f"{lf.path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")
-    out.deltas.append(d)
+    ctx.out.deltas.append(d)

@@ -1,41 +1,109 @@
 """The merge arithmetic, pure: no files, no Ray.
 
-``W' = round(W + Σ coef_i · ΔW_i)``, with every term upcast to float32 (float64 for a float64
-base) and one rounding to the output dtype at the end. For a LoRA pair ΔW = B.flatten(1) @
-A.flatten(1) reshaped to W's shape, which covers Linear layers and 1×1 / k×k Conv2d/Conv3d kernels
-(the LoRA's A is a conv with W's kernel, B a 1×1 conv).
+``W' = round(W + Σ coef_i · ΔW_i)``, every term upcast to float32 (float64 for a float64 base),
+one rounding to the output dtype at the end. ΔW per kind (roles in brackets):
+
+* ``lora`` [down A, up B, optional mid]: ``B.flatten(1) @ A.flatten(1)`` reshaped to W — Linear,
+  1×1 and k×k Conv2d/Conv3d alike (A is a conv with W's kernel, B a 1×1 conv); with ``mid`` (LoCon
+  Tucker) ``ΔW[o,i,…] = Σ_ab B[o,a]·mid[a,b,…]·A[b,i]``;
+* ``loha`` [hada_w1_a/b, hada_w2_a/b, optional hada_t1/t2]: ``(w1a@w1b) ⊙ (w2a@w2b)``;
+* ``lokr`` [lokr_w1 or w1_a/w1_b, lokr_w2 or w2_a/w2_b, optional lokr_t2]: ``kron(w1, w2)``;
+* ``diff`` [the full ΔW]; ``set`` [a replacement: W' = T].
+
+``transpose`` uses ΔWᵀ (PEFT embeddings and ``fan_in_fan_out``). A ``dora`` term rescales
+``W + coef·ΔW`` by its magnitude: PEFT ``m / ‖W+coef·ΔW‖_row``; LyCORIS ``dora_scale / ‖·‖`` over
+the output (shape ``[out,1,…]``) or input (``[1,in,…]``) axis, blended by strength.
 
 Example:
     >>> import torch
     >>> w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     >>> a = torch.tensor([[1.0, 0.0]])          # A: [r=1, in=2]
     >>> b = torch.tensor([[2.0], [0.0]])        # B: [out=2, r=1]
-    >>> merge_tensor(w, [Term("lora", 0.5, (a, b))]).tolist()
+    >>> merge_tensor(w, [Term("lora", 0.5, (a, b), ("down", "up"))]).tolist()
     [[2.0, 2.0], [3.0, 4.0]]
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta"]
+__all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "implied_shape"]
 
 
 @dataclass(frozen=True)
 class Term:
-    """One delta with its tensors loaded: ``kind`` ``lora`` (factors A, B) or ``diff`` (D)."""
+    """One delta with its tensors loaded, ``factors[i]`` playing ``roles[i]``."""
 
     kind: str
     coef: float
     factors: tuple[torch.Tensor, ...]
+    roles: tuple[str, ...] = ()
+    transpose: bool = False
+    dora: str = ""
+    strength: float = 1.0  #: the user's weight (LyCORIS DoRA blends its rescale by it)
+
+    def get(self, role: str) -> torch.Tensor | None:
+        if not self.roles:  # positional: lora (A, B), diff/set (D,)
+            names = {"lora": ("down", "up"), "diff": ("diff",), "set": ("set",)}.get(self.kind, ())
+            return dict(zip(names, self.factors)).get(role)
+        return dict(zip(self.roles, self.factors)).get(role)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 tensors, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape a delta produces from its factor shapes: ``(out, in_flat)`` for factorized kinds,
+    the tensor's own shape for ``diff``/``set``. Raises ``ValueError`` on inconsistent factors.
+
+    >>> implied_shape("lora", {"down": (4, 16, 3, 3), "up": (8, 4, 1, 1)})
+    (8, 144)
+    """
+    if kind in ("diff", "set"):
+        (s,) = [v for v in shapes.values()]
+        return tuple(s)
+    if kind == "lora":
+        a, b = shapes["down"], shapes["up"]
+        if len(a) < 2 or len(b) < 2:
+            raise ValueError(f"factors must be at least 2-D, found A {a} and B {b}")
+        if math.prod(b[1:]) != a[0]:
+            raise ValueError(f"A has rank {a[0]} but B has rank {math.prod(b[1:])}" if len(b) == 2 else
+                             f"B {b} does not match A's rank {a[0]} (expected (out, {a[0]}, 1, …))")
+        if "mid" in shapes:
+            m = shapes["mid"]
+            if m[:2] != (a[0], a[0]):
+                raise ValueError(f"lora_mid {m} does not match rank {a[0]}")
+            return (b[0], a[1] * math.prod(m[2:]))
+        return (b[0], math.prod(a[1:]))
+    if kind == "loha":
+        w1a, w1b, w2a, w2b = (shapes[r] for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        if w1a[1] != w1b[0] or w2a[1] != w2b[0]:
+            raise ValueError(f"LoHa factor ranks disagree: w1 {w1a}@{w1b}, w2 {w2a}@{w2b}")
+        if "hada_t1" in shapes:
+            t = shapes["hada_t1"]
+            return (w1a[0], w1b[1] * math.prod(t[2:]))
+        if (w1a[0], math.prod(w1b[1:])) != (w2a[0], math.prod(w2b[1:])):
+            raise ValueError(f"LoHa halves differ: ({w1a[0]}, {math.prod(w1b[1:])}) vs "
+                             f"({w2a[0]}, {math.prod(w2b[1:])})")
+        return (w1a[0], math.prod(w1b[1:]))
+    if kind == "lokr":
+        w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+        if "lokr_w2" in shapes:
+            w2 = shapes["lokr_w2"]
+            w2_out, w2_in = w2[0], math.prod(w2[1:])
+        elif "lokr_t2" in shapes:
+            t = shapes["lokr_t2"]
+            w2_out, w2_in = shapes["lokr_w2_a"][1], shapes["lokr_w2_b"][1] * math.prod(t[2:])
+        else:
+            w2_out, w2_in = shapes["lokr_w2_a"][0], math.prod(shapes["lokr_w2_b"][1:])
+        return (w1[0] * w2_out, w1[1] * w2_in)
+    raise ValueError(f"unknown delta kind {kind!r}")
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, shape: Sequence[int], *,
@@ -49,30 +117,103 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, shape: Sequence[int], *,
     return (b.flatten(1).to(dtype) @ a.flatten(1).to(dtype)).reshape(tuple(shape))
 
 
+def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1) @ y.flatten(1)
+
+
+def delta_weight(t: Term, shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full, unscaled ΔW of ``t`` for a base tensor of ``shape`` (transposed if ``t.transpose``)."""
+    def f(role: str) -> torch.Tensor:
+        x = t.get(role)
+        assert x is not None, role
+        return x.to(device=device, dtype=dtype)
+
+    shape = tuple(shape)
+    target = (shape[1], shape[0]) + shape[2:] if t.transpose else shape
+    if t.kind in ("diff", "set"):
+        d = f(t.kind) if t.get(t.kind) is not None else t.factors[0].to(device=device, dtype=dtype)
+        return d.reshape(shape)
+    if t.kind == "lora":
+        a, b = f("down"), f("up")
+        if t.get("mid") is not None:
+            mid = f("mid")
+            d = torch.einsum("oa,ab...,bi->oi...", b.flatten(1), mid, a.flatten(1))
+        else:
+            d = _mm(b, a)
+    elif t.kind == "loha":
+        if t.get("hada_t1") is not None:
+            m1 = torch.einsum("ijkl,jr,ip->prkl", f("hada_t1"), f("hada_w1_b"), f("hada_w1_a"))
+            m2 = torch.einsum("ijkl,jr,ip->prkl", f("hada_t2"), f("hada_w2_b"), f("hada_w2_a"))
+            d = m1 * m2
+        else:
+            d = _mm(f("hada_w1_a"), f("hada_w1_b")) * _mm(f("hada_w2_a"), f("hada_w2_b"))
+    elif t.kind == "lokr":
+        w1 = f("lokr_w1") if t.get("lokr_w1") is not None else _mm(f("lokr_w1_a"), f("lokr_w1_b"))
+        if t.get("lokr_w2") is not None:
+            w2 = f("lokr_w2")
+        elif t.get("lokr_t2") is not None:
+            w2 = torch.einsum("ijkl,ip,jr->prkl", f("lokr_t2"), f("lokr_w2_a"), f("lokr_w2_b"))
+        else:
+            w2 = _mm(f("lokr_w2_a"), f("lokr_w2_b"))
+        if len(target) > 2:  # conv: w1 [a, c] acts on channels only
+            w1 = w1.reshape(w1.shape[0], w1.shape[1], *([1] * (len(target) - 2)))
+            w2 = w2.reshape(w2.shape[0], -1, *target[2:]) if w2.dim() == 2 else w2
+        d = torch.kron(w1, w2)
+    else:
+        raise ValueError(f"unknown delta kind {t.kind!r}")
+    d = d.reshape(target)
+    if t.transpose:
+        d = d.transpose(0, 1)
+    return d.reshape(shape)
+
+
+def _apply_dora(acc: torch.Tensor, t: Term, d: torch.Tensor) -> None:
+    wc = acc + t.coef * d
+    cdt = acc.dtype
+    if t.dora == "peft":
+        m = t.get("magnitude").to(device=acc.device, dtype=cdt).reshape(-1)
+        norm = wc.reshape(wc.shape[0], -1).norm(dim=1)
+        scale = (m / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
+    else:  # lycoris dora_scale: [out, 1, …] (norm per output row) or [1, in, …] (per input column)
+        ds = t.get("dora_scale").to(device=acc.device, dtype=cdt)
+        if ds.numel() == acc.shape[0] and (ds.dim() < 2 or ds.shape[0] == acc.shape[0]):
+            norm = wc.reshape(wc.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (acc.dim() - 1))
+            scale = ds.reshape(norm.shape) / (norm + torch.finfo(cdt).eps)
+        else:
+            norm = wc.transpose(0, 1).reshape(wc.shape[1], -1).norm(dim=1)
+            norm = norm.reshape((1, -1) + (1,) * (acc.dim() - 2))
+            scale = ds.reshape(norm.shape) / (norm + torch.finfo(cdt).eps)
+        scale = t.strength * (scale - 1) + 1
+    acc.copy_(wc * scale)
+
+
 def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dtype | None = None,
                  inplace: bool = False) -> torch.Tensor:
     """Return ``W + Σ coef·ΔW`` accumulated in float32 and rounded once to ``out_dtype``.
 
     Args:
         w: the base tensor (any float dtype, any device).
-        terms: the deltas, applied in order.
+        terms: the deltas, applied in order (``set`` terms replace the accumulator).
         out_dtype: result dtype; defaults to ``w.dtype``.
         inplace: allow writing into ``w`` when it already has the compute dtype (saves a copy).
 
-    The GEMM goes straight into the accumulator (``addmm_``), so no ΔW temporary is allocated.
+    Plain LoRA terms go straight into the accumulator with ``addmm_`` (no ΔW temporary).
     """
     cdt = compute_dtype(w.dtype)
     acc = w if (inplace and w.dtype == cdt and w.is_contiguous()) else w.to(cdt, copy=True).contiguous()
     flat = acc.view(acc.shape[0], -1) if acc.dim() >= 1 else acc.view(1, 1)
     for t in terms:
-        if t.kind == "lora":
-            a, b = t.factors
-            a2 = a.flatten(1).to(device=acc.device, dtype=cdt)
-            b2 = b.flatten(1).to(device=acc.device, dtype=cdt)
+        if t.kind == "set":
+            acc.copy_(delta_weight(t, acc.shape, dtype=cdt, device=acc.device))
+        elif t.kind == "lora" and not t.transpose and not t.dora and t.get("mid") is None:
+            a2 = t.get("down").flatten(1).to(device=acc.device, dtype=cdt)
+            b2 = t.get("up").flatten(1).to(device=acc.device, dtype=cdt)
             flat.addmm_(b2, a2, alpha=t.coef)
-        elif t.kind == "diff":
-            (d,) = t.factors
-            acc.add_(d.to(device=acc.device, dtype=cdt).reshape(acc.shape), alpha=t.coef)
         else:
-            raise ValueError(f"unknown delta kind {t.kind!r}")
+            d = delta_weight(t, acc.shape, dtype=cdt, device=acc.device)
+            if t.dora:
+                _apply_dora(acc, t, d)
+            else:
+                acc.add_(d, alpha=t.coef)
     return acc.to(out_dtype or w.dtype)

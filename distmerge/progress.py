@@ -2,8 +2,11 @@
 
 Example:
     >>> p = Progress(mode="lines", stream=__import__("sys").stdout)
-    >>> p(0, 4, 0, 4_000_000_000); p(4, 4, 4_000_000_000, 4_000_000_000)
-    >>> p.close()  # doctest: +ELLIPSIS
+    >>> p(0, 4, 0, 4_000_000_000)
+    distmerge: 0/4 units, 0.00/4.00 GB (0%), 0.00 GB/s, ETA ?
+    >>> p(4, 4, 4_000_000_000, 4_000_000_000)  # doctest: +ELLIPSIS
+    distmerge: 4/4 units, 4.00/4.00 GB (100%), ... GB/s, ETA 0s
+    >>> p.close()
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import save_file
 
 from .dtypes import to_torch
-from .plan import split_by_size
 from .writer import write_safetensors
 
 __all__ = ["WanConfig", "wan_shapes", "lora_modules", "write_wan_base", "make_factors", "write_lora",
@@ -95,7 +94,12 @@ def write_wan_base(folder: str, c: WanConfig, *, num_shards: int = 3, seed: int 
     item = dt.itemsize
     sizes = [(k, math.prod(s) * item) for k, s in shapes]
     total = sum(n for _, n in sizes)
-    groups = split_by_size(sizes, max(1, math.ceil(total / num_shards))) if num_shards > 1 else [[k for k, _ in sizes]]
+    groups: list[list[str]] = [[] for _ in range(num_shards)]
+    pos = 0
+    for k, n in sizes:  # each tensor goes to the shard its midpoint falls in: exactly N shards
+        groups[min(num_shards - 1, int((pos + n / 2) * num_shards / total))].append(k)
+        pos += n
+    groups = [g for g in groups if g]
     shape_of = dict(shapes)
     files, wmap = [], {}
     for i, keys in enumerate(groups, 1):

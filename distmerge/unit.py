@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .dtypes import to_torch
 from .errors import DistmergeError, ShardWriteError
+from .lora import Delta
 from .lorafile import LoraReader
 from .mergemath import Term, merge_tensor
 from .plan import PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
 
-__all__ = ["UnitResult", "run_unit", "read_tensor"]
+__all__ = ["UnitResult", "run_unit", "read_tensor", "load_terms"]
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,24 @@ def read_tensor(fd: int, t: PlannedTensor) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=to_torch(t.src_dtype)).reshape(t.shape)
 
 
-def _merged(t: PlannedTensor, w: torch.Tensor, reader: LoraReader, device: torch.device) -> torch.Tensor:
+def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
+    """Load each delta's factors with ``read(path, key)``; replacements (``set``) come first."""
     terms = []
-    for d in t.deltas:
+    for d in sorted(deltas, key=lambda d: d.kind != "set"):
         try:
-            factors = tuple(reader.read(f.path, f.key) for f in d.factors)
+            factors = tuple(read(f.path, f.key) for f in d.factors)
         except DistmergeError:
             raise
         except Exception as e:  # a factor that existed at plan time but cannot be read now
-            raise ShardWriteError(f"{d.source}: cannot read factor for '{t.key}' ({type(e).__name__}: {e})") from None
-        terms.append(Term(d.kind, d.coef, factors))
+            raise ShardWriteError(f"{d.source}: cannot read factor for '{d.target}' "
+                                  f"({type(e).__name__}: {e})") from None
+        terms.append(Term(d.kind, d.coef, factors, tuple(f.role for f in d.factors), d.transpose,
+                          d.dora, d.strength))
+    return terms
+
+
+def _merged(t: PlannedTensor, w: torch.Tensor, reader: LoraReader, device: torch.device) -> torch.Tensor:
+    terms = load_terms(t.deltas, reader.read)
     out = merge_tensor(w.to(device), terms, out_dtype=to_torch(t.out_dtype), inplace=True)
     if not bool(torch.isfinite(out).all()):
         sources = ", ".join(sorted({d.source for d in t.deltas}))
