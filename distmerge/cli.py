@@ -1,4 +1,4 @@
-"""The ``distmerge`` command line: ``merge`` and ``demo``.
+"""The ``distmerge`` command line: ``merge``, ``inspect`` and ``demo``.
 
 Every ``DistmergeError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130 after
 cancelling the Ray tasks and removing part files; usage errors exit 2.
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     m = sub.add_parser("merge", parents=[common], help="merge LoRA(s) into a base checkpoint")
     _add_merge_args(m)
+    i = sub.add_parser("inspect", parents=[common],
+                       help="describe LoRA file(s): layout, ranks, alpha, scale; check against a base")
+    i.add_argument("--lora", "--lora_path", dest="lora", action="append", required=True, metavar="PATH")
+    i.add_argument("--base", "--base_model_path", dest="base", default=None, metavar="PATH")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
     d = sub.add_parser("demo", parents=[common],
                        help="generate a small Wan2.2-shaped checkpoint and ROLL LoRA, then merge them")
     d.add_argument("--dir", default="distmerge-demo", help="work folder (default ./distmerge-demo)")
@@ -102,6 +107,20 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .inspect import format_description, inspect_lora
+
+    descs = [inspect_lora(p, args.base) for p in args.lora]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in descs], indent=2))
+    else:
+        print("\n".join(format_description(d) for d in descs))
+    return 0 if all(d.ok for d in descs) else 1
+
+
 def _cmd_demo(args: argparse.Namespace, progress) -> int:
     from .demo import run_demo
 
@@ -121,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _cmd_merge(args, progress)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         return _cmd_demo(args, progress)
     except DistmergeError as e:
         progress.close()
         print(f"distmerge: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `distmerge inspect … | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         progress.close()
         print("distmerge: interrupted; pending tasks cancelled, part files removed, nothing published",

@@ -223,12 +223,12 @@ def delta_shape_error(kind: str, shapes: dict[str, tuple[int, ...]], w_shape: tu
 class _Ctx:
     """Per-file state for grouping: the file, the base, the layout and its scale source."""
 
-    def __init__(self, lf: LoraFile, base: Mapping[str, _Meta], layout: Layout, strength: float) -> None:
+    def __init__(self, lf: LoraFile, base: Mapping[str, _Meta] | None, layout: Layout, strength: float) -> None:
         self.lf, self.base, self.layout, self.strength = lf, base, layout, strength
         self.out = NormalizedLora(lf.path, layout.name)
         self.config = (AdapterConfig.from_peft(lf.config, lf.path) if lf.config is not None
                        else AdapterConfig.from_diffusers_metadata(lf.metadata, lf.path))
-        self.underscore = underscore_map(base) if layout.name == "kohya" else {}
+        self.underscore = underscore_map(base) if (layout.name == "kohya" and base) else {}
 
     def ref(self, key: str, role: str) -> FactorRef:
         m = self.lf.tensors[key]
@@ -240,12 +240,13 @@ class _Ctx:
         return self.underscore.get(module, module)
 
 
-def normalize(lf: LoraFile, base: Mapping[str, _Meta], *, strength: float = 1.0) -> NormalizedLora:
+def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float = 1.0) -> NormalizedLora:
     """Turn one LoRA file into ``Delta`` values against ``base`` (key -> dtype/shape).
 
     Args:
         lf: the opened LoRA file.
-        base: the base tensors (``TensorInfo`` or anything with a ``dtype`` code and ``shape``).
+        base: the base tensors (``TensorInfo`` or anything with a ``dtype`` code and ``shape``);
+            ``None`` to describe the file alone (no target or shape checks; ``inspect``).
         strength: the user's weight for this LoRA times the global alpha.
 
     Raises:
@@ -265,7 +266,7 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta], *, strength: float = 1.0)
         role, module = _classify(body)
         if role is None:
             full = diffusers_param_to_wan(body) if ctx.layout.diffusers_names else body
-            if full in base and tuple(base[full].shape) == lf.tensors[key].shape:
+            if base is not None and full in base and tuple(base[full].shape) == lf.tensors[key].shape:
                 _add(ctx, Delta(full, "set", (ctx.ref(key, "set"),), 1.0, 1.0, lf.path, full))
             else:
                 ctx.out.unmatched.append(Unmatched(key, "unknown key suffix (not a LoRA factor, alpha, "
@@ -380,6 +381,9 @@ def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
 
 def _add(ctx: _Ctx, d: Delta) -> None:
     lf, base = ctx.lf, ctx.base
+    if base is None:
+        ctx.out.deltas.append(d)
+        return
     w = base.get(d.target)
     if w is None:
         for f in d.factors:

@@ -26,6 +26,9 @@ from .writer import layout_shard
 __all__ = ["PlannedTensor", "ShardPlan", "WorkUnit", "MergePlan", "parse_size", "split_by_size",
            "shard_names", "make_plan", "partition_units"]
 
+#: float32 bytes of one row chunk when a task streams a big tensor (see ``unit.row_chunks``)
+CHUNK_BYTES = 32 << 20
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -95,13 +98,17 @@ class WorkUnit:
 
     @property
     def memory(self) -> int:
-        """A bound on the task's peak working memory, for Ray's ``memory=`` admission control."""
+        """A bound on the task's working memory, for Ray's ``memory=`` admission control: a few
+        row chunks in flight (or the whole tensor for deltas that cannot be chunked), plus the
+        factors of the tensor being merged, plus a fixed allowance."""
         peak = 0
         for t in self.tensors:
             if t.action == "copy":
                 continue
-            numel = math.prod(t.shape)
-            work = t.src_nbytes + numel * (8 if t.src_dtype == "F64" else 4) + t.out_nbytes
+            full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
+            chunkable = all(d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora
+                                                          and len(d.factors) == 2) for d in t.deltas)
+            work = 4 * min(full, CHUNK_BYTES) if chunkable else 3 * full
             work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
             peak = max(peak, work)
         return peak + (64 << 20)

@@ -1,33 +1,46 @@
-"""Execute one work unit: read the unit's base byte ranges and LoRA factors, merge, write bytes.
+"""Execute one work unit: read its base byte ranges and LoRA factors, merge, write bytes.
 
 This is the body of every Ray task, but it knows nothing about Ray: tests call it directly.
-Tensors no delta touches are copied file-to-file in the kernel without being decoded; converted
-tensors are decoded and re-encoded; merged tensors go through ``merge.merge_tensor`` on the unit's
-device, and are checked to be finite before they are written.
+
+* Tensors no delta touches are copied file-to-file in the kernel (``copy_file_range``), never decoded.
+* Big tensors are streamed in row chunks of about ``CHUNK_BYTES`` of float32: a LoRA delta's rows
+  only need the matching rows of B, so a task never holds more than a few chunks, whatever the
+  model size. Chunk boundaries depend only on the tensor's shape, so the bytes written never depend
+  on how the work was split.
+* Reads, math and writes overlap: one I/O thread prefetches the next chunk and writes finished ones
+  while the main thread computes (``preadv``/``pwrite`` and torch kernels release the GIL).
+* Merged values are checked to be finite before they are written.
 
 Example:
     >>> # given a plan from distmerge.plan.make_plan and a prepared part file:
-    >>> # result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.part")
+    >>> # result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.distmerge-part")
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .dtypes import to_torch
+from .dtypes import itemsize, to_torch
 from .errors import DistmergeError, ShardWriteError
 from .lora import Delta
 from .lorafile import LoraReader
 from .mergemath import Term, merge_tensor
-from .plan import PlannedTensor, WorkUnit
+from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
 
-__all__ = ["UnitResult", "run_unit", "read_tensor", "load_terms"]
+__all__ = ["UnitResult", "run_unit", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
+
+_WRITE_BACKLOG = 2
+#: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
+_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -43,16 +56,29 @@ class UnitResult:
     node_id: str = ""
 
 
-def read_tensor(fd: int, t: PlannedTensor) -> torch.Tensor:
-    """Read one base tensor's bytes with ``preadv`` into a fresh buffer (no mmap, no extra copy)."""
-    buf = bytearray(t.src_nbytes)
-    view, off = memoryview(buf), t.src_offset
+def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
+    """Read exactly ``nbytes`` at ``offset`` with ``preadv`` into a fresh buffer."""
+    buf = bytearray(nbytes)
+    view, off = memoryview(buf), offset
     while view:
         n = os.preadv(fd, [view], off)
         if n == 0:
             raise OSError(5, f"unexpected end of file at byte {off}")
         view, off = view[n:], off + n
-    return torch.frombuffer(buf, dtype=to_torch(t.src_dtype)).reshape(t.shape)
+    return buf
+
+
+def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` covering ``shape[0]`` with about ``chunk_bytes`` of float32 each.
+
+    >>> row_chunks((40, 4), chunk_bytes=256)
+    [(0, 16), (16, 32), (32, 40)]
+    """
+    if len(shape) < 2 or shape[0] == 0:
+        return [(0, shape[0] if shape else 1)]
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    per = max(_MIN_ROWS, chunk_bytes // (4 * math.prod(shape[1:])))
+    return [(r, min(r + per, shape[0])) for r in range(0, shape[0], per)]
 
 
 def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
@@ -71,9 +97,78 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
     return terms
 
 
-def _merged(t: PlannedTensor, w: torch.Tensor, reader: LoraReader, device: torch.device) -> torch.Tensor:
-    terms = load_terms(t.deltas, reader.read)
-    out = merge_tensor(w.to(device), terms, out_dtype=to_torch(t.out_dtype), inplace=True)
+def _row_sliceable(t: Term) -> bool:
+    """True when rows of ΔW depend only on the same rows of one factor (so chunks are exact)."""
+    if t.kind in ("diff", "set"):
+        return True
+    return t.kind == "lora" and not t.transpose and not t.dora and t.get("mid") is None
+
+
+def _slice_rows(t: Term, r0: int, r1: int) -> Term:
+    if t.kind == "lora":
+        rows = {"up": t.get("up").flatten(1)[r0:r1], "down": t.get("down")}
+        return Term("lora", t.coef, (rows["down"], rows["up"]), ("down", "up"), strength=t.strength)
+    (d,) = t.factors
+    return Term(t.kind, t.coef, (d[r0:r1],), t.roles, strength=t.strength)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One piece of output: rows ``[r0, r1)`` of tensor ``t`` (or the whole tensor)."""
+
+    t: PlannedTensor
+    r0: int
+    r1: int
+    terms: tuple[Term, ...] = ()
+
+
+def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
+    for t in unit.tensors:
+        if t.out_nbytes == 0 or t.action == "copy":
+            yield _Job(t, 0, t.shape[0] if t.shape else 1)
+            continue
+        terms = tuple(load_terms(t.deltas, reader.read)) if t.deltas else ()
+        if all(_row_sliceable(x) for x in terms):
+            for r0, r1 in row_chunks(t.shape):
+                yield _Job(t, r0, r1, tuple(_slice_rows(x, r0, r1) for x in terms) if len(t.shape) >= 2 else terms)
+        else:
+            yield _Job(t, 0, t.shape[0] if t.shape else 1, terms)
+
+
+def _byte_range(t: PlannedTensor, r0: int, r1: int, *, out: bool) -> tuple[int, int]:
+    if len(t.shape) < 2:
+        return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
+    row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
+    start = t.out_offset if out else t.src_offset
+    return start + r0 * row, (r1 - r0) * row
+
+
+class _Files:
+    """Input file descriptors, opened once per unit."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _compute(job: _Job, raw: bytearray, device: torch.device) -> torch.Tensor:
+    t = job.t
+    rows = job.r1 - job.r0
+    shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
+    w = torch.frombuffer(raw, dtype=to_torch(t.src_dtype)).reshape(shape)
+    if not job.terms:
+        return w.to(to_torch(t.out_dtype))
+    if device.type == "cuda":
+        w = w.pin_memory().to(device, non_blocking=True)
+    out = merge_tensor(w, job.terms, out_dtype=to_torch(t.out_dtype), inplace=True)
     if not bool(torch.isfinite(out).all()):
         sources = ", ".join(sorted({d.source for d in t.deltas}))
         raise ShardWriteError(f"merged tensor '{t.key}' has NaN/Inf values after adding deltas from "
@@ -98,40 +193,57 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     dev = torch.device(device)
+    files = _Files()
     reader = LoraReader()
-    fds: dict[str, int] = {}
-    merged = 0
-    key, path = "", dest
+    merged: set[str] = set()
+    current = [dest, ""]  # (file, key) for error messages
     try:
         dst = os.open(dest, os.O_WRONLY)
-        fds[dest] = dst
-        for t in unit.tensors:
-            key, path = t.key, t.src_path
-            src = fds.get(t.src_path)
-            if src is None:
-                src = fds[t.src_path] = os.open(t.src_path, os.O_RDONLY)
-            if t.out_nbytes == 0:
-                continue
-            if t.action == "copy":
-                copy_range(src, t.src_offset, dst, t.out_offset, t.src_nbytes)
-                continue
-            w = read_tensor(src, t)
-            if t.action == "merge":
-                out = _merged(t, w, reader, dev)
-                merged += 1
-            else:
-                out = w.to(to_torch(t.out_dtype))
-            path = dest
-            pwrite_all(dst, tensor_bytes(out), t.out_offset)
-            del w, out
-        path, key = dest, ""
+        files.fds[dest + "#out"] = dst
+        with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
+
+            def read(job: _Job) -> bytearray | None:
+                t = job.t
+                if t.out_nbytes == 0 or t.action == "copy":
+                    return None
+                off, n = _byte_range(t, job.r0, job.r1, out=False)
+                return read_bytes(files.fd(t.src_path), off, n)
+
+            def write(job: _Job, out: torch.Tensor | None) -> None:
+                t = job.t
+                if t.out_nbytes == 0:
+                    return
+                if out is None:
+                    copy_range(files.fd(t.src_path), t.src_offset, dst, t.out_offset, t.src_nbytes)
+                    return
+                off, _ = _byte_range(t, job.r0, job.r1, out=True)
+                pwrite_all(dst, tensor_bytes(out), off)
+
+            jobs = _jobs(unit, reader)
+            job = next(jobs, None)
+            nxt: Future | None = io.submit(read, job) if job else None
+            writes: deque[Future] = deque()
+            while job is not None:
+                current[:] = [job.t.src_path, job.t.key]
+                raw = nxt.result()
+                following = next(jobs, None)
+                nxt = io.submit(read, following) if following else None
+                out = None if raw is None else _compute(job, raw, dev)
+                if job.terms:
+                    merged.add(job.t.key)
+                writes.append(io.submit(write, job, out))
+                while len(writes) > _WRITE_BACKLOG:
+                    writes.popleft().result()
+                job = following
+            for w in writes:
+                w.result()
+        current[:] = [dest, ""]
         os.fsync(dst)
     except DistmergeError:
         raise
     except OSError as e:
-        where = f"{path}: '{key}'" if key else path
+        where = f"{current[0]}: '{current[1]}'" if current[1] else current[0]
         raise ShardWriteError(f"{where}: {e.strerror or e}") from None
     finally:
-        for fd in fds.values():
-            os.close(fd)
-    return UnitResult(unit.index, unit.shard, unit.nbytes, time.perf_counter() - start, dev.type, merged)
+        files.close()
+    return UnitResult(unit.index, unit.shard, unit.nbytes, time.perf_counter() - start, dev.type, len(merged))
