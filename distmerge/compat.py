@@ -51,12 +51,19 @@ def load_state_dict_from_safetensors(file_path: str | os.PathLike[str], device: 
     return out
 
 
-def _metas(sd: dict[str, torch.Tensor], what: str) -> dict[str, TensorMeta]:
+def _metas(sd: dict[str, torch.Tensor], what: str, *, skip_unknown: bool = False) -> dict[str, TensorMeta]:
+    """dtype/shape of every tensor; with ``skip_unknown`` tensors whose dtype safetensors cannot
+    name (e.g. a complex rotary buffer) are left out, so they pass through untouched."""
     metas = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise FormatError(f"{what}: '{k}' is a {type(v).__name__}, expected a tensor")
-        metas[k] = TensorMeta(code_of(v.dtype), tuple(v.shape))
+        try:
+            metas[k] = TensorMeta(code_of(v.dtype), tuple(v.shape))
+        except KeyError:
+            if skip_unknown:
+                continue
+            raise FormatError(f"{what}: '{k}' has dtype {v.dtype}, which distmerge cannot merge") from None
     return metas
 
 
@@ -80,7 +87,7 @@ def merge_lora_into_state_dict(base_state_dict: dict[str, torch.Tensor],
     """
     lf = LoraFile("<lora_state_dict>", "memory", _metas(lora_state_dict, "<lora_state_dict>"))
     lf._reader = _MemoryReader(lora_state_dict)  # type: ignore[assignment]
-    n = normalize(lf, _metas(base_state_dict, "<base_state_dict>"), strength=alpha)
+    n = normalize(lf, _metas(base_state_dict, "<base_state_dict>", skip_unknown=True), strength=alpha)
     if n.unmatched:
         first = "; ".join(f"'{u.key}' ({u.reason})" for u in n.unmatched[:3])
         raise MatchError(f"<lora_state_dict>: {len(n.unmatched)} LoRA tensor(s) cannot be placed: {first}")

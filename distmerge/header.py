@@ -99,7 +99,9 @@ def parse_header_bytes(path: str, raw: bytes, file_size: int) -> Header:
     if not isinstance(obj, dict):
         raise _fail(path, f"header must be a JSON object, found {type(obj).__name__}")
     data_start = 8 + len(raw)
-    meta = obj.pop("__metadata__", None) or {}
+    meta = obj.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
     entries: list[TensorInfo] = []

@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "implied_shape"]
+__all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "implied_shape",
+           "NonFiniteError"]
+
+
+class NonFiniteError(ValueError):
+    """The merged values contain NaN/Inf, or overflow the output dtype."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def _apply_dora(acc: torch.Tensor, t: Term, d: torch.Tensor) -> None:
 
 
 def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dtype | None = None,
-                 inplace: bool = False) -> torch.Tensor:
+                 inplace: bool = False, check_finite: bool = False) -> torch.Tensor:
     """Return ``W + Σ coef·ΔW`` accumulated in float32 and rounded once to ``out_dtype``.
 
     Args:
@@ -197,6 +202,8 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
         terms: the deltas, applied in order (``set`` terms replace the accumulator).
         out_dtype: result dtype; defaults to ``w.dtype``.
         inplace: allow writing into ``w`` when it already has the compute dtype (saves a copy).
+        check_finite: raise ``NonFiniteError`` if a value is NaN/Inf or beyond the output dtype's
+            range (one ``amax`` pass over the float32 accumulator, which NaN propagates through).
 
     Plain LoRA terms go straight into the accumulator with ``addmm_`` (no ΔW temporary).
     """
@@ -216,4 +223,10 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
                 _apply_dora(acc, t, d)
             else:
                 acc.add_(d, alpha=t.coef)
-    return acc.to(out_dtype or w.dtype)
+    out_dtype = out_dtype or w.dtype
+    if check_finite and acc.numel():
+        lo, hi = torch.aminmax(acc)  # no temporary; NaN propagates into both
+        peak = max(-lo.item(), hi.item())
+        if not math.isfinite(peak) or (out_dtype.is_floating_point and peak > torch.finfo(out_dtype).max):
+            raise NonFiniteError(f"max |value| {peak:.4g} is not finite in {out_dtype}")
+    return acc.to(out_dtype)

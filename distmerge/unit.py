@@ -32,7 +32,7 @@ from .dtypes import itemsize, to_torch
 from .errors import DistmergeError, ShardWriteError
 from .lora import Delta
 from .lorafile import LoraReader
-from .mergemath import Term, merge_tensor
+from .mergemath import NonFiniteError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
 
@@ -168,11 +168,12 @@ def _compute(job: _Job, raw: bytearray, device: torch.device) -> torch.Tensor:
         return w.to(to_torch(t.out_dtype))
     if device.type == "cuda":
         w = w.pin_memory().to(device, non_blocking=True)
-    out = merge_tensor(w, job.terms, out_dtype=to_torch(t.out_dtype), inplace=True)
-    if not bool(torch.isfinite(out).all()):
+    try:
+        out = merge_tensor(w, job.terms, out_dtype=to_torch(t.out_dtype), inplace=True, check_finite=True)
+    except NonFiniteError as e:
         sources = ", ".join(sorted({d.source for d in t.deltas}))
         raise ShardWriteError(f"merged tensor '{t.key}' has NaN/Inf values after adding deltas from "
-                              f"{sources} (check the LoRA factors and --weight/--alpha)")
+                              f"{sources} ({e}; check the LoRA factors and --weight/--alpha)") from None
     return out.cpu()
 
 

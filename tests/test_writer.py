@@ -1,0 +1,260 @@
+"""layout_shard header bytes and alignment; write_safetensors; copy_range (kernel and fallback)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from distmerge import writer
+from distmerge.dtypes import itemsize
+from distmerge.header import read_header
+from distmerge.writer import copy_range, create_file, layout_shard, pwrite_all, write_safetensors
+
+
+# ----------------------------------------------------------------------------------- layout_shard
+
+def test_layout_exact_header_bytes():
+    entries = [("b", "BF16", (3,)), ("a", "F32", (2,)), ("c", "U8", (5,)), ("d", "F64", (1,)),
+               ("e", "F32", (1, 2))]
+    lay = layout_shard(entries, metadata={"format": "pt"})
+    # by hand: sorted by itemsize desc, stable (a before e); offsets accumulate
+    # d: 8 bytes [0,8]; a: 8 [8,16]; e: 8 [16,24]; b: 6 [24,30]; c: 5 [30,35]
+    js = ('{"__metadata__":{"format":"pt"},'
+          '"d":{"dtype":"F64","shape":[1],"data_offsets":[0,8]},'
+          '"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},'
+          '"e":{"dtype":"F32","shape":[1,2],"data_offsets":[16,24]},'
+          '"b":{"dtype":"BF16","shape":[3],"data_offsets":[24,30]},'
+          '"c":{"dtype":"U8","shape":[5],"data_offsets":[30,35]}}').encode()
+    padded = js + b" " * ((8 - (8 + len(js)) % 8) % 8)
+    assert len(padded) % 8 == 0 and 0 <= len(padded) - len(js) < 8
+    expected = struct.pack("<Q", len(padded)) + padded
+    assert lay.header == expected
+    assert lay.data_start == len(expected)
+    assert lay.size == len(expected) + 35
+    assert [(e.key, e.dtype, e.shape, e.offset - lay.data_start, e.nbytes) for e in lay.entries] == [
+        ("d", "F64", (1,), 0, 8), ("a", "F32", (2,), 8, 8), ("e", "F32", (1, 2), 16, 8),
+        ("b", "BF16", (3,), 24, 6), ("c", "U8", (5,), 30, 5)]
+
+
+def test_layout_without_metadata_has_no_metadata_key():
+    lay = layout_shard([("x", "F16", (2, 2))])
+    (n,) = struct.unpack("<Q", lay.header[:8])
+    assert json.loads(lay.header[8:8 + n]) == {"x": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}
+    assert lay.header[8:].rstrip(b" ") == b'{"x":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]}}'
+
+
+def test_layout_docstring_example_size():
+    lay = layout_shard([("b", "BF16", (3,)), ("a", "F32", (2,))], metadata={"format": "pt"})
+    js = b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},' \
+         b'"b":{"dtype":"BF16","shape":[3],"data_offsets":[8,14]}}'
+    assert lay.header[8:].rstrip(b" ") == js
+    assert lay.size == lay.data_start + 14
+
+
+@pytest.mark.parametrize("entries", [
+    [("u8", "U8", (3,)), ("f16", "F16", (5,)), ("f32", "F32", (7,)), ("f64", "F64", (3,))],
+    [("a", "U8", (1,)), ("b", "F64", (1,)), ("c", "BOOL", (3,)), ("d", "I16", (1,)), ("e", "I64", (2,)),
+     ("f", "BF16", (3,)), ("g", "F8_E4M3", (7,)), ("h", "U32", (1,))],
+    [("k" * n, "F32", (n,)) for n in range(1, 9)] + [("odd", "I8", (13,))],
+])
+@pytest.mark.parametrize("meta", [None, {"format": "pt"}, {"format": "pt", "x": "yy"}])
+def test_layout_alignment(entries, meta):
+    lay = layout_shard(entries, metadata=meta)
+    assert lay.data_start % 8 == 0
+    assert len(lay.header) == lay.data_start
+    pos = lay.data_start
+    for e in lay.entries:
+        assert e.offset % itemsize(e.dtype) == 0, e
+        assert e.offset == pos  # contiguous, no gaps
+        pos += e.nbytes
+    assert pos == lay.size
+    sizes = [itemsize(e.dtype) for e in lay.entries]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sorted(e.key for e in lay.entries) == sorted(k for k, _, _ in entries)
+
+
+def test_layout_header_is_what_read_header_reads(tmp_path):
+    entries = [("b", "BF16", (3, 2)), ("a", "F32", (2,)), ("z", "U8", (0,))]
+    lay = layout_shard(entries, metadata={"format": "pt"})
+    p = tmp_path / "l.safetensors"
+    create_file(str(p), lay.header, lay.size)
+    assert p.stat().st_size == lay.size
+    assert p.read_bytes()[: lay.data_start] == lay.header
+    h = read_header(p)
+    assert h.data_start == lay.data_start
+    assert {k: (t.dtype, t.shape, t.offset, t.nbytes) for k, t in h.tensors.items()} == \
+        {e.key: (e.dtype, e.shape, e.offset, e.nbytes) for e in lay.entries}
+
+
+# ------------------------------------------------------------------------------ write_safetensors
+
+def _mixed() -> dict[str, torch.Tensor]:
+    return {
+        "h": torch.tensor([1.5, -2.0, 3.0], dtype=torch.bfloat16),
+        "w": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8,
+        "m": torch.tensor([True, False, True]),
+        "d": torch.tensor([[1e-300, 2.0]], dtype=torch.float64),
+        "i": torch.tensor([-5, 7, 9], dtype=torch.int64),
+        "e": torch.zeros(0, 3),
+        "t": torch.arange(6, dtype=torch.int16).reshape(2, 3).t(),  # non-contiguous
+    }
+
+
+def _check_file(path: str, tensors: dict[str, torch.Tensor], metadata=None) -> None:
+    with safe_open(path, framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        if metadata is not None:
+            assert f.metadata() == metadata
+        for k, t in tensors.items():
+            back = f.get_tensor(k)
+            assert back.dtype == t.dtype and back.shape == t.shape, k
+            assert torch.equal(back, t), k
+
+
+def test_write_mapping(tmp_path):
+    p = str(tmp_path / "m.safetensors")
+    tensors = _mixed()
+    lay = write_safetensors(p, tensors)
+    assert os.path.getsize(p) == lay.size
+    _check_file(p, tensors, {"format": "pt"})
+    read_header(p)  # also valid for our own strict reader
+
+
+def test_write_custom_metadata(tmp_path):
+    p = str(tmp_path / "m.safetensors")
+    write_safetensors(p, {"x": torch.ones(2)}, metadata={"format": "pt", "who": "me"})
+    _check_file(p, {"x": torch.ones(2)}, {"format": "pt", "who": "me"})
+
+
+def test_write_generator_with_specs(tmp_path):
+    tensors = _mixed()
+    specs = [(k, {torch.bfloat16: "BF16", torch.float32: "F32", torch.bool: "BOOL", torch.float64: "F64",
+                  torch.int64: "I64", torch.int16: "I16"}[t.dtype], tuple(t.shape)) for k, t in tensors.items()]
+    produced = []
+
+    def gen():
+        for k in reversed(list(tensors)):  # arrival order differs from spec order
+            produced.append(k)
+            yield k, tensors[k]
+
+    p = str(tmp_path / "g.safetensors")
+    write_safetensors(p, gen(), specs=specs)
+    assert len(produced) == len(tensors)
+    _check_file(p, tensors)
+
+
+def test_write_generator_without_specs(tmp_path):
+    with pytest.raises(ValueError):
+        write_safetensors(str(tmp_path / "x.safetensors"), iter([("a", torch.ones(1))]))
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, dtype=torch.float16), torch.ones(3)])
+def test_write_generator_spec_mismatch(tmp_path, bad):
+    with pytest.raises(ValueError, match="a"):
+        write_safetensors(str(tmp_path / "x.safetensors"), iter([("a", bad)]), specs=[("a", "F32", (2,))])
+
+
+def test_pwrite_all_handles_short_writes(tmp_path, monkeypatch):
+    real = os.pwrite
+    calls = []
+
+    def short(fd, data, off):
+        calls.append(off)
+        return real(fd, bytes(memoryview(data)[:3]), off)
+
+    monkeypatch.setattr(os, "pwrite", short)
+    p = tmp_path / "s.bin"
+    p.write_bytes(b"." * 20)
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        pwrite_all(fd, b"abcdefghij", 5)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"....." + b"abcdefghij" + b"....."
+    assert calls == [5, 8, 11, 14]
+
+
+# ------------------------------------------------------------------------------------- copy_range
+
+@pytest.fixture
+def src_dst(tmp_path):
+    payload = bytes((i * 37 + 11) % 256 for i in range(5000))
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(payload)
+    dst.write_bytes(b"\xee" * 6000)
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    yield payload, sfd, dfd, dst
+    os.close(sfd)
+    os.close(dfd)
+
+
+def _expected(payload: bytes, src_off: int, dst_off: int, n: int) -> bytes:
+    out = bytearray(b"\xee" * 6000)
+    out[dst_off:dst_off + n] = payload[src_off:src_off + n]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("src_off,dst_off,n", [(0, 0, 5000), (123, 777, 4000), (4999, 0, 1), (10, 10, 0)])
+def test_copy_range_kernel(src_dst, src_off, dst_off, n):
+    payload, sfd, dfd, dst = src_dst
+    copy_range(sfd, src_off, dfd, dst_off, n)
+    assert dst.read_bytes() == _expected(payload, src_off, dst_off, n)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_copy_range_fallback_on_exdev(src_dst, monkeypatch, chunk):
+    payload, sfd, dfd, dst = src_dst
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(a)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(writer, "_COPY_CHUNK", chunk)
+    copy_range(sfd, 321, dfd, 55, 4321)
+    assert len(calls) == 1  # tried once, then stayed on the fallback
+    assert dst.read_bytes() == _expected(payload, 321, 55, 4321)
+
+
+def test_copy_range_without_copy_file_range(src_dst, monkeypatch):
+    payload, sfd, dfd, dst = src_dst
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    copy_range(sfd, 1, dfd, 2, 4999)
+    assert dst.read_bytes() == _expected(payload, 1, 2, 4999)
+
+
+def test_copy_range_partial_kernel_copies(src_dst, monkeypatch):
+    payload, sfd, dfd, dst = src_dst
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda s, d, n, so, do: real(s, d, min(n, 333), so, do))
+    copy_range(sfd, 100, dfd, 200, 4500)
+    assert dst.read_bytes() == _expected(payload, 100, 200, 4500)
+
+
+def test_copy_range_other_errors_propagate(src_dst, monkeypatch):
+    _, sfd, dfd, _ = src_dst
+
+    def boom(*a):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "copy_file_range", boom, raising=False)
+    with pytest.raises(OSError) as ei:
+        copy_range(sfd, 0, dfd, 0, 10)
+    assert ei.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_range_past_end_of_source(src_dst, monkeypatch, kernel):
+    _, sfd, dfd, _ = src_dst
+    if not kernel:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    with pytest.raises(OSError) as ei:
+        copy_range(sfd, 4990, dfd, 0, 20)
+    assert ei.value.errno == errno.EIO
