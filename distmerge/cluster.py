@@ -30,7 +30,7 @@ from .errors import ClusterError, DistmergeError
 from .plan import WorkUnit
 from .unit import UnitResult, run_unit
 
-__all__ = ["RaySession", "DispatchSettings", "run_units"]
+__all__ = ["RaySession", "DispatchSettings", "Call", "run_calls", "run_units"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +117,29 @@ class RaySession:
                                 max_retries=max_retries, memory_cap=cap)
 
 
-def _task(unit: WorkUnit, dest: str, device: str, threads: int) -> UnitResult:
-    result = run_unit(unit, dest, device=device, threads=threads)
-    if device == "cuda":
-        import torch
-        torch.cuda.empty_cache()
-    return replace(result, node_id=ray.get_runtime_context().get_node_id())
+@dataclass(frozen=True)
+class Call:
+    """One task to run: ``fn(*args)`` on a worker. ``label`` names it in errors."""
+
+    args: tuple
+    label: str
+    memory: int = 64 << 20
+    size: int = 0  #: for scheduling order (largest first)
 
 
-_remote_task = ray.remote(_task)
+def _call(fn: Callable, args: tuple, device: str, threads: int) -> tuple[str, object]:
+    """Worker side of every distmerge task: run ``fn(*args)`` and say on which node it ran."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        return ray.get_runtime_context().get_node_id(), fn(*args)
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+_remote_call = ray.remote(_call)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -133,53 +147,51 @@ def _cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
-def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,
-              on_done: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
-    """Run every unit as a Ray task; return results ordered by unit index.
+def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings,
+              on_done: Callable[[int, str, object], None] | None = None) -> list[tuple[str, object]]:
+    """Run ``fn(*call.args)`` for every call as Ray tasks, at most ``settings.workers`` at once.
 
-    Args:
-        units: the plan's work units.
-        dests: shard name -> part file path.
-        settings: from ``RaySession.settings``.
-        on_done: called on the driver as each unit finishes (progress).
+    ``fn`` must be a module-level (importable) function; it never sees Ray. Results come back in
+    call order as ``(node_id, result)``; ``on_done(i, node_id, result)`` runs on the driver as each
+    finishes (completion order).
 
     Raises:
-        DistmergeError: the first unit's own error (file and key named), after cancelling the rest.
+        DistmergeError: the first task's own error (file and key named), after cancelling the rest.
         ClusterError: a task lost to Ray (worker/node died beyond the retry budget).
         KeyboardInterrupt: after force-cancelling all pending tasks.
     """
-    queue = sorted(units, key=lambda u: (-u.nbytes, u.index))  # biggest first: better balance
-    pending: dict[ray.ObjectRef, WorkUnit] = {}
-    results: list[UnitResult] = []
+    queue = sorted(range(len(calls)), key=lambda i: (-calls[i].size, i))  # biggest first
+    pending: dict[ray.ObjectRef, int] = {}
+    results: dict[int, tuple[str, object]] = {}
     threads = max(1, int(settings.cpus_per_task))
     try:
         while queue or pending:
             while queue and len(pending) < settings.workers:
-                u = queue.pop(0)
-                mem = u.memory if settings.memory_cap is None else min(u.memory, settings.memory_cap)
-                ref = _remote_task.options(
+                i = queue.pop(0)
+                c = calls[i]
+                mem = c.memory if settings.memory_cap is None else min(c.memory, settings.memory_cap)
+                ref = _remote_call.options(
                     num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task, memory=mem,
-                    max_retries=settings.max_retries, retry_exceptions=False,
-                    name=f"distmerge-unit-{u.index}",
-                ).remote(u, dests[u.shard], settings.device, threads)
-                pending[ref] = u
+                    max_retries=settings.max_retries, retry_exceptions=False, name=f"distmerge-{c.label}",
+                ).remote(fn, c.args, settings.device, threads)
+                pending[ref] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                u = pending.pop(ref)
+                i = pending.pop(ref)
                 try:
-                    res = ray.get(ref)
+                    node, res = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     cause = _cause(e)
                     if isinstance(cause, DistmergeError):
                         raise cause from None
-                    raise ClusterError(f"work unit {u.index} ({u.shard}) failed: "
-                                       f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+                    first = str(cause).splitlines()[0] if str(cause) else ""
+                    raise ClusterError(f"{calls[i].label} failed: {type(cause).__name__}: {first}") from None
                 except ray.exceptions.RayError as e:
-                    raise ClusterError(f"work unit {u.index} ({u.shard}) was lost after "
-                                       f"{settings.max_retries} retries: {type(e).__name__}") from None
-                results.append(res)
+                    raise ClusterError(f"{calls[i].label} was lost after {settings.max_retries} "
+                                       f"retries: {type(e).__name__}") from None
+                results[i] = (node, res)
                 if on_done:
-                    on_done(res)
+                    on_done(i, node, res)
     except BaseException:
         for ref in pending:
             try:
@@ -187,4 +199,22 @@ def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: Dis
             except Exception:  # already finished or the session is gone: nothing to cancel
                 pass
         raise
-    return sorted(results, key=lambda r: r.index)
+    return [results[i] for i in range(len(calls))]
+
+
+def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,
+              on_done: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+    """Run every work unit as a Ray task (``unit.run_unit``); results ordered by unit index."""
+    calls = [Call((u, dests[u.shard], settings.device), f"unit-{u.index} ({u.shard})", u.memory, u.nbytes)
+             for u in units]
+
+    def done(i: int, node: str, res: object) -> None:
+        if on_done:
+            on_done(replace(res, node_id=node))  # type: ignore[type-var]
+
+    out = run_calls(run_unit_task, calls, settings=settings, on_done=done)
+    return [replace(res, node_id=node) for node, res in out]  # type: ignore[type-var]
+
+
+def run_unit_task(unit: WorkUnit, dest: str, device: str) -> UnitResult:
+    return run_unit(unit, dest, device=device)
