@@ -23,7 +23,9 @@ from .dtypes import CLI_DTYPES, code_of
 from .errors import MatchError, PlanError
 from .lora import Delta, Unmatched, normalize
 from .lorafile import open_lora
-from .output import Staging, abort, part_path, prepare, publish, resolve_output
+from .manifest import Manifest, fingerprint, fingerprint_changes
+from .output import Staging, abort, manifest_path, part_path, prepare, publish, resolve_output, sha256_file
+from .unit import unit_crc32
 from .plan import MergePlan, describe, make_plan, parse_size
 from .report import MergeReport, UnitReport
 
@@ -108,7 +110,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
           max_shard_size: int | str = "5GB", skip_unmatched: bool = False, overwrite: bool = False,
           address: str | None = None, num_workers: int | None = None, device: str = "auto",
           report: str | os.PathLike[str] | None = None, unit_size: int | str | None = None,
-          max_retries: int = 3, num_cpus: int | None = None,
+          max_retries: int = 3, num_cpus: int | None = None, resume: bool = False,
           progress: ProgressFn | None = None) -> MergeReport:
     """Merge LoRA(s) into a base checkpoint with Ray tasks and publish the result atomically.
 
@@ -129,6 +131,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
         unit_size: target bytes per work unit (default: total / (4 · workers)).
         max_retries: Ray retries per task after a worker/node failure.
         num_cpus: CPUs for an embedded local Ray (default: all).
+        resume: continue an interrupted run into ``output``: finished work units whose bytes still
+            check out are kept; refused if the inputs or options changed.
         progress: ``f(units_done, units_total, bytes_done, bytes_total)`` called on the driver.
 
     Returns:
@@ -146,43 +150,79 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     parse_size(max_shard_size)
     if max_retries < 0:
         raise PlanError(f"max_retries must be >= 0, got {max_retries}")
-    target = resolve_output(output, base_ck, [p for p, _ in specs], overwrite=overwrite)
+    target = resolve_output(output, base_ck, [p for p, _ in specs], overwrite=overwrite, resume=resume)
+    previous = Manifest.load(manifest_path(target)) if resume else None
+    if resume and previous is None:
+        logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
 
-    from .cluster import RaySession, run_units  # Ray is only imported once there is work to do
+    from .cluster import Call, RaySession, run_calls, run_units  # Ray is imported only when there is work
 
     with RaySession(address, num_cpus=num_cpus) as session:
         settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries)
-        # 2. The plan: shards, offsets, units.
+        # 2. The plan: shards, offsets, units (a resumed run re-cuts the units exactly as before).
         plan = make_plan(base_ck, gathered.deltas, out_dtype=out_code, max_shard_size=max_shard_size,
-                         single_file=target.single_file, workers=settings.workers, unit_size=unit_size)
+                         single_file=target.single_file, workers=settings.workers,
+                         unit_size=previous.unit_size if previous else unit_size)
+        fp = fingerprint(base_ck, specs, alpha=alpha, out_dtype=out_code, plan=plan)
+        if previous is not None:
+            changes = fingerprint_changes(previous.fingerprint, fp)
+            if changes:
+                raise PlanError(f"{target.directory}: cannot resume: {'; '.join(changes)} changed since "
+                                "the interrupted run; rerun with --overwrite to start over")
         logger.info("plan: %s on %s (%s, %d in flight)", describe(plan), session.mode,
                     settings.device, settings.workers)
         dests = {s.name: part_path(target.directory, s.name) for s in plan.shards}
         staging = Staging()
         try:
-            # 3. Part files, Ray tasks, then the atomic publish (index last).
-            prepare(plan, target, staging)
-            done = {"units": 0, "bytes": 0}
+            # 3. Part files (kept when resuming), the manifest, Ray tasks, checksums, then the
+            #    atomic publish (index last).
+            prepare(plan, target, staging, keep_parts=previous is not None)
+            manifest = Manifest(fp, plan.unit_size, path=staging.manifest)
+            if previous is not None:
+                manifest.units.update(_reusable(plan, previous, dests, settings, Call, run_calls))
+            manifest.save()
+            todo = [u for u in plan.units if u.index not in manifest.units]
+            done = {"units": len(manifest.units), "bytes": sum(v["bytes"] for v in manifest.units.values())}
 
             def on_done(res) -> None:
+                manifest.record(res.index, crc32=res.crc32, nbytes=res.nbytes)
+                manifest.save()
                 done["units"] += 1
                 done["bytes"] += res.nbytes
                 if progress:
                     progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
 
             if progress:
-                progress(0, len(plan.units), 0, plan.total_size)
-            results = run_units(plan.units, dests, settings=settings, on_done=on_done)
-            shards = publish(plan, target, staging, extra_metadata={"version": __version__})
+                progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
+            results = run_units(todo, dests, settings=settings, on_done=on_done)
+            sums = run_calls(sha256_file, [Call((dests[s.name],), f"sha256 of {s.name}", size=s.size)
+                                           for s in plan.shards], settings=settings)
+            shards = publish(plan, target, staging, extra_metadata={"version": __version__},
+                             sha256={s.name: h for s, (_, h) in zip(plan.shards, sums)})
         except BaseException:
             abort(plan, target, staging)
             raise
         ray_info = {"mode": session.mode, "device": settings.device, "workers": settings.workers}
 
     rep = _report(plan, target, shards, results, gathered, time.perf_counter() - start, ray_info)
+    rep.units_reused = len(plan.units) - len(todo)
     if report:
         rep.write_json(report)
     return rep
+
+
+def _reusable(plan: MergePlan, previous: Manifest, dests: dict[str, str], settings, Call, run_calls
+              ) -> dict[int, dict[str, int]]:
+    """Units of the interrupted run whose bytes still check out (CRC of computed bytes, copies equal
+    to the base), checked by Ray tasks."""
+    units = [u for u in plan.units if u.index in previous.units
+             and previous.units[u.index]["bytes"] == u.nbytes]
+    checks = run_calls(unit_crc32, [Call((u, dests[u.shard]), f"resume check of unit {u.index}", size=u.nbytes)
+                                    for u in units], settings=settings)
+    ok = {u.index: previous.units[u.index] for u, (_, crc) in zip(units, checks)
+          if crc == previous.units[u.index]["crc32"]}
+    logger.info("resume: %d of %d units already done", len(ok), len(plan.units))
+    return ok
 
 
 def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, seconds: float,

@@ -54,6 +54,8 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                    help="Ray retries per task after a worker or node failure (default 3)")
     p.add_argument("--num-cpus", type=int, default=None, metavar="N",
                    help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --output, reusing its finished work units")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +100,8 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
                    max_shard_size=args.max_shard_size, skip_unmatched=args.skip_unmatched,
                    overwrite=args.overwrite, address=args.address, num_workers=args.num_workers,
                    device=args.device, report=args.report, unit_size=args.unit_size,
-                   max_retries=args.max_retries, num_cpus=args.num_cpus, progress=progress)
+                   max_retries=args.max_retries, num_cpus=args.num_cpus, resume=args.resume,
+                   progress=progress)
     for u in report.unmatched[:10]:
         print(f"distmerge: skipped unmatched '{u['key']}' in {u['file']}: {u['reason']}", file=sys.stderr)
     if len(report.unmatched) > 10:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from .errors import OutputError
 from .plan import MergePlan
 from .writer import create_file
 
-__all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "prepare", "publish", "abort"]
+__all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
+           "abort", "sha256_file"]
 
 _PART = ".distmerge-part"
 _MARK = "distmerge"
@@ -46,8 +48,14 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def manifest_path(target: "OutputTarget") -> str:
+    """Where the resume manifest of a run into ``target`` lives."""
+    name = f".{target.single_file}" if target.single_file else ""
+    return os.path.join(target.directory, f"{name}.distmerge-manifest.json")
+
+
 def resolve_output(output: str | os.PathLike[str], base: BaseCheckpoint, loras: list[str], *,
-                   overwrite: bool = False) -> OutputTarget:
+                   overwrite: bool = False, resume: bool = False) -> OutputTarget:
     """Decide where to write and refuse places that would touch the inputs.
 
     Raises:
@@ -73,13 +81,26 @@ def resolve_output(output: str | os.PathLike[str], base: BaseCheckpoint, loras: 
             raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
         if not os.path.isdir(directory):
             raise OutputError(f"{directory}: folder for the output file does not exist")
-        return OutputTarget(directory, name, overwrite)
+        return _check_unfinished(OutputTarget(directory, name, overwrite), resume)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"{out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    target = OutputTarget(out, None, overwrite)
+    unfinished = os.path.exists(manifest_path(target))
+    if os.path.isdir(out) and os.listdir(out) and not (overwrite or (resume and unfinished)):
+        if unfinished:
+            raise OutputError(f"{out}: holds an unfinished distmerge run; pass --resume to continue "
+                              "it, or --overwrite to start over")
         raise OutputError(f"{out}: folder is not empty; pass --overwrite to write into it "
                           "(only files distmerge writes are replaced)")
-    return OutputTarget(out, None, overwrite)
+    return target
+
+
+def _check_unfinished(target: OutputTarget, resume: bool) -> OutputTarget:
+    if os.path.exists(manifest_path(target)) and not (resume or target.overwrite):
+        raise OutputError(f"{os.path.join(target.directory, target.single_file or '')}: an unfinished "
+                          "distmerge run left parts here; pass --resume to continue it, or --overwrite "
+                          "to start over")
+    return target
 
 
 def _previous_shards(index_path: str) -> list[str] | None:
@@ -101,9 +122,10 @@ class Staging:
     created: bool = False  #: the output folder did not exist before
     index_backup: str | None = None  #: an earlier index, set aside until publish
     previous_shards: tuple[str, ...] = ()  #: shards named by an earlier distmerge index
+    manifest: str = ""  #: the resume manifest of this run
 
 
-def prepare(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
+def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_parts: bool = False) -> None:
     """Create the output folder and every part file (header written, data area sparse).
 
     An earlier index in the folder is set aside first, so from now on the folder does not look
@@ -117,12 +139,36 @@ def prepare(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
         raise OutputError(f"{target.directory}: cannot create output folder ({e.strerror or e})") from None
     if not target.single_file:
         index = target.index_path(plan.stem)
+        backup = part_path(target.directory, os.path.basename(index) + ".previous")
         if os.path.exists(index):
             staging.previous_shards = tuple(_previous_shards(index) or ())
-            staging.index_backup = part_path(target.directory, os.path.basename(index) + ".previous")
-            os.replace(index, staging.index_backup)
+            staging.index_backup = backup
+            os.replace(index, backup)
+        elif os.path.exists(backup):  # set aside by the interrupted run this one resumes
+            staging.previous_shards = tuple(_previous_shards(backup) or ())
+            staging.index_backup = backup
+    staging.manifest = manifest_path(target)
     for s in plan.shards:
-        create_file(part_path(target.directory, s.name), s.header, s.size)
+        part = part_path(target.directory, s.name)
+        if keep_parts and _part_matches(part, s.header, s.size):
+            continue
+        create_file(part, s.header, s.size)
+
+
+def _part_matches(part: str, header: bytes, size: int) -> bool:
+    try:
+        if os.path.getsize(part) != size:
+            return False
+        with open(part, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:
+        return False
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a whole file (runs as a Ray task, one per output shard)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -139,15 +185,29 @@ def _fsync_dir(directory: str) -> None:
 
 
 def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
-            extra_metadata: dict | None = None) -> list[str]:
-    """Rename the parts to their final names, then write the index last. Returns the shard names."""
+            extra_metadata: dict | None = None, sha256: dict[str, str] | None = None) -> list[str]:
+    """Rename the parts to their final names, then write the index last. Returns the shard names.
+
+    ``sha256`` (shard name -> hex) goes into the index's ``metadata.distmerge.sha256``; for a
+    single-file output into a ``<file>.sha256`` sidecar (``sha256sum`` format) written first.
+    """
     d = target.directory
+    if target.single_file and sha256:
+        side = os.path.join(d, target.single_file + ".sha256")
+        with open(side + ".tmp", "w", encoding="utf-8") as f:
+            f.write(f"{sha256[target.single_file]}  {target.single_file}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(side + ".tmp", side)
     for s in plan.shards:
         os.replace(part_path(d, s.name), os.path.join(d, s.name))
     _fsync_dir(d)
     names = [s.name for s in plan.shards]
     if not target.single_file:
-        index = {"metadata": {"total_size": plan.total_size, _MARK: dict(extra_metadata or {})},
+        meta = dict(extra_metadata or {})
+        if sha256:
+            meta["sha256"] = {name: sha256[name] for name in names}
+        index = {"metadata": {"total_size": plan.total_size, _MARK: meta},
                  "weight_map": plan.weight_map}
         final = target.index_path(plan.stem)
         tmp = part_path(d, os.path.basename(final))
@@ -162,7 +222,9 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
         for stale in staging.previous_shards:  # shards of an earlier distmerge result that this one does not use
             if stale not in names and os.path.isfile(os.path.join(d, stale)):
                 os.remove(os.path.join(d, stale))
-        _fsync_dir(d)
+    if staging.manifest and os.path.exists(staging.manifest):
+        os.remove(staging.manifest)
+    _fsync_dir(d)
     return names
 
 
@@ -176,6 +238,8 @@ def abort(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
             os.remove(part_path(target.directory, name))
         except OSError:
             pass
+    if staging.manifest and os.path.exists(staging.manifest):
+        os.remove(staging.manifest)
     if staging.index_backup and os.path.exists(staging.index_backup):
         os.replace(staging.index_backup, target.index_path(plan.stem))
     if staging.created:

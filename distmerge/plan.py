@@ -120,6 +120,7 @@ class MergePlan:
     single_file: bool
     shards: tuple[ShardPlan, ...]
     units: tuple[WorkUnit, ...]
+    unit_size: int = 0  #: the target bytes per unit this plan was cut with
 
     @property
     def total_size(self) -> int:
@@ -219,7 +220,7 @@ def make_plan(base: BaseCheckpoint, deltas: Sequence[Delta], *, out_dtype: str |
         shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
         for start, end in partition_units([p.out_nbytes for p in planned], target):
             units.append(WorkUnit(len(units), name, tuple(planned[start:end])))
-    return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units))
+    return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units), target)
 
 
 def describe(plan: MergePlan) -> str:

@@ -40,10 +40,13 @@ class MergeReport:
     unmatched: list[dict[str, str]] = field(default_factory=list)
     loras: list[dict[str, Any]] = field(default_factory=list)
     units: list[UnitReport] = field(default_factory=list)
+    units_reused: int = 0  #: finished units of an interrupted run kept by ``--resume``
     ray: dict[str, Any] = field(default_factory=dict)
 
     def summary_line(self) -> str:
         skipped = f", {len(self.unmatched)} unmatched LoRA keys skipped" if self.unmatched else ""
+        if self.units_reused:
+            skipped += f", {self.units_reused} units reused from the interrupted run"
         n = len(self.shards)
         return (f"merged {self.pairs_merged} pairs into {self.tensors_written} tensors, {n} "
                 f"shard{'s' if n != 1 else ''}, {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s"

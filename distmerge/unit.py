@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from .mergemath import NonFiniteError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
 
-__all__ = ["UnitResult", "run_unit", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
+__all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
 
 _WRITE_BACKLOG = 2
 #: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
@@ -53,6 +54,7 @@ class UnitResult:
     seconds: float
     device: str
     merged: int  #: tensors that received deltas
+    crc32: int = 0  #: of every byte the task computed (merged/converted), in write order
     node_id: str = ""
 
 
@@ -197,6 +199,7 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
     files = _Files()
     reader = LoraReader()
     merged: set[str] = set()
+    crc = 0
     current = [dest, ""]  # (file, key) for error messages
     try:
         dst = os.open(dest, os.O_WRONLY)
@@ -230,6 +233,8 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 following = next(jobs, None)
                 nxt = io.submit(read, following) if following else None
                 out = None if raw is None else _compute(job, raw, dev)
+                if out is not None:
+                    crc = zlib.crc32(tensor_bytes(out), crc)
                 if job.terms:
                     merged.add(job.t.key)
                 writes.append(io.submit(write, job, out))
@@ -247,4 +252,30 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
         raise ShardWriteError(f"{where}: {e.strerror or e}") from None
     finally:
         files.close()
-    return UnitResult(unit.index, unit.shard, unit.nbytes, time.perf_counter() - start, dev.type, len(merged))
+    return UnitResult(unit.index, unit.shard, unit.nbytes, time.perf_counter() - start, dev.type,
+                      len(merged), crc)
+
+
+def unit_crc32(unit: WorkUnit, dest: str) -> int:
+    """Re-read what ``unit`` wrote to ``dest`` (computed ranges only, in write order) and CRC it;
+    copied ranges are instead compared with the base bytes. Returns -1 if a copy differs."""
+    crc = 0
+    files = _Files()
+    try:
+        dst = os.open(dest, os.O_RDONLY)
+        files.fds[dest + "#out"] = dst
+        for t in unit.tensors:
+            if t.out_nbytes == 0:
+                continue
+            if t.action == "copy":
+                for off in range(0, t.src_nbytes, 64 << 20):
+                    n = min(64 << 20, t.src_nbytes - off)
+                    if read_bytes(dst, t.out_offset + off, n) != read_bytes(files.fd(t.src_path), t.src_offset + off, n):
+                        return -1
+                continue
+            for off in range(0, t.out_nbytes, 64 << 20):  # CRC chaining: chunking does not matter
+                crc = zlib.crc32(read_bytes(dst, t.out_offset + off, min(64 << 20, t.out_nbytes - off)), crc)
+    finally:
+        files.close()
+    return crc
+

@@ -3,6 +3,7 @@ with a float64 reference rounded once; output layout, determinism, strictness, o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -107,6 +108,10 @@ def test_output_layout_index_and_untouched_bytes(ray_local, tiny_base, tiny_fact
     assert len(report["units"]) == len(rep.units) >= 2
     assert {"node_id", "device", "bytes", "seconds"} <= set(report["units"][0])
     assert sum(u["bytes"] for u in report["units"]) == index["metadata"]["total_size"]
+    sums = index["metadata"]["distmerge"]["sha256"]
+    assert sorted(sums) == rep.shards
+    for name, digest in sums.items():
+        assert hashlib.sha256(open(os.path.join(out_dir, name), "rb").read()).hexdigest() == digest
 
 
 def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
@@ -114,7 +119,9 @@ def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
     out = str(tmp_path / "merged.safetensors")
     rep = distmerge.merge(tiny_base, [str(tmp_path / "l.safetensors")], out)
     assert rep.shards == ["merged.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.sha256"]
+    digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
+    assert open(out + ".sha256").read() == f"{digest}  merged.safetensors\n"
     assert_close_to_reference(load_checkpoint(out),
                               reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0)))
 

@@ -1,0 +1,112 @@
+"""The resume manifest: what a run was asked to do, and which work units are already on disk.
+
+It lives next to the part files (``.distmerge-manifest.json`` in the output folder) while a run is
+in progress and is removed when the result is published. A crashed run leaves it behind; a rerun
+with ``--resume`` reuses every unit whose bytes still check out (size, CRC-32 of the computed
+bytes, copied bytes equal to the base) and refuses if the inputs or options changed.
+
+Example:
+    >>> m = Manifest({"alpha": 1.0}, unit_size=1024)
+    >>> m.record(3, crc32=12345, nbytes=4096)
+    >>> m.units[3]
+    {'crc32': 12345, 'bytes': 4096}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import BaseCheckpoint
+from .plan import MergePlan
+
+__all__ = ["Manifest", "fingerprint", "fingerprint_changes", "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 1
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(base: BaseCheckpoint, loras: list[tuple[str, float]], *, alpha: float,
+                out_dtype: str | None, plan: MergePlan) -> dict[str, Any]:
+    """Everything that determines the output bytes: base headers, LoRA contents, weights, options,
+    and the plan (shard names, headers, unit boundaries)."""
+    h = hashlib.sha256()
+    for hdr in base.headers:
+        h.update(os.path.basename(hdr.path).encode())
+        h.update(str(hdr.file_size).encode())
+        h.update(json.dumps({k: [t.dtype, list(t.shape), t.offset, t.nbytes] for k, t in hdr.tensors.items()},
+                            sort_keys=True).encode())
+    p = hashlib.sha256()
+    for s in plan.shards:
+        p.update(s.name.encode() + s.header)
+    for u in plan.units:
+        p.update(f"{u.index}:{u.shard}:{u.tensors[0].key}:{u.tensors[-1].key}".encode())
+    return {
+        "base": h.hexdigest(),
+        "loras": [{"path": os.path.abspath(path), "sha256": _file_sha256(path)} for path, _ in loras],
+        "weights": [w for _, w in loras],
+        "alpha": alpha,
+        "dtype": out_dtype or "keep",
+        "plan": p.hexdigest(),
+    }
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human names of what differs between two fingerprints (empty: same job)."""
+    out = []
+    if old.get("base") != new.get("base"):
+        out.append("the base checkpoint's headers")
+    olds, news = old.get("loras", []), new.get("loras", [])
+    if [x["path"] for x in olds] != [x["path"] for x in news]:
+        out.append("the list of LoRA files")
+    else:
+        out += [f"LoRA file {n['path']} (contents)" for o, n in zip(olds, news) if o["sha256"] != n["sha256"]]
+    for key, name in (("weights", "--weight"), ("alpha", "--alpha"), ("dtype", "--dtype")):
+        if old.get(key) != new.get(key):
+            out.append(f"{name} ({old.get(key)} -> {new.get(key)})")
+    if not out and old.get("plan") != new.get("plan"):
+        out.append("the output plan (--max-shard-size or output path)")
+    return out
+
+
+@dataclass
+class Manifest:
+    fingerprint: dict[str, Any]
+    unit_size: int
+    units: dict[int, dict[str, int]] = field(default_factory=dict)
+    path: str = ""
+
+    def record(self, index: int, *, crc32: int, nbytes: int) -> None:
+        self.units[index] = {"crc32": crc32, "bytes": nbytes}
+
+    def save(self, path: str | None = None) -> None:
+        """Write atomically (temp + rename)."""
+        self.path = path or self.path
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
+                       "unit_size": self.unit_size,
+                       "units": {str(k): v for k, v in sorted(self.units.items())}}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: str) -> "Manifest | None":
+        """The manifest at ``path``, or None when absent or unreadable (nothing to resume)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if d.get("version") != MANIFEST_VERSION:
+                return None
+            units = {int(k): {"crc32": int(v["crc32"]), "bytes": int(v["bytes"])} for k, v in d["units"].items()}
+            return cls(d["fingerprint"], int(d["unit_size"]), units, path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
