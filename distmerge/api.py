@@ -155,7 +155,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     if resume and previous is None:
         logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
 
-    from .cluster import Call, RaySession, run_calls, run_units  # Ray is imported only when there is work
+    from .cluster import Call, RaySession, check_shared_storage, run_calls, run_units  # Ray is imported only when there is work
 
     with RaySession(address, num_cpus=num_cpus) as session:
         settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries)
@@ -177,6 +177,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             # 3. Part files (kept when resuming), the manifest, Ray tasks, checksums, then the
             #    atomic publish (index last).
             prepare(plan, target, staging, keep_parts=previous is not None)
+            check_shared_storage(list(base_ck.files) + [p for p, _ in specs], target.directory)
             manifest = Manifest(fp, plan.unit_size, path=staging.manifest)
             if previous is not None:
                 manifest.units.update(_reusable(plan, previous, dests, settings, Call, run_calls))

@@ -30,7 +30,7 @@ from .errors import ClusterError, DistmergeError
 from .plan import WorkUnit
 from .unit import UnitResult, run_unit
 
-__all__ = ["RaySession", "DispatchSettings", "Call", "run_calls", "run_units"]
+__all__ = ["RaySession", "DispatchSettings", "Call", "run_calls", "run_units", "check_shared_storage"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,64 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                 pass
         raise
     return [results[i] for i in range(len(calls))]
+
+
+def _probe(paths: list[str], out_dir: str) -> dict[str, object]:
+    """Runs on one node: which of ``paths`` it cannot see, and a sentinel written into ``out_dir``.
+
+    ``DISTMERGE_PROBE_UNSHARED`` (os.pathsep-separated prefixes) makes a node treat those paths as
+    absent: it lets tests and dry runs simulate a node without the shared mount on one machine.
+    """
+    node = ray.get_runtime_context().get_node_id()
+    hidden = [h for h in os.environ.get("DISTMERGE_PROBE_UNSHARED", "").split(os.pathsep) if h]
+    missing = [p for p in [*paths, out_dir] if any(p.startswith(h) for h in hidden) or not os.path.exists(p)]
+    sentinel = os.path.join(out_dir, f".distmerge-probe-{node}")
+    if out_dir not in missing:
+        try:
+            with open(sentinel, "w") as f:
+                f.write(node)
+        except OSError:
+            missing.append(out_dir)
+    return {"node": node, "ip": ray.util.get_node_ip_address(), "missing": missing, "sentinel": sentinel}
+
+
+_remote_probe = ray.remote(_probe)
+
+
+def check_shared_storage(paths: Sequence[str], out_dir: str) -> int:
+    """One probe task per alive node that can run work: every node must see the inputs and the
+    output folder at the same paths, and the driver must see what each node writes there.
+
+    Returns the number of nodes probed.
+
+    Raises:
+        ClusterError: naming the node and the path it cannot see.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and
+             (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+    if len(nodes) <= 1:
+        return len(nodes)
+    refs = [_remote_probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False), name="distmerge-probe").remote(list(paths), out_dir) for n in nodes]
+    results = ray.get(refs)
+    try:
+        for r in results:
+            if r["missing"]:
+                raise ClusterError(f"node {r['node'][:12]} ({r['ip']}) cannot see {r['missing'][0]}: the "
+                                   "base, the LoRA files and the output folder must be on storage shared "
+                                   "by every node, mounted at the same path")
+            if not os.path.exists(r["sentinel"]):
+                raise ClusterError(f"node {r['node'][:12]} ({r['ip']}) wrote into {out_dir} but the driver "
+                                   "cannot see it: the output folder must be on shared storage")
+    finally:
+        for r in results:
+            try:
+                os.remove(r["sentinel"])
+            except OSError:
+                pass
+    return len(results)
 
 
 def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,

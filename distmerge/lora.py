@@ -35,7 +35,7 @@ from typing import Protocol
 
 from .dtypes import is_float, itemsize
 from .errors import FormatError, MatchError
-from .keymap import UNDERSCORE_PREFIXES, diffusers_param_to_wan, diffusers_to_wan, strip_prefixes, underscore_map
+from .keymap import diffusers_param_to_wan, diffusers_to_wan, strip_prefixes, underscore_map
 from .lorafile import LoraFile
 from .mergemath import implied_shape
 from .scales import AdapterConfig
@@ -399,8 +399,12 @@ def _add(ctx: _Ctx, d: Delta) -> None:
     why = delta_shape_error(d.kind, shapes, tuple(w.shape), transpose=d.transpose)
     if why is None and d.dora:
         mag = next(f for f in d.factors if f.role in ("magnitude", "dora_scale"))
-        if math.prod(mag.shape) not in (w.shape[0], math.prod(w.shape[1:]) if len(w.shape) > 1 else -1):
-            why = f"DoRA magnitude {mag.shape} fits neither the output nor the input size of {tuple(w.shape)}"
+        if d.dora == "peft":  # one magnitude per output feature
+            need = (w.shape[1] if d.transpose else w.shape[0],)
+        else:  # LyCORIS dora_scale: per output row ([out, 1, …]) or per input column ([1, in, …])
+            need = (w.shape[0], math.prod(w.shape[1:]) if len(w.shape) > 1 else -1)
+        if math.prod(mag.shape) not in need:
+            why = f"DoRA magnitude {mag.shape} does not match {tuple(w.shape)} (needs {' or '.join(map(str, need))} values)"
     if why:
         names = " and ".join(f"'{f.key}' {f.shape}" for f in d.factors)
         raise MatchError(f"{lf.path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")

@@ -33,6 +33,18 @@ def _file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _lora_sha256(path: str) -> str:
+    """A LoRA's content hash: the file itself, or for a folder every LoRA file and
+    ``adapter_config.json`` in it (the config's r/alpha/patterns change the result too)."""
+    if not os.path.isdir(path):
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name == "adapter_config.json" or name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
+            h.update(name.encode() + b"\0" + _file_sha256(os.path.join(path, name)).encode())
+    return h.hexdigest()
+
+
 def fingerprint(base: BaseCheckpoint, loras: list[tuple[str, float]], *, alpha: float,
                 out_dtype: str | None, plan: MergePlan) -> dict[str, Any]:
     """Everything that determines the output bytes: base headers, LoRA contents, weights, options,
@@ -50,7 +62,7 @@ def fingerprint(base: BaseCheckpoint, loras: list[tuple[str, float]], *, alpha: 
         p.update(f"{u.index}:{u.shard}:{u.tensors[0].key}:{u.tensors[-1].key}".encode())
     return {
         "base": h.hexdigest(),
-        "loras": [{"path": os.path.abspath(path), "sha256": _file_sha256(path)} for path, _ in loras],
+        "loras": [{"path": os.path.abspath(path), "sha256": _lora_sha256(path)} for path, _ in loras],
         "weights": [w for _, w in loras],
         "alpha": alpha,
         "dtype": out_dtype or "keep",

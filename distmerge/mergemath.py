@@ -176,10 +176,12 @@ def delta_weight(t: Term, shape: Sequence[int], *, dtype: torch.dtype = torch.fl
 def _apply_dora(acc: torch.Tensor, t: Term, d: torch.Tensor) -> None:
     wc = acc + t.coef * d
     cdt = acc.dtype
-    if t.dora == "peft":
+    if t.dora == "peft":  # norm per output feature: rows of W, or columns of a [in, out] Conv1D
         m = t.get("magnitude").to(device=acc.device, dtype=cdt).reshape(-1)
-        norm = wc.reshape(wc.shape[0], -1).norm(dim=1)
-        scale = (m / norm).reshape((-1,) + (1,) * (acc.dim() - 1))
+        if t.transpose:
+            scale = (m / wc.norm(dim=0)).reshape((1, -1) + (1,) * (acc.dim() - 2))
+        else:
+            scale = (m / wc.reshape(wc.shape[0], -1).norm(dim=1)).reshape((-1,) + (1,) * (acc.dim() - 1))
     else:  # lycoris dora_scale: [out, 1, …] (norm per output row) or [1, in, …] (per input column)
         ds = t.get("dora_scale").to(device=acc.device, dtype=cdt)
         if ds.numel() == acc.shape[0] and (ds.dim() < 2 or ds.shape[0] == acc.shape[0]):
