@@ -111,7 +111,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
           address: str | None = None, num_workers: int | None = None, device: str = "auto",
           report: str | os.PathLike[str] | None = None, unit_size: int | str | None = None,
           max_retries: int = 3, num_cpus: int | None = None, resume: bool = False,
-          progress: ProgressFn | None = None) -> MergeReport:
+          placement_groups: object = None, progress: ProgressFn | None = None) -> MergeReport:
     """Merge LoRA(s) into a base checkpoint with Ray tasks and publish the result atomically.
 
     Args:
@@ -133,6 +133,9 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
         num_cpus: CPUs for an embedded local Ray (default: all).
         resume: continue an interrupted run into ``output``: finished work units whose bytes still
             check out are kept; refused if the inputs or options changed.
+        placement_groups: run every task inside these Ray placement groups (a list, or ROLL's
+            ``pipeline.resource_manager.node2pg``), one task per GPU (or CPU) of each group's first
+            bundle, with the GPU pinned explicitly; for merging inside a job that holds the GPUs.
         progress: ``f(units_done, units_total, bytes_done, bytes_total)`` called on the driver.
 
     Returns:
@@ -158,7 +161,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     from .cluster import Call, RaySession, check_shared_storage, run_calls, run_units  # Ray is imported only when there is work
 
     with RaySession(address, num_cpus=num_cpus) as session:
-        settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries)
+        settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries,
+                                    placement_groups=placement_groups)
         # 2. The plan: shards, offsets, units (a resumed run re-cuts the units exactly as before).
         plan = make_plan(base_ck, gathered.deltas, out_dtype=out_code, max_shard_size=max_shard_size,
                          single_file=target.single_file, workers=settings.workers,

@@ -30,7 +30,7 @@ from .errors import ClusterError, DistmergeError
 from .plan import WorkUnit
 from .unit import UnitResult, run_unit
 
-__all__ = ["RaySession", "DispatchSettings", "Call", "run_calls", "run_units", "check_shared_storage"]
+__all__ = ["RaySession", "DispatchSettings", "Slot", "placement_slots", "task_options", "Call", "run_calls", "run_units", "check_shared_storage"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,55 @@ class DispatchSettings:
     gpus_per_task: float = 0.0
     max_retries: int = 3
     memory_cap: int | None = None  #: never request more ``memory`` than this per task
+    slots: tuple["Slot", ...] = ()  #: placement-group seats; when set, one task per seat at a time
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A seat for one task inside a placement group bundle (e.g. ROLL's per-node group), with the
+    node-local GPU it is pinned to (``None`` for CPU work)."""
+
+    pg: object
+    bundle: int = 0
+    gpu: int | None = None
+
+
+def placement_slots(placement_groups: object, device: str) -> tuple[Slot, ...]:
+    """One slot per GPU (``device="cuda"``) or per whole CPU of bundle 0 of each placement group.
+
+    Accepts a list of groups or ROLL's ``resource_manager.node2pg`` dict (node rank -> group).
+    """
+    groups = list(placement_groups.values()) if isinstance(placement_groups, dict) else list(placement_groups)
+    slots = []
+    for pg in groups:
+        spec = pg.bundle_specs[0]
+        if device == "cuda":
+            slots += [Slot(pg, 0, g) for g in range(int(spec.get("GPU", 0)))]
+        else:
+            slots += [Slot(pg, 0, None) for _ in range(max(1, int(spec.get("CPU", 1))))]
+    if not slots:
+        raise ClusterError(f"the placement groups given hold no {'GPUs' if device == 'cuda' else 'CPUs'} "
+                           "for distmerge tasks")
+    return tuple(slots)
+
+
+def task_options(settings: DispatchSettings, slot: Slot | None) -> dict:
+    """Ray ``.options()`` for one task: plain resources, or a seat in a placement group with the
+    GPU pinned explicitly (ROLL holds its GPUs with fractional actors and pins devices itself, so a
+    plain ``num_gpus=1`` request would wait forever)."""
+    opts: dict = {"max_retries": settings.max_retries, "retry_exceptions": False}
+    if slot is None:
+        return {**opts, "num_cpus": settings.cpus_per_task, "num_gpus": settings.gpus_per_task}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+        placement_group=slot.pg, placement_group_bundle_index=slot.bundle)
+    opts["num_cpus"] = 0.01
+    if slot.gpu is not None:
+        opts["num_gpus"] = 0.01
+        opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": str(slot.gpu),
+                                            "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    return opts
 
 
 class RaySession:
@@ -97,8 +146,8 @@ class RaySession:
             ray.shutdown()
 
     def settings(self, *, device: str = "auto", num_workers: int | None = None,
-                 max_retries: int = 3) -> DispatchSettings:
-        """Choose device and concurrency from what the cluster offers."""
+                 max_retries: int = 3, placement_groups: object = None) -> DispatchSettings:
+        """Choose device and concurrency from what the cluster (or the placement groups) offer."""
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         if device == "auto":
@@ -112,9 +161,12 @@ class RaySession:
         workers = max(1, num_workers or default)
         mems = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
         cap = int(max(mems) * 0.9) if mems and max(mems) > 0 else None
+        slots = placement_slots(placement_groups, device) if placement_groups else ()
+        if slots:
+            workers = min(workers, len(slots)) if num_workers else len(slots)
         return DispatchSettings(device=device, workers=workers, cpus_per_task=1.0,
                                 gpus_per_task=1.0 if device == "cuda" else 0.0,
-                                max_retries=max_retries, memory_cap=cap)
+                                max_retries=max_retries, memory_cap=cap, slots=slots)
 
 
 @dataclass(frozen=True)
@@ -162,6 +214,8 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
     """
     queue = sorted(range(len(calls)), key=lambda i: (-calls[i].size, i))  # biggest first
     pending: dict[ray.ObjectRef, int] = {}
+    seat_of: dict[ray.ObjectRef, int] = {}
+    free_seats = list(range(len(settings.slots)))
     results: dict[int, tuple[str, object]] = {}
     threads = max(1, int(settings.cpus_per_task))
     try:
@@ -170,14 +224,20 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                 i = queue.pop(0)
                 c = calls[i]
                 mem = c.memory if settings.memory_cap is None else min(c.memory, settings.memory_cap)
-                ref = _remote_call.options(
-                    num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task, memory=mem,
-                    max_retries=settings.max_retries, retry_exceptions=False, name=f"distmerge-{c.label}",
-                ).remote(fn, c.args, settings.device, threads)
+                seat = free_seats.pop(0) if settings.slots else None
+                opts = task_options(settings, settings.slots[seat] if seat is not None else None)
+                if seat is None:  # a bundle reserves no "memory": only ask for it outside groups
+                    opts["memory"] = mem
+                ref = _remote_call.options(name=f"distmerge-{c.label}", **opts
+                                           ).remote(fn, c.args, settings.device, threads)
                 pending[ref] = i
+                if seat is not None:
+                    seat_of[ref] = seat
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 i = pending.pop(ref)
+                if ref in seat_of:
+                    free_seats.append(seat_of.pop(ref))
                 try:
                     node, res = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
