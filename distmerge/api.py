@@ -199,11 +199,9 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
 
             if progress:
                 progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
-            results = run_units(todo, dests, settings=settings, on_done=on_done)
-            sums = run_calls(sha256_file, [Call((dests[s.name],), f"sha256 of {s.name}", size=s.size)
-                                           for s in plan.shards], settings=settings)
+            results, sums = run_units(todo, dests, settings=settings, on_done=on_done, checksum=sha256_file)
             shards = publish(plan, target, staging, extra_metadata={"version": __version__},
-                             sha256={s.name: h for s, (_, h) in zip(plan.shards, sums)})
+                             sha256=sums)
         except BaseException:
             abort(plan, target, staging)
             raise

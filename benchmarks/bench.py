@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+"""Benchmark distmerge against the I/O floor (``cp -r``) and the ROLL seed merge script.
+
+What it does:
+
+1. Generates once (cached in ``--workdir``) a Wan2.2-A14B-shaped sharded base at full width
+   (``WanConfig(dim=5120, ffn=13824, blocks=--blocks, in_dim=16, text_dim=4096, freq_dim=256)``,
+   ``--dtype bf16|fp32``, ``--shards`` shards) and a rank-``--rank`` ROLL-layout LoRA (``.pth``,
+   bf16) on the 10 linear layers of every block. 8 blocks in bf16 is about 6.1 GB.
+2. For ``--repeats`` rounds, runs each method once, interleaved (cp, distmerge, seed, cp, ...):
+
+   * ``cp``        — ``cp -r BASE DEST`` (the I/O floor);
+   * ``distmerge`` — ``distmerge merge --base BASE --lora LORA --output DEST -q [--distmerge-args]``;
+   * ``seed``      — ``benchmarks/seed_merge.py`` (whole-model load, bf16 merge, one ``save_file``).
+
+   Every command is a subprocess writing into a fresh ``DEST`` on the same file system as the
+   base. Before each command the previous output is removed (``rm -rf``), ``sync`` is run, and with
+   ``--drop-caches`` the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``; failure is
+   recorded, not fatal). The timed wall includes a trailing ``sync`` (reported separately as
+   ``sync_s``), because distmerge fsyncs its output while ``cp`` and the seed do not; pass
+   ``--no-sync-in-timing`` to time the command alone.
+3. Prints medians per method, the ratios distmerge/cp and seed/distmerge (time) and
+   seed RSS / distmerge RSS, and machine facts; ``--json FILE`` gets the same plus every run.
+
+Peak RSS rule (the number reported as "peak RSS"):
+    Every 50 ms the benchmark sums the RSS of the *measured set* and keeps the maximum sum seen
+    while the command's main process is alive. The measured set is the main process plus all its
+    descendants (``psutil.Process(pid).children(recursive=True)``) -- for distmerge that already
+    contains the Ray GCS, raylet, agents and the ``ray::`` workers (workers are children of the
+    raylet, which is a child of the driver). As a safety net for processes that escape the tree
+    (e.g. reparented to init), about once a second every process is scanned and one that (a) was
+    created after the command started, (b) has ``ray`` in its command line and (c) carries this
+    run's unique Ray temp dir (each distmerge run gets ``RAY_TMPDIR=/tmp/dmb-XXXX``) in its command
+    line or this run's ``DISTMERGE_BENCH_TOKEN`` in its environment, is added as an extra root
+    (with its descendants). How many such escaped processes were found is reported per run
+    (``escaped``); 0 means the plain tree was complete. The unique temp dir keeps concurrent Ray
+    sessions of other programs out of the measurement. Note that summing RSS counts pages shared
+    between processes (shared libraries, the plasma store, mmapped files) once per process, so
+    the sum is an upper bound on the physical memory the tree needs.
+
+Example (the full-size 6 GB run):
+    .venv/bin/python benchmarks/bench.py --blocks 8 --dtype bf16 --shards 2 --repeats 3 \\
+        --json bench-out/results.json
+
+Smoke test (tiny, hidden width overrides):
+    .venv/bin/python benchmarks/bench.py --dim 512 --ffn 1384 --text-dim 512 --blocks 2 \\
+        --repeats 1 --workdir /tmp/bench-smoke --json /tmp/bench-smoke/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit("bench.py needs psutil: .venv/bin/pip install psutil")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+METHODS = ("cp", "distmerge", "seed")
+POLL_S = 0.05
+SCAN_EVERY = 20  # polls between full process-table scans for escaped Ray processes (~1 s)
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: str
+    lora: str
+    base_bytes: int
+    lora_bytes: int
+    config: dict
+
+
+def _tag(a: argparse.Namespace) -> str:
+    return f"d{a.dim}-f{a.ffn}-b{a.blocks}-t{a.text_dim}-{a.dtype}"
+
+
+def ensure_inputs(a: argparse.Namespace) -> Inputs:
+    """Generate (or reuse from ``a.workdir``) the base folder and the ROLL LoRA."""
+    from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
+
+    cfg = WanConfig(dim=a.dim, ffn=a.ffn, blocks=a.blocks, in_dim=16, text_dim=a.text_dim, freq_dim=256,
+                    dtype={"bf16": "BF16", "fp32": "F32"}[a.dtype])
+    base = os.path.join(a.workdir, f"base-{_tag(a)}-s{a.shards}")
+    marker = os.path.join(a.workdir, f".base-{_tag(a)}-s{a.shards}.done")  # outside the base: cp copies the folder
+    if not os.path.exists(marker):
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"bench: generating base {base} ...", flush=True)
+        t = time.perf_counter()
+        write_wan_base(base, cfg, num_shards=a.shards)
+        with open(marker, "w") as f:
+            json.dump(asdict(cfg), f)
+        print(f"bench: base generated in {time.perf_counter() - t:.1f}s", flush=True)
+    lora = os.path.join(a.workdir, f"lora-{_tag(a)}-r{a.rank}.pth")
+    if not os.path.exists(lora):
+        print(f"bench: generating LoRA {lora} ...", flush=True)
+        tmp = lora + ".tmp.pth"
+        write_lora(tmp, make_factors(cfg, rank=a.rank), layout="roll")
+        os.replace(tmp, lora)
+    return Inputs(base, lora, _du(base), os.path.getsize(lora), {**asdict(cfg), "rank": a.rank,
+                                                                 "shards": a.shards})
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Run:
+    method: str
+    round: int
+    rc: int
+    wall_s: float  #: cmd_s + sync_s (or cmd_s alone with --no-sync-in-timing)
+    cmd_s: float
+    sync_s: float
+    peak_rss_bytes: int
+    peak_procs: int  #: processes in the measured set at the RSS peak
+    max_procs: int
+    escaped: int  #: Ray processes found outside the tree by the safety-net rule
+    caches_dropped: bool
+    log: str
+    extra: dict = field(default_factory=dict)
+
+
+class TreeSampler:
+    """Peak of the summed RSS over a process, its descendants and escaped Ray processes."""
+
+    def __init__(self, pid: int, t0: float, ray_tmp: str | None, token: str | None) -> None:
+        self.root = psutil.Process(pid)
+        self.t0 = t0
+        self.ray_tmp = ray_tmp
+        self.token = token
+        self.extra_roots: dict[int, psutil.Process] = {}
+        self.rejected: set[int] = set()
+        self.peak = 0
+        self.peak_procs = 0
+        self.max_procs = 0
+        self.polls = 0
+
+    def _members(self) -> dict[int, psutil.Process]:
+        out: dict[int, psutil.Process] = {}
+        for r in [self.root, *self.extra_roots.values()]:
+            try:
+                procs = [r, *r.children(recursive=True)]
+            except psutil.Error:
+                continue
+            out.update((p.pid, p) for p in procs)
+        return out
+
+    def _is_ours(self, p: psutil.Process, cmdline: list[str]) -> bool:
+        line = " ".join(cmdline)
+        if "ray" not in line.lower():
+            return False
+        if self.ray_tmp and self.ray_tmp in line:
+            return True
+        if self.token:
+            try:
+                return p.environ().get("DISTMERGE_BENCH_TOKEN") == self.token
+            except psutil.Error:
+                return False
+        return False
+
+    def _scan(self, members: dict[int, psutil.Process]) -> None:
+        if not (self.ray_tmp or self.token):
+            return
+        for p in psutil.process_iter(["pid", "create_time", "cmdline"]):
+            pid = p.info["pid"]
+            if pid in members or pid in self.extra_roots or pid in self.rejected:
+                continue
+            if (p.info["create_time"] or 0) < self.t0 - 1.0:
+                self.rejected.add(pid)
+                continue
+            if self._is_ours(p, p.info["cmdline"] or []):
+                self.extra_roots[pid] = p
+                members[pid] = p
+            # a young process without the markers gets another look next scan (it may exec later)
+
+    def sample(self) -> None:
+        members = self._members()
+        if self.polls % SCAN_EVERY == 0:
+            self._scan(members)
+            members = self._members()
+        self.polls += 1
+        total = 0
+        for p in members.values():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.max_procs = max(self.max_procs, len(members))
+        if total > self.peak:
+            self.peak, self.peak_procs = total, len(members)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this run still alive (after the main process exited)."""
+        members = self._members()
+        self._scan(members)
+        alive = []
+        for p in self._members().values():
+            try:
+                if p.pid != self.root.pid and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        return alive
+
+
+def sync() -> float:
+    t = time.perf_counter()
+    subprocess.run(["sync"], check=False)
+    return time.perf_counter() - t
+
+
+def drop_caches() -> bool:
+    """Drop the page cache; False where not permitted (containers, non-root)."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(method: str, rnd: int, argv: list[str], log: str, *, env: dict[str, str] | None = None,
+            ray_tmp: str | None = None, token: str | None = None, sync_in_timing: bool = True,
+            caches_dropped: bool = False) -> Run:
+    """Run ``argv`` as a subprocess; time it and track the peak RSS of its whole process tree."""
+    with open(log, "w") as out:
+        out.write("$ " + shlex.join(argv) + "\n")
+        out.flush()
+        t0_epoch = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        sampler = TreeSampler(proc.pid, t0_epoch, ray_tmp, token)
+        while proc.poll() is None:
+            try:
+                sampler.sample()
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(POLL_S)
+        cmd_s = time.perf_counter() - t0
+    sync_s = sync() if sync_in_timing else 0.0
+    deadline = time.time() + 30  # let Ray's helpers die before the next command (not timed)
+    while (left := sampler.leftovers()) and time.time() < deadline:
+        time.sleep(0.2)
+    if left:
+        print(f"bench: warning: {len(left)} process(es) of the {method} run still alive after 30s: "
+              f"{[p.pid for p in left]}", flush=True)
+    return Run(method, rnd, proc.returncode, round(cmd_s + sync_s, 3), round(cmd_s, 3), round(sync_s, 3),
+               sampler.peak, sampler.peak_procs, sampler.max_procs, len(sampler.extra_roots), caches_dropped,
+               log)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def command(method: str, inp: Inputs, dest: str, a: argparse.Namespace, log_dir: str, rnd: int
+            ) -> tuple[list[str], dict[str, str] | None, str | None, str | None]:
+    """(argv, env, ray temp dir, token) of one method run writing into ``dest``."""
+    py = sys.executable
+    if method == "cp":
+        return ["cp", "-r", inp.base, dest], None, None, None
+    if method == "seed":
+        out_file = os.path.join(dest, "diffusion_pytorch_model.safetensors")
+        os.makedirs(dest)
+        return [py, os.path.join(HERE, "seed_merge.py"), "--base", inp.base, "--lora", inp.lora,
+                "--output", out_file, "--alpha", "1.0"], None, None, None
+    exe = os.path.join(os.path.dirname(py), "distmerge")
+    argv = [exe] if os.path.exists(exe) else [py, "-m", "distmerge"]
+    argv += ["merge", "--base", inp.base, "--lora", inp.lora, "--output", dest, "-q",
+             "--report", os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
+             *shlex.split(a.distmerge_args)]
+    ray_tmp = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    token = uuid.uuid4().hex
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "DISTMERGE_BENCH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)  # always the embedded local Ray
+    return argv, env, ray_tmp, token
+
+
+def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]:
+    log_dir = os.path.join(a.workdir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    runs: list[Run] = []
+    warned = False
+    for rnd in range(1, a.repeats + 1):
+        for m in methods:
+            dest = os.path.join(a.workdir, f"out-{m}")
+            shutil.rmtree(dest, ignore_errors=True)
+            sync()
+            dropped = drop_caches() if a.drop_caches else False
+            if a.drop_caches and not dropped and not warned:
+                print("bench: warning: cannot write /proc/sys/vm/drop_caches (not root, or a container); "
+                      "runs use a warm page cache", flush=True)
+                warned = True
+            argv, env, ray_tmp, token = command(m, inp, dest, a, log_dir, rnd)
+            log = os.path.join(log_dir, f"{m}-r{rnd}.log")
+            print(f"bench: round {rnd}/{a.repeats} {m:<9} ...", end=" ", flush=True)
+            r = measure(m, rnd, argv, log, env=env, ray_tmp=ray_tmp, token=token,
+                        sync_in_timing=not a.no_sync_in_timing, caches_dropped=dropped)
+            if m == "distmerge":
+                rep = os.path.join(log_dir, f"distmerge-r{rnd}-report.json")
+                if os.path.exists(rep):
+                    with open(rep) as f:
+                        j = json.load(f)
+                    r.extra = {"internal_seconds": j.get("seconds"), "ray": j.get("ray"),
+                               "pairs_merged": j.get("pairs_merged")}
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+            runs.append(r)
+            print(f"rc={r.rc} wall {r.wall_s:.2f}s (sync {r.sync_s:.2f}s) peak RSS {r.peak_rss_bytes / GB:.2f} GB"
+                  f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''})", flush=True)
+            if r.rc != 0:
+                with open(log) as f:
+                    tail = f.read()[-2000:]
+                print(f"bench: {m} failed (rc={r.rc}); log {log}:\n{tail}", file=sys.stderr, flush=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            sync()
+    return runs
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_facts(workdir: str) -> dict:
+    def ver(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    du = shutil.disk_usage(workdir)
+    fs = next((p.fstype for p in sorted(psutil.disk_partitions(all=True), key=lambda p: -len(p.mountpoint))
+               if os.path.abspath(workdir).startswith(p.mountpoint)), None)
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(), "cpu_model": cpu,
+        "ram_total_gb": round(psutil.virtual_memory().total / GB, 2),
+        "ram_available_gb": round(psutil.virtual_memory().available / GB, 2),
+        "disk_free_gb": round(du.free / GB, 2), "disk_total_gb": round(du.total / GB, 2), "workdir_fs": fs,
+        "python": platform.python_version(), "kernel": platform.release(),
+        "torch": ver("torch"), "ray": ver("ray"), "safetensors": ver("safetensors"),
+        "distmerge": ver("distmerge"), "psutil": ver("psutil"),
+    }
+
+
+def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dict, dict]:
+    summary = {}
+    for m in methods:
+        ok = [r for r in runs if r.method == m and r.rc == 0]
+        if not ok:
+            summary[m] = {"runs_ok": 0, "runs_failed": sum(r.method == m for r in runs)}
+            continue
+        walls = [r.wall_s for r in ok]
+        med = statistics.median(walls)
+        summary[m] = {
+            "runs_ok": len(ok), "runs_failed": sum(r.method == m and r.rc != 0 for r in runs),
+            "wall_s_median": round(med, 3), "wall_s_min": min(walls), "wall_s_max": max(walls),
+            "sync_s_median": round(statistics.median(r.sync_s for r in ok), 3),
+            "peak_rss_gb_median": round(statistics.median(r.peak_rss_bytes for r in ok) / GB, 3),
+            "peak_rss_gb_max": round(max(r.peak_rss_bytes for r in ok) / GB, 3),
+            "throughput_gb_s": round(base_bytes / GB / med, 3) if med > 0 else None,
+        }
+
+    def ratio(x: str, y: str, key: str) -> float | None:
+        vx, vy = summary.get(x, {}).get(key), summary.get(y, {}).get(key)
+        return round(vx / vy, 3) if vx and vy else None
+
+    ratios = {"distmerge_over_cp_time": ratio("distmerge", "cp", "wall_s_median"),
+              "seed_over_distmerge_time": ratio("seed", "distmerge", "wall_s_median"),
+              "seed_over_distmerge_rss": ratio("seed", "distmerge", "peak_rss_gb_median")}
+    return summary, ratios
+
+
+def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: argparse.Namespace) -> None:
+    print()
+    print(f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {a.shards} shards, {a.dtype}, {a.blocks} blocks, "
+          f"dim {a.dim}); LoRA rank {a.rank} ({inp.lora_bytes / GB:.3f} GB); repeats {a.repeats}; "
+          f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
+          " trailing sync")
+    hdr = f"{'method':<10} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
+    print(hdr)
+    print("-" * len(hdr))
+    for m, s in summary.items():
+        if not s.get("runs_ok"):
+            print(f"{m:<10} {'failed':>12}")
+            continue
+        print(f"{m:<10} {s['wall_s_median']:>12.2f} {s['wall_s_min']:>8.2f} {s['wall_s_max']:>8.2f} "
+              f"{s['peak_rss_gb_median']:>18.2f} {s['throughput_gb_s'] or 0:>7.2f} {s['runs_ok']:>4}")
+    print()
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    print(f"distmerge / cp   (time): {fmt(ratios['distmerge_over_cp_time'])}")
+    print(f"seed / distmerge (time): {fmt(ratios['seed_over_distmerge_time'])}")
+    print(f"seed / distmerge (RSS):  {fmt(ratios['seed_over_distmerge_rss'])}")
+    print()
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_total_gb']} GB RAM, "
+          f"{machine['disk_free_gb']} GB free on {machine['workdir_fs']}; torch {machine['torch']}, "
+          f"ray {machine['ray']}, safetensors {machine['safetensors']}, python {machine['python']}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark distmerge vs cp -r and the ROLL seed merge.",
+                                epilog="Pass --distmerge-args with '=': --distmerge-args='--num-workers 2'")
+    p.add_argument("--workdir", default="bench-out", help="cache + scratch folder (default ./bench-out)")
+    p.add_argument("--blocks", type=int, default=8, help="Wan blocks (default 8 = ~6.1 GB in bf16)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="base dtype (default bf16)")
+    p.add_argument("--shards", type=int, default=2, help="base shards (default 2)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of cp,distmerge,seed (default all)")
+    p.add_argument("--skip-seed", action="store_true", help="leave out the seed (when the base does not fit in RAM)")
+    p.add_argument("--distmerge-args", default="", help="extra distmerge CLI args, one string")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="drop the page cache before each command (needs root; failure is recorded)")
+    p.add_argument("--no-sync-in-timing", action="store_true", help="do not time a trailing sync")
+    p.add_argument("--json", default=None, metavar="FILE", help="write summary + every run as JSON")
+    # hidden width overrides, for smoke tests only
+    p.add_argument("--dim", type=int, default=5120, help=argparse.SUPPRESS)
+    p.add_argument("--ffn", type=int, default=13824, help=argparse.SUPPRESS)
+    p.add_argument("--text-dim", type=int, default=4096, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
+    if a.skip_seed:
+        methods = [m for m in methods if m != "seed"]
+    if not methods:
+        p.error("no method left to run")
+    a.method_list = methods
+    a.workdir = os.path.abspath(a.workdir)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    os.makedirs(a.workdir, exist_ok=True)
+    sys.path.insert(0, REPO)
+    inp = ensure_inputs(a)
+    machine = machine_facts(a.workdir)
+    if "seed" in a.method_list and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
+        print(f"bench: warning: the seed holds the whole {inp.base_bytes / GB:.1f} GB base plus save "
+              f"buffers in RAM ({machine['ram_total_gb']} GB total); consider --skip-seed", flush=True)
+    if machine["disk_free_gb"] * GB < inp.base_bytes * 1.2:
+        print("bench: warning: little free disk for one output copy of the base", flush=True)
+    runs = run_all(inp, a, a.method_list)
+    summary, ratios = summarize(runs, a.method_list, inp.base_bytes)
+    print_report(summary, ratios, machine, inp, a)
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        doc = {"argv": sys.argv, "inputs": {**asdict(inp), "base_gb": round(inp.base_bytes / GB, 3)},
+               "options": {k: v for k, v in vars(a).items()}, "machine": machine, "summary": summary,
+               "ratios": ratios, "runs": [asdict(r) for r in runs],
+               "rss_rule": "max over 50 ms polls of sum(RSS) over the main process + descendants, plus "
+                           "escaped Ray processes (created after start, 'ray' in cmdline, this run's "
+                           "RAY_TMPDIR in cmdline or DISTMERGE_BENCH_TOKEN in environ) + their descendants"}
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"bench: wrote {a.json}")
+    return 0 if all(r.rc == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
