@@ -24,7 +24,7 @@ from .errors import MatchError, PlanError
 from .lora import Delta, Unmatched, normalize
 from .lorafile import open_lora
 from .manifest import Manifest, fingerprint, fingerprint_changes
-from .output import Staging, abort, manifest_path, part_path, prepare, publish, resolve_output, sha256_file
+from .output import Staging, abort, manifest_path, part_path, prepare, publish, resolve_output, ShardHasher
 from .unit import unit_crc32
 from .plan import MergePlan, describe, make_plan, parse_size
 from .report import MergeReport, UnitReport
@@ -188,10 +188,14 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             manifest.save()
             todo = [u for u in plan.units if u.index not in manifest.units]
             done = {"units": len(manifest.units), "bytes": sum(v["bytes"] for v in manifest.units.values())}
+            hasher = ShardHasher(plan, dests)
+            for index in manifest.units:
+                hasher.unit_done(index)
 
             def on_done(res) -> None:
                 manifest.record(res.index, crc32=res.crc32, nbytes=res.nbytes)
                 manifest.save()
+                hasher.unit_done(res.index)
                 done["units"] += 1
                 done["bytes"] += res.nbytes
                 if progress:
@@ -199,9 +203,12 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
 
             if progress:
                 progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
-            results, sums = run_units(todo, dests, settings=settings, on_done=on_done, checksum=sha256_file)
-            shards = publish(plan, target, staging, extra_metadata={"version": __version__},
-                             sha256=sums)
+            try:
+                results = run_units(todo, dests, settings=settings, on_done=on_done)
+                sums = hasher.digests()
+            finally:
+                hasher.close()
+            shards = publish(plan, target, staging, extra_metadata={"version": __version__}, sha256=sums)
         except BaseException:
             abort(plan, target, staging)
             raise

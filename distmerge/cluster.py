@@ -177,7 +177,6 @@ class Call:
     label: str
     memory: int = 64 << 20
     size: int = 0  #: for scheduling order (largest first)
-    fn: Callable | None = None  #: overrides ``run_calls``' ``fn`` for this call
     order: tuple = ()  #: sort key; calls run in (order, -size) order
 
 
@@ -202,21 +201,18 @@ def _cause(e: BaseException) -> BaseException:
 
 
 def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings,
-              on_done: Callable[[int, str, object], Sequence[Call] | None] | None = None
-              ) -> list[tuple[str, object]]:
+              on_done: Callable[[int, str, object], None] | None = None) -> list[tuple[str, object]]:
     """Run ``fn(*call.args)`` for every call as Ray tasks, at most ``settings.workers`` at once.
 
     ``fn`` must be a module-level (importable) function; it never sees Ray. Results come back in
     call order as ``(node_id, result)``; ``on_done(i, node_id, result)`` runs on the driver as each
-    finishes (completion order) and may return follow-up calls, which are queued (and returned
-    after the initial ones, in the order they were added).
+    finishes (completion order).
 
     Raises:
         DistmergeError: the first task's own error (file and key named), after cancelling the rest.
         ClusterError: a task lost to Ray (worker/node died beyond the retry budget).
         KeyboardInterrupt: after force-cancelling all pending tasks.
     """
-    calls = list(calls)
     queue = sorted(range(len(calls)), key=lambda i: (calls[i].order, -calls[i].size, i))  # biggest first
     pending: dict[ray.ObjectRef, int] = {}
     seat_of: dict[ray.ObjectRef, int] = {}
@@ -234,7 +230,7 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                 if seat is None:  # a bundle reserves no "memory": only ask for it outside groups
                     opts["memory"] = mem
                 ref = _remote_call.options(name=f"distmerge-{c.label}", **opts
-                                           ).remote(c.fn or fn, c.args, settings.device, threads)
+                                           ).remote(fn, c.args, settings.device, threads)
                 pending[ref] = i
                 if seat is not None:
                     seat_of[ref] = seat
@@ -255,10 +251,8 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                     raise ClusterError(f"{calls[i].label} was lost after {settings.max_retries} "
                                        f"retries: {type(e).__name__}") from None
                 results[i] = (node, res)
-                more = on_done(i, node, res) if on_done else None
-                for c in more or ():
-                    calls.append(c)
-                    queue.insert(0, len(calls) - 1)  # follow-ups first: they unblock the publish
+                if on_done:
+                    on_done(i, node, res)
     except BaseException:
         for ref in pending:
             try:
@@ -328,46 +322,22 @@ def check_shared_storage(paths: Sequence[str], out_dir: str) -> int:
 
 
 def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,
-              on_done: Callable[[UnitResult], None] | None = None,
-              checksum: Callable[[str], str] | None = None) -> tuple[list[UnitResult], dict[str, str]]:
-    """Run every work unit as a Ray task (``unit.run_unit``), shard by shard.
+              on_done: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+    """Run every work unit as a Ray task (``unit.run_unit``), shard by shard and front to back
+    (so each shard's bytes are finished in order and can be checksummed while later ones run).
 
-    With ``checksum`` (e.g. ``output.sha256_file``), each shard's file is hashed by a task of its
-    own as soon as its last unit is done, overlapping the units of later shards.
-
-    Returns:
-        Unit results ordered by unit index, and shard name -> checksum.
+    Returns unit results ordered by unit index.
     """
     shard_order = {name: i for i, name in enumerate(dests)}
-    left = {name: 0 for name in dests}
-    for u in units:
-        left[u.shard] += 1
     calls = [Call((u, dests[u.shard], settings.device), f"unit-{u.index} ({u.shard})", u.memory, u.nbytes,
-                  order=(shard_order[u.shard],)) for u in units]
+                  order=(shard_order[u.shard], u.index)) for u in units]
 
-    def hash_call(name: str) -> Call:
-        return Call((checksum, name, dests[name]), f"checksum of {name}", fn=_named, size=0, order=(-1,))
-
-    if checksum:
-        calls += [hash_call(name) for name, n in left.items() if n == 0]  # every unit reused
-    sums: dict[str, str] = {}
-
-    def done(i: int, node: str, res: object) -> list[Call]:
-        if isinstance(res, tuple):  # (shard name, checksum)
-            sums[res[0]] = res[1]
-            return []
+    def done(i: int, node: str, res: object) -> None:
         if on_done:
             on_done(replace(res, node_id=node))  # type: ignore[type-var]
-        left[res.shard] -= 1  # type: ignore[attr-defined]
-        return [hash_call(res.shard)] if checksum and left[res.shard] == 0 else []  # type: ignore[attr-defined]
 
     out = run_calls(run_unit_task, calls, settings=settings, on_done=done)
-    results = [replace(res, node_id=node) for node, res in out if not isinstance(res, tuple)]  # type: ignore[type-var]
-    return sorted(results, key=lambda r: r.index), sums
-
-
-def _named(fn: Callable[[str], str], name: str, path: str) -> tuple[str, str]:
-    return name, fn(path)
+    return sorted((replace(res, node_id=node) for node, res in out), key=lambda r: r.index)  # type: ignore
 
 
 def run_unit_task(unit: WorkUnit, dest: str, device: str) -> UnitResult:

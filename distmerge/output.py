@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .checkpoint import INDEX_SUFFIX, BaseCheckpoint
@@ -24,7 +25,7 @@ from .plan import MergePlan
 from .writer import create_file
 
 __all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
-           "abort", "sha256_file"]
+           "abort", "ShardHasher"]
 
 _PART = ".distmerge-part"
 _MARK = "distmerge"
@@ -165,10 +166,76 @@ def _part_matches(part: str, header: bytes, size: int) -> bool:
         return False
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a whole file (runs as a Ray task, one per output shard)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class ShardHasher:
+    """SHA-256 of every output shard, computed front to back in a background thread as the work
+    units finish (units of a shard are contiguous byte ranges after its header), then fsynced.
+
+    The driver calls ``unit_done`` as results arrive and ``digests`` before publishing; hashing
+    overlaps the units still running instead of re-reading every shard at the end.
+    """
+
+    def __init__(self, plan: MergePlan, dests: dict[str, str]) -> None:
+        self._dests = dests
+        self._spans: dict[str, list[tuple[int, int, int]]] = {}  # shard -> (unit, start, end) in order
+        for s in plan.shards:
+            self._spans[s.name] = []
+        for u in plan.units:
+            start = min(t.out_offset for t in u.tensors)
+            end = max(t.out_offset + t.out_nbytes for t in u.tensors)
+            self._spans[u.shard].append((u.index, start, end))
+        self._sizes = {s.name: (len(s.header), s.size) for s in plan.shards}
+        self._shard_of = {u.index: u.shard for u in plan.units}
+        self._state = {name: [hashlib.sha256(), 0, 0] for name in self._spans}  # hash, next span, pos
+        self._done: set[int] = set()
+        self._digests: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-sha256")
+        self._futures: list[Future] = []
+        for name, spans in self._spans.items():
+            spans.sort(key=lambda x: x[1])
+            if not spans:  # a shard with no tensors is just its header
+                self._futures.append(self._pool.submit(self._advance, name))
+
+    def unit_done(self, index: int) -> None:
+        self._done.add(index)
+        self._futures.append(self._pool.submit(self._advance, self._shard_of[index]))
+
+    def _advance(self, name: str) -> None:
+        h, k, pos = self._state[name]
+        spans = self._spans[name]
+        header, size = self._sizes[name]
+        with open(self._dests[name], "rb", buffering=0) as f:
+            if pos == 0:
+                h.update(f.read(header))
+                pos = header
+            while k < len(spans) and spans[k][0] in self._done:
+                _, start, end = spans[k]
+                if start != pos:
+                    raise OutputError(f"{self._dests[name]}: units leave a gap at byte {pos}")
+                while pos < end:
+                    block = os.pread(f.fileno(), min(16 << 20, end - pos), pos)
+                    if not block:
+                        raise OutputError(f"{self._dests[name]}: file ends at byte {pos}, expected {size}")
+                    h.update(block)
+                    pos += len(block)
+                k += 1
+            if k == len(spans) and name not in self._digests:
+                if pos != size:
+                    raise OutputError(f"{self._dests[name]}: hashed {pos} bytes, expected {size}")
+                os.fsync(f.fileno())
+                self._digests[name] = h.hexdigest()
+        self._state[name] = [h, k, pos]
+
+    def digests(self) -> dict[str, str]:
+        """Wait for the hashing to finish; shard name -> hex SHA-256."""
+        for fut in self._futures:
+            fut.result()
+        missing = [n for n in self._spans if n not in self._digests]
+        if missing:
+            raise OutputError(f"shard {missing[0]} was not complete when publishing")
+        return dict(self._digests)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -180,7 +180,11 @@ def _compute(job: _Job, raw: bytearray, device: torch.device) -> torch.Tensor:
 
 
 def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None) -> UnitResult:
-    """Fill ``unit``'s tensors of the prepared output file ``dest``, then fsync it.
+    """Fill ``unit``'s tensors of the prepared output file ``dest``.
+
+    The bytes are not fsynced here: each shard is fsynced once, after it is checksummed
+    (``output.ShardHasher``), before anything is published; a resumed run re-checks every unit's
+    CRC, so a unit lost in a crash before that fsync is simply redone.
 
     Args:
         unit: from the plan.
@@ -243,8 +247,6 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 job = following
             for w in writes:
                 w.result()
-        current[:] = [dest, ""]
-        os.fsync(dst)
     except DistmergeError:
         raise
     except OSError as e:
