@@ -135,7 +135,7 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor."""
     t = t.detach().contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
