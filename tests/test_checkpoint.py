@@ -203,3 +203,50 @@ def test_base_without_tensors(tmp_path):
     p = tmp_path / "empty.safetensors"
     save_file({}, str(p))
     _expect(str(p), "no tensors")
+
+
+# --- fuzzing: random and mutated index files never crash the reader -------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.one_of(
+    _JSON,
+    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=30), _JSON, max_size=6)}),
+    st.fixed_dictionaries({"weight_map": st.dictionaries(
+        st.sampled_from(["x", "y", "z", "a.weight", ""]),
+        st.sampled_from(["s1.safetensors", "s2.safetensors", "../s1.safetensors", "/s1.safetensors",
+                         "sub/s1.safetensors", "missing.safetensors", "s1.bin", ""]), max_size=4)})))
+def test_random_index_files_only_raise_format_error(two_shards, index):
+    d = two_shards
+    path = os.path.join(d, "model.safetensors.index.json")
+    with open(path, "w") as f:
+        json.dump(index, f)
+    try:
+        base = open_base(d)
+    except FormatError as e:
+        assert str(e)
+    else:  # accepted: then it must describe the real shards exactly
+        assert set(base.tensors) == set(index["weight_map"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=400), junk=st.binary(max_size=20))
+def test_mutated_index_bytes_only_raise_format_error(two_shards, cut, junk):
+    path = os.path.join(two_shards, "model.safetensors.index.json")
+    good = json.dumps({"metadata": {"total_size": 36},
+                       "weight_map": {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"}},
+                      indent=2).encode()
+    with open(path, "wb") as f:
+        f.write(good[:cut] + junk + good[cut + len(junk):])
+    try:
+        base = open_base(two_shards)
+    except FormatError:
+        pass
+    else:
+        assert set(base.tensors) == {"x", "y", "z"}
