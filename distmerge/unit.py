@@ -200,6 +200,9 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     dev = torch.device(device)
+    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the delta to 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     files = _Files()
     reader = LoraReader()
     merged: set[str] = set()
