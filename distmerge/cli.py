@@ -1,4 +1,4 @@
-"""The ``distmerge`` command line: ``merge``, ``inspect`` and ``demo``.
+"""The ``distmerge`` command line: ``merge``, ``inspect``, ``verify`` and ``demo``.
 
 Every ``DistmergeError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130 after
 cancelling the Ray tasks and removing part files; usage errors exit 2.
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lora", "--lora_path", dest="lora", action="append", required=True, metavar="PATH")
     i.add_argument("--base", "--base_model_path", dest="base", default=None, metavar="PATH")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from .verify import add_verify_parser
+    add_verify_parser(sub, common)
     d = sub.add_parser("demo", parents=[common],
                        help="generate a small Wan2.2-shaped checkpoint and ROLL LoRA, then merge them")
     d.add_argument("--dir", default="distmerge-demo", help="work folder (default ./distmerge-demo)")
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_merge(args, progress)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "verify":
+            from .verify import cmd_verify
+            return cmd_verify(args)
         return _cmd_demo(args, progress)
     except DistmergeError as e:
         progress.close()

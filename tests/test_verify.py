@@ -1,0 +1,300 @@
+"""``distmerge verify``: accepts correct merges (fp32 keep, bf16, two weighted LoRAs, single file) and
+rejects every kind of damage: a changed merged value (full recompute, no checksums), a changed
+untouched tensor, a flipped byte caught only by the shard checksums, missing/extra keys, wrong
+dtype/shape, NaN; the verdict is always one line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import distmerge
+from distmerge.checkpoint import open_base
+from distmerge.synth import make_factors, write_lora
+from distmerge.verify import add_verify_parser, cmd_verify, ulp_distance, verify
+
+from .helpers import TINY
+
+pytestmark = pytest.mark.ray
+
+MERGED_KEY = "blocks.1.self_attn.q.weight"
+UNTOUCHED_KEY = "blocks.0.norm3.weight"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _index_path(folder: str) -> str:
+    (name,) = [n for n in os.listdir(folder) if n.endswith(".safetensors.index.json")]
+    return os.path.join(folder, name)
+
+
+def _drop_checksums(folder: str) -> None:
+    p = _index_path(folder)
+    idx = json.load(open(p))
+    idx["metadata"]["distmerge"].pop("sha256", None)
+    json.dump(idx, open(p, "w"))
+
+
+def _rehash(folder: str) -> None:
+    """Record the current sha256 of every shard (as merge does), so only other checks can fail."""
+    p = _index_path(folder)
+    idx = json.load(open(p))
+    idx["metadata"]["distmerge"]["sha256"] = {
+        n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+        for n in sorted(set(idx["weight_map"].values()))}
+    json.dump(idx, open(p, "w"))
+
+
+def _poke(path: str, key: str, flat: int, value: float | None = None, xor: int | None = None) -> None:
+    """Overwrite element ``flat`` of ``key`` in place (value in the tensor's dtype), or xor its
+    lowest byte with ``xor``."""
+    info = open_base(path).tensors[key]
+    size = {"F32": 4, "BF16": 2, "F16": 2}[info.dtype]
+    with open(info.path, "r+b") as f:
+        f.seek(info.offset + flat * size)
+        if xor is not None:
+            b = f.read(1)
+            f.seek(info.offset + flat * size)
+            f.write(bytes([b[0] ^ xor]))
+        elif info.dtype == "F32":
+            f.write(struct.pack("<f", value))
+        else:
+            dt = torch.bfloat16 if info.dtype == "BF16" else torch.float16
+            f.write(torch.tensor([value], dtype=dt).view(torch.uint8).numpy().tobytes())
+
+
+def _rewrite(folder: str, key: str, change) -> None:
+    """Rewrite the shard holding ``key`` with ``change(tensors)`` applied; keep the index consistent
+    and drop the checksums (the structure check must catch it on its own)."""
+    p = _index_path(folder)
+    idx = json.load(open(p))
+    shard = idx["weight_map"][key]
+    tensors = load_file(os.path.join(folder, shard))
+    change(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, shard),
+              metadata={"format": "pt"})
+    idx["weight_map"] = {k: s for k, s in idx["weight_map"].items() if s != shard or k in tensors}
+    idx["weight_map"].update({k: shard for k in tensors})
+    idx["metadata"]["distmerge"].pop("sha256", None)
+    json.dump(idx, open(p, "w"))
+
+
+def _assert_one_line(rep) -> None:
+    assert "\n" not in rep.verdict and rep.verdict.startswith("verify: ")
+    assert rep.verdict.startswith("verify: OK — ") == rep.ok
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_factors, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("lora") / "diffusion_module.pth")
+    write_lora(path, tiny_factors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good(ray_local, tiny_base, lora, tmp_path_factory) -> str:
+    """A correct fp32 merge in 3+ shards with checksums (copied before any test changes it)."""
+    out = str(tmp_path_factory.mktemp("merged") / "out")
+    distmerge.merge(tiny_base, [lora], out, max_shard_size="150KB")
+    return out
+
+
+@pytest.fixture
+def damaged(good, tmp_path) -> str:
+    out = str(tmp_path / "copy")
+    shutil.copytree(good, out)
+    return out
+
+
+# -- ulp arithmetic (no Ray) ------------------------------------------------------------------
+
+
+def test_ulp_distance_is_monotonic_across_zero():
+    one = torch.tensor([1.0])
+    up = torch.nextafter(one, torch.tensor([2.0]))
+    assert ulp_distance(one, up).tolist() == [1]
+    tiny = torch.tensor([1e-45])  # smallest positive fp32 subnormal
+    assert ulp_distance(tiny, -tiny).tolist() == [2]
+    assert ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])).tolist() == [0]
+    x = torch.tensor([-1.0, 2.0], dtype=torch.bfloat16)
+    y = torch.tensor([-1.0078125, 2.0], dtype=torch.bfloat16)
+    assert ulp_distance(x, y).tolist() == [1, 0]
+    h = torch.tensor([65504.0], dtype=torch.float16)
+    assert ulp_distance(h, torch.tensor([-65504.0], dtype=torch.float16)).item() == 2 * 0x7BFF
+
+
+# -- accepts correct merges -------------------------------------------------------------------
+
+
+def test_accepts_fp32_keep_with_checksums(good, tiny_base, lora, tiny_factors):
+    rep = verify(tiny_base, [lora], good)
+    _assert_one_line(rep)
+    assert rep.ok, rep.failures
+    n_shards = len(open_base(good).files)
+    assert n_shards >= 3
+    assert rep.checksums == "match" and f"{n_shards} shard checksums match" in rep.verdict
+    assert rep.tensors == len(open_base(tiny_base).tensors)
+    assert rep.merged == len(tiny_factors)
+    assert rep.worst_ulp <= 16 and rep.worst_key in {m + ".weight" for m in tiny_factors}
+    assert f"{rep.merged} merged (sampled 32 rows each)" in rep.verdict
+    # the same with every row, and split into many small tasks
+    full = verify(tiny_base, [lora], good, full=True, group_size="40KB")
+    assert full.ok and "all rows" in full.verdict
+    assert full.rows_compared == sum(open_base(tiny_base).tensors[m + ".weight"].shape[0] for m in tiny_factors)
+
+
+def test_accepts_bf16_and_rejects_it_as_keep(ray_local, tiny_base, lora, tmp_path):
+    out = str(tmp_path / "bf16")
+    distmerge.merge(tiny_base, [lora], out, dtype="bf16", alpha=0.5)
+    rep = verify(tiny_base, [lora], out, dtype="bf16", alpha=0.5)
+    assert rep.ok, rep.failures
+    assert rep.worst_ulp <= 1
+    keep = verify(tiny_base, [lora], out, alpha=0.5)  # expects F32 tensors
+    _assert_one_line(keep)
+    assert not keep.ok and "has dtype BF16, expected F32" in keep.verdict
+    wrong_alpha = verify(tiny_base, [lora], out, dtype="bf16", alpha=1.0)
+    assert not wrong_alpha.ok and "ulp" in wrong_alpha.verdict and "more" in wrong_alpha.verdict
+    _assert_one_line(wrong_alpha)
+
+
+def test_accepts_two_weighted_loras_and_rejects_swapped_weights(ray_local, tiny_base, tiny_factors, tmp_path):
+    other = make_factors(TINY, rank=2, seed=7, dtype=torch.float32)
+    a, b = str(tmp_path / "a.pth"), str(tmp_path / "b.safetensors")
+    write_lora(a, tiny_factors)
+    write_lora(b, other, layout="seko", alpha=1.0)
+    out = str(tmp_path / "out")
+    distmerge.merge(tiny_base, [(a, 0.7), (b, -0.3)], out, dtype="fp16")
+    rep = verify(tiny_base, [(a, 0.7), (b, -0.3)], out, dtype="fp16", full=True)
+    assert rep.ok, rep.failures
+    swapped = verify(tiny_base, [(a, -0.3), (b, 0.7)], out, dtype="fp16")
+    assert not swapped.ok and "vs expected" in swapped.failures[0]
+
+
+def test_single_file_sidecar(ray_local, tiny_base, lora, tmp_path):
+    out = str(tmp_path / "merged.safetensors")
+    distmerge.merge(tiny_base, [lora], out)
+    rep = verify(tiny_base, [lora], out)
+    assert rep.ok and rep.checksums == "match" and "1 shard checksum matches" in rep.verdict
+    with open(out + ".sha256", "w") as f:
+        f.write("0" * 64 + "  merged.safetensors\n")
+    bad = verify(tiny_base, [lora], out)
+    assert not bad.ok and bad.checksums == "mismatch" and "merged.safetensors: sha256" in bad.verdict
+    os.remove(out + ".sha256")
+    missing = verify(tiny_base, [lora], out)
+    assert missing.ok and missing.checksums == "missing" and "no shard checksums" in missing.verdict
+
+
+# -- rejects damage ---------------------------------------------------------------------------
+
+
+def test_flipped_merged_value_is_caught_by_full_recompute_without_checksums(damaged, tiny_base, lora):
+    _drop_checksums(damaged)
+    before = verify(tiny_base, [lora], damaged, full=True)
+    assert before.ok and before.checksums == "missing" and "no shard checksums recorded" in before.verdict
+    shape = open_base(damaged).tensors[MERGED_KEY].shape
+    row = 41
+    original = load_file(open_base(damaged).tensors[MERGED_KEY].path)[MERGED_KEY][row, 3].item()
+    _poke(damaged, MERGED_KEY, row * shape[1] + 3, value=original + 0.5)
+    rep = verify(tiny_base, [lora], damaged, full=True)
+    _assert_one_line(rep)
+    assert not rep.ok and rep.checksums == "missing"
+    assert f"{MERGED_KEY} row {row}: " in rep.verdict and "ulp" in rep.verdict
+    assert len(rep.failures) == 1
+
+
+def test_checksum_catches_a_one_ulp_flip_that_values_allow(damaged, tiny_base, lora):
+    _poke(damaged, MERGED_KEY, 5, xor=1)  # lowest mantissa bit: 1 ulp, within the fp32 tolerance
+    shard = os.path.basename(open_base(damaged).tensors[MERGED_KEY].path)
+    rep = verify(tiny_base, [lora], damaged, full=True)
+    _assert_one_line(rep)
+    assert not rep.ok and rep.checksums == "mismatch"
+    assert shard in rep.verdict and "does not match the recorded" in rep.verdict
+    _drop_checksums(damaged)  # the values alone cannot see it
+    assert verify(tiny_base, [lora], damaged, full=True).ok
+
+
+def test_changed_untouched_tensor_is_caught_by_byte_compare(damaged, tiny_base, lora):
+    _poke(damaged, UNTOUCHED_KEY, 7, xor=1)
+    _rehash(damaged)  # checksums agree with the damaged file: only the byte compare can fail
+    rep = verify(tiny_base, [lora], damaged)
+    _assert_one_line(rep)
+    assert not rep.ok and rep.checksums == "match"
+    assert f"{UNTOUCHED_KEY} element 7" in rep.verdict and "untouched" in rep.verdict
+
+
+def test_nan_in_merged_tensor_is_caught_outside_the_sample(damaged, tiny_base, lora):
+    info = open_base(damaged).tensors[MERGED_KEY]
+    _poke(damaged, MERGED_KEY, info.numel - 1, value=float("nan"))
+    _rehash(damaged)
+    rep = verify(tiny_base, [lora], damaged, rows=1)
+    _assert_one_line(rep)
+    assert not rep.ok
+    assert f"{MERGED_KEY} row {info.shape[0] - 1}: nan is not finite" in rep.verdict
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "dtype", "shape"])
+def test_structure_damage(damaged, tiny_base, lora, damage):
+    def change(t):
+        if damage == "missing":
+            del t[UNTOUCHED_KEY]
+        elif damage == "extra":
+            t["blocks.0.bonus.weight"] = torch.zeros(3)
+        elif damage == "dtype":
+            t[MERGED_KEY] = t[MERGED_KEY].to(torch.float16)
+        else:
+            t[MERGED_KEY] = t[MERGED_KEY].reshape(-1, 32)
+
+    key = MERGED_KEY if damage in ("dtype", "shape") else UNTOUCHED_KEY
+    _rewrite(damaged, key, change)
+    rep = verify(tiny_base, [lora], damaged)
+    _assert_one_line(rep)
+    assert not rep.ok
+    expected = {"missing": f"key '{UNTOUCHED_KEY}' of the base is missing",
+                "extra": "extra key 'blocks.0.bonus.weight' is not in the base",
+                "dtype": f"'{MERGED_KEY}' has dtype F16, expected F32",
+                "shape": f"'{MERGED_KEY}' has shape"}[damage]
+    assert expected in rep.verdict
+    assert rep.checksums == "missing"
+
+
+def test_unreadable_merged_checkpoint_is_a_failed_verdict(ray_local, tiny_base, lora, tmp_path):
+    rep = verify(tiny_base, [lora], str(tmp_path / "nowhere"))
+    _assert_one_line(rep)
+    assert not rep.ok and "nowhere" in rep.verdict and "not found" in rep.verdict
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distmerge")
+    sub = p.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true")
+    add_verify_parser(sub, common)
+    return p
+
+
+def test_cli_prints_one_line_and_returns_exit_code(damaged, tiny_base, lora, capsys):
+    args = _parser().parse_args(["verify", "--base_model_path", tiny_base, "--lora_path", lora,
+                                 "--merged", damaged, "--rows", "4", "--seed", "3", "-q"])
+    assert args.rows == 4 and args.seed == 3 and args.dtype == "keep"
+    assert cmd_verify(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("verify: OK — ") and out.count("\n") == 1
+    _poke(damaged, MERGED_KEY, 0, xor=0x40)
+    assert cmd_verify(args) == 1
+    assert capsys.readouterr().out.startswith("verify: FAILED — ")
+    bad = _parser().parse_args(["verify", "--base", tiny_base, "--lora", lora, "--weight", "1",
+                                "--weight", "2", "--merged", damaged])
+    with pytest.raises(distmerge.DistmergeError, match="2 --weight"):
+        cmd_verify(bad)
