@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 import distmerge
 from distmerge.checkpoint import open_base
 from distmerge.synth import make_factors, write_lora
-from distmerge.verify import add_verify_parser, cmd_verify, ulp_distance, verify
+from distmerge.checks import ulp_distance
+from distmerge.verify import add_verify_parser, cmd_verify, verify
 
 from .helpers import TINY
 
