@@ -196,7 +196,8 @@ def _apply_dora(acc: torch.Tensor, t: Term, d: torch.Tensor) -> None:
 
 
 def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dtype | None = None,
-                 inplace: bool = False, check_finite: bool = False) -> torch.Tensor:
+                 inplace: bool = False, check_finite: bool = False,
+                 acc: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``W + Σ coef·ΔW`` accumulated in float32 and rounded once to ``out_dtype``.
 
     Args:
@@ -205,12 +206,18 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
         out_dtype: result dtype; defaults to ``w.dtype``.
         inplace: allow writing into ``w`` when it already has the compute dtype (saves a copy).
         check_finite: raise ``NonFiniteError`` if a value is NaN/Inf or beyond the output dtype's
-            range (one ``amax`` pass over the float32 accumulator, which NaN propagates through).
+            range (one ``aminmax`` pass over the float32 accumulator, which NaN propagates through).
+        acc: a preallocated accumulator (compute dtype, W's shape) to use instead of a new one.
 
     Plain LoRA terms go straight into the accumulator with ``addmm_`` (no ΔW temporary).
     """
     cdt = compute_dtype(w.dtype)
-    acc = w if (inplace and w.dtype == cdt and w.is_contiguous()) else w.to(cdt, copy=True).contiguous()
+    if acc is not None:
+        acc.copy_(w)
+    elif inplace and w.dtype == cdt and w.is_contiguous():
+        acc = w
+    else:
+        acc = w.to(cdt, copy=True).contiguous()
     flat = acc.view(acc.shape[0], -1) if acc.dim() >= 1 else acc.view(1, 1)
     for t in terms:
         if t.kind == "set":

@@ -70,6 +70,16 @@ def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
     return buf
 
 
+def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 tensor ``buf`` from ``offset`` with ``preadv`` (no intermediate copy)."""
+    view, off = memoryview(buf.numpy()).cast("B"), offset
+    while view:
+        n = os.preadv(fd, [view], off)
+        if n == 0:
+            raise OSError(5, f"unexpected end of file at byte {off}")
+        view, off = view[n:], off + n
+
+
 def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` covering ``shape[0]`` with about ``chunk_bytes`` of float32 each.
 
@@ -99,11 +109,13 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
     return terms
 
 
-def _row_sliceable(t: Term) -> bool:
-    """True when rows of ΔW depend only on the same rows of one factor (so chunks are exact)."""
-    if t.kind in ("diff", "set"):
-        return True
-    return t.kind == "lora" and not t.transpose and not t.dora and t.get("mid") is None
+def _chunkable(t: PlannedTensor) -> bool:
+    """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
+    exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
+    return len(t.shape) >= 2 and all(
+        d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora
+                                      and all(f.role in ("down", "up") for f in d.factors))
+        for d in t.deltas)
 
 
 def _slice_rows(t: Term, r0: int, r1: int) -> Term:
@@ -124,17 +136,50 @@ class _Job:
     terms: tuple[Term, ...] = ()
 
 
+def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
+    """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
+    if t.out_nbytes == 0 or t.action == "copy" or not (_chunkable(t) or not t.deltas and len(t.shape) >= 2):
+        return [(0, t.shape[0] if t.shape else 1)]
+    return row_chunks(t.shape)
+
+
 def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
     for t in unit.tensors:
-        if t.out_nbytes == 0 or t.action == "copy":
-            yield _Job(t, 0, t.shape[0] if t.shape else 1)
+        terms = tuple(load_terms(t.deltas, reader.read)) if t.deltas and t.action != "copy" else ()
+        pieces = _pieces(t)
+        for r0, r1 in pieces:
+            sliced = tuple(_slice_rows(x, r0, r1) for x in terms) if len(pieces) > 1 else terms
+            yield _Job(t, r0, r1, sliced)
+
+
+class _Ring:
+    """A fixed ring of reusable byte buffers: fresh 30 MB allocations cost more in page faults
+    than the arithmetic done on them, so each task allocates its working buffers once."""
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self._bufs = [torch.empty(max(nbytes, 1), dtype=torch.uint8) for _ in range(count)]
+        self._i = 0
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._bufs[self._i % len(self._bufs)]
+        self._i += 1
+        n = math.prod(shape) * dtype.itemsize
+        return buf[:n].view(dtype).reshape(shape)
+
+
+def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
+    """Largest (source, output, float32) bytes of any piece of ``unit``."""
+    src = out = acc = 0
+    for t in unit.tensors:
+        if t.action == "copy" or t.out_nbytes == 0:
             continue
-        terms = tuple(load_terms(t.deltas, reader.read)) if t.deltas else ()
-        if all(_row_sliceable(x) for x in terms):
-            for r0, r1 in row_chunks(t.shape):
-                yield _Job(t, r0, r1, tuple(_slice_rows(x, r0, r1) for x in terms) if len(t.shape) >= 2 else terms)
-        else:
-            yield _Job(t, 0, t.shape[0] if t.shape else 1, terms)
+        r0, r1 = max(_pieces(t), key=lambda p: p[1] - p[0])
+        rows = (r1 - r0) if len(t.shape) >= 1 else 1
+        per_row = math.prod(t.shape[1:]) if len(t.shape) >= 1 else 1
+        src = max(src, rows * per_row * itemsize(t.src_dtype))
+        out = max(out, rows * per_row * itemsize(t.out_dtype))
+        acc = max(acc, rows * per_row * 8)
+    return src, out, acc
 
 
 def _byte_range(t: PlannedTensor, r0: int, r1: int, *, out: bool) -> tuple[int, int]:
@@ -161,22 +206,27 @@ class _Files:
             os.close(fd)
 
 
-def _compute(job: _Job, raw: bytearray, device: torch.device) -> torch.Tensor:
+def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring, out_ring: _Ring) -> torch.Tensor:
+    """The output bytes of one piece, in a buffer of ``out_ring`` (never aliasing ``raw``)."""
     t = job.t
     rows = job.r1 - job.r0
     shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
-    w = torch.frombuffer(raw, dtype=to_torch(t.src_dtype)).reshape(shape)
+    w = raw.view(to_torch(t.src_dtype)).reshape(shape)
+    out = out_ring.take(to_torch(t.out_dtype), shape)
     if not job.terms:
-        return w.to(to_torch(t.out_dtype))
+        return out.copy_(w)
     if device.type == "cuda":
         w = w.pin_memory().to(device, non_blocking=True)
+        acc = None
+    else:
+        acc = acc_ring.take(torch.float64 if t.src_dtype == "F64" else torch.float32, shape)
     try:
-        out = merge_tensor(w, job.terms, out_dtype=to_torch(t.out_dtype), inplace=True, check_finite=True)
+        merged = merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc)
     except NonFiniteError as e:
         sources = ", ".join(sorted({d.source for d in t.deltas}))
         raise ShardWriteError(f"merged tensor '{t.key}' has NaN/Inf values after adding deltas from "
                               f"{sources} ({e}; check the LoRA factors and --weight/--alpha)") from None
-    return out.cpu()
+    return out.copy_(merged)
 
 
 def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None) -> UnitResult:
@@ -213,12 +263,19 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
         files.fds[dest + "#out"] = dst
         with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
 
-            def read(job: _Job) -> bytearray | None:
+            src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
+            read_ring = _Ring(src_bytes, 2)  # the piece being computed + the one being read
+            acc_ring = _Ring(acc_bytes, 1)
+            out_ring = _Ring(out_bytes, _WRITE_BACKLOG + 2)  # queued writes + the one being filled
+
+            def read(job: _Job) -> torch.Tensor | None:
                 t = job.t
                 if t.out_nbytes == 0 or t.action == "copy":
                     return None
                 off, n = _byte_range(t, job.r0, job.r1, out=False)
-                return read_bytes(files.fd(t.src_path), off, n)
+                buf = read_ring.take(torch.uint8, (n,))
+                read_into(files.fd(t.src_path), off, buf)
+                return buf
 
             def write(job: _Job, out: torch.Tensor | None) -> None:
                 t = job.t
@@ -239,7 +296,7 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 raw = nxt.result()
                 following = next(jobs, None)
                 nxt = io.submit(read, following) if following else None
-                out = None if raw is None else _compute(job, raw, dev)
+                out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
                 if out is not None:
                     crc = zlib.crc32(tensor_bytes(out), crc)
                 if job.terms:

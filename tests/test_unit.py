@@ -42,7 +42,7 @@ def test_chunked_streaming_matches_reference(tiny_base, tiny_factors, tmp_path, 
     write_lora(lora, tiny_factors)
     calls = []
     real = unit_mod._compute
-    monkeypatch.setattr(unit_mod, "_compute", lambda job, raw, dev: calls.append(job.r1 - job.r0) or real(job, raw, dev))
+    monkeypatch.setattr(unit_mod, "_compute", lambda job, *rest: calls.append(job.r1 - job.r0) or real(job, *rest))
     data = _run_all(tiny_base, lora, str(tmp_path / "o"), monkeypatch, 16 * 64 * 4, dtype)
     assert any(rows == 16 for rows in calls) and len(calls) > len(tiny_factors)  # really chunked
     out_file = str(tmp_path / "merged.safetensors")
@@ -61,14 +61,14 @@ def test_read_error_names_file_and_key(tiny_base, tiny_factors, tmp_path, monkey
     out = str(tmp_path / "o")
     prepare(plan, OutputTarget(out, None), Staging())
     victim = next(t for t in plan.units[0].tensors if t.action == "merge")
-    real_read = unit_mod.read_bytes
+    real_read = unit_mod.read_into
 
-    def failing(fd, offset, n):
+    def failing(fd, offset, buf):
         if offset == victim.src_offset:
             raise OSError(5, "Input/output error")
-        return real_read(fd, offset, n)
+        return real_read(fd, offset, buf)
 
-    monkeypatch.setattr(unit_mod, "read_bytes", failing)
+    monkeypatch.setattr(unit_mod, "read_into", failing)
     with pytest.raises(ShardWriteError, match=f"'{victim.key}'.*Input/output error"):
         unit_mod.run_unit(plan.units[0], part_path(out, plan.units[0].shard))
     assert os.path.exists(part_path(out, plan.units[0].shard))  # the driver's abort removes it
