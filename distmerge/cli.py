@@ -1,4 +1,4 @@
-"""The ``distmerge`` command line: ``merge``, ``inspect``, ``verify`` and ``demo``.
+"""The ``distmerge`` command line: ``merge``, ``run`` (job files), ``inspect``, ``verify`` and ``demo``.
 
 Every ``DistmergeError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130 after
 cancelling the Ray tasks and removing part files; usage errors exit 2.
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     from .verify import add_verify_parser
     add_verify_parser(sub, common)
+    from .jobfile import add_run_parser
+    add_run_parser(sub, common)
     d = sub.add_parser("demo", parents=[common],
                        help="generate a small Wan2.2-shaped checkpoint and ROLL LoRA, then merge them")
     d.add_argument("--dir", default="distmerge-demo", help="work folder (default ./distmerge-demo)")
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from .verify import cmd_verify
             return cmd_verify(args)
+        if args.command == "run":
+            from .jobfile import cmd_run
+            return cmd_run(args, progress)
         return _cmd_demo(args, progress)
     except DistmergeError as e:
         progress.close()

@@ -197,7 +197,7 @@ def _apply_dora(acc: torch.Tensor, t: Term, d: torch.Tensor) -> None:
 
 def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dtype | None = None,
                  inplace: bool = False, check_finite: bool = False,
-                 acc: torch.Tensor | None = None) -> torch.Tensor:
+                 acc: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``W + Σ coef·ΔW`` accumulated in float32 and rounded once to ``out_dtype``.
 
     Args:
@@ -208,6 +208,7 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
         check_finite: raise ``NonFiniteError`` if a value is NaN/Inf or beyond the output dtype's
             range (one ``aminmax`` pass over the float32 accumulator, which NaN propagates through).
         acc: a preallocated accumulator (compute dtype, W's shape) to use instead of a new one.
+        out: a preallocated result (``out_dtype``, W's shape) to round into instead of a new one.
 
     Plain LoRA terms go straight into the accumulator with ``addmm_`` (no ΔW temporary).
     """
@@ -238,4 +239,4 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
         peak = max(-lo.item(), hi.item())
         if not math.isfinite(peak) or (out_dtype.is_floating_point and peak > torch.finfo(out_dtype).max):
             raise NonFiniteError(f"max |value| {peak:.4g} is not finite in {out_dtype}")
-    return acc.to(out_dtype)
+    return out.copy_(acc) if out is not None else acc.to(out_dtype)

@@ -25,7 +25,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -145,7 +145,11 @@ def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
 
 def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
     for t in unit.tensors:
-        terms = tuple(load_terms(t.deltas, reader.read)) if t.deltas and t.action != "copy" else ()
+        terms: tuple[Term, ...] = ()
+        if t.deltas and t.action != "copy":  # factors upcast once per tensor, not once per chunk
+            cdt = torch.float64 if t.src_dtype == "F64" else torch.float32
+            terms = tuple(replace(x, factors=tuple(f.to(cdt) for f in x.factors))
+                          for x in load_terms(t.deltas, reader.read))
         pieces = _pieces(t)
         for r0, r1 in pieces:
             sliced = tuple(_slice_rows(x, r0, r1) for x in terms) if len(pieces) > 1 else terms
@@ -221,12 +225,13 @@ def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring
     else:
         acc = acc_ring.take(torch.float64 if t.src_dtype == "F64" else torch.float32, shape)
     try:
-        merged = merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc)
+        if acc is None:  # GPU: accumulate and round on the device, then copy into the host buffer
+            return out.copy_(merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True))
+        return merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc, out=out)
     except NonFiniteError as e:
         sources = ", ".join(sorted({d.source for d in t.deltas}))
         raise ShardWriteError(f"merged tensor '{t.key}' has NaN/Inf values after adding deltas from "
                               f"{sources} ({e}; check the LoRA factors and --weight/--alpha)") from None
-    return out.copy_(merged)
 
 
 def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None) -> UnitResult:
