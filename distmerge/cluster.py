@@ -128,6 +128,8 @@ class RaySession:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
             else:
                 self.mode = "local"
+                # an embedded session reports nothing home (and starts ~1 s faster without it)
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
                 logging.getLogger("ray").addFilter(_DropTokenNotice())
                 for h in logging.getLogger("ray").handlers:
                     h.addFilter(_DropTokenNotice())
