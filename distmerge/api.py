@@ -29,11 +29,10 @@ from .unit import unit_crc32
 from .plan import MergePlan, describe, make_plan, parse_size
 from .report import MergeReport, UnitReport
 
-__all__ = ["merge", "LoraInput", "collect_deltas", "resolve_dtype"]
+__all__ = ["merge", "lora_specs", "collect_deltas", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
-LoraInput = "str | os.PathLike[str] | tuple[str | os.PathLike[str], float]"
 ProgressFn = Callable[[int, int, int, int], None]  # units done, units total, bytes done, bytes total
 
 
@@ -59,7 +58,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
     return CLI_DTYPES[key]
 
 
-def _specs(loras: Sequence[object]) -> list[tuple[str, float]]:
+def lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
+    """``[path | (path, weight), …]`` -> ``[(path, weight), …]`` (weight 1.0 by default).
+
+    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)])
+    [('a.pth', 1.0), ('b.safetensors', -0.5)]
+    """
     out = []
     for item in loras:
         if isinstance(item, (tuple, list)):
@@ -147,7 +151,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     start = time.perf_counter()
     # 1. Base headers and LoRA deltas, all validated before anything is written.
     base_ck = open_base(base)
-    specs = _specs(loras)
+    specs = lora_specs(loras)
     gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
     out_code = resolve_dtype(dtype)
     parse_size(max_shard_size)

@@ -40,7 +40,9 @@ import torch
 from .checkpoint import INDEX_SUFFIX, BaseCheckpoint, open_base
 from .errors import DistmergeError, FormatError, PlanError
 from .checks import _CHECKSUM, _CHUNK, _STRUCTURE, CheckGroup, TensorCheck, check_group
+from .api import collect_deltas, lora_specs, resolve_dtype
 from .lora import Delta
+from .plan import partition_units
 
 __all__ = ["VerifyReport", "verify", "add_verify_parser", "cmd_verify"]
 
@@ -64,19 +66,6 @@ class VerifyReport:
     checksums: str = "missing"  #: ``match``, ``missing`` or ``mismatch``
     shards: int = 0  #: files of the merged checkpoint
     rows_compared: int = 0
-
-
-def _lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
-    out = []
-    for item in loras:
-        if isinstance(item, (tuple, list)):
-            path, weight = item
-            out.append((os.fspath(path), float(weight)))
-        else:
-            out.append((os.fspath(item), 1.0))  # type: ignore[arg-type]
-    if not out:
-        raise PlanError("no LoRA given; pass at least one --lora")
-    return out
 
 
 def _expected_dtype(src: str, out_code: str | None) -> str:
@@ -145,20 +134,9 @@ def _recorded_checksums(out: BaseCheckpoint) -> tuple[dict[str, str] | None, lis
 
 
 def _groups(checks: list[TensorCheck], target: int) -> list[list[TensorCheck]]:
-    """Consecutive tensors in groups of about ``target`` bytes read."""
-    groups: list[list[TensorCheck]] = []
-    cur: list[TensorCheck] = []
-    used = 0
-    for c in checks:
-        n = c.out.nbytes + c.base.nbytes
-        if cur and used + n > target:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(c)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
+    """Consecutive tensors in groups of about ``target`` bytes read (the planner's unit cut)."""
+    spans = partition_units([c.out.nbytes + c.base.nbytes for c in checks], target)
+    return [checks[i:j] for i, j in spans]
 
 
 def _memory(checks: Sequence[TensorCheck]) -> int:
@@ -199,12 +177,10 @@ def verify(base: str | os.PathLike[str], loras: Sequence[object], merged: str | 
         >>> # rep = verify("base_dir", [("a.pth", 0.7)], "merged_dir", dtype="bf16")
         >>> # rep.ok, rep.verdict
     """
-    from .api import collect_deltas, resolve_dtype
-
     if rows < 0:
         raise PlanError(f"--rows must be >= 0, got {rows}")
     base_ck = open_base(base)
-    specs = _lora_specs(loras)
+    specs = lora_specs(loras)
     gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
     out_code = resolve_dtype(dtype)
     report = VerifyReport(ok=False, verdict="", tensors=len(base_ck.tensors))
