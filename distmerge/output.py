@@ -124,6 +124,7 @@ class Staging:
     index_backup: str | None = None  #: an earlier index, set aside until publish
     previous_shards: tuple[str, ...] = ()  #: shards named by an earlier distmerge index
     manifest: str = ""  #: the resume manifest of this run
+    published: bool = False  #: the result is in place: nothing may be undone any more
 
 
 def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_parts: bool = False) -> None:
@@ -284,6 +285,7 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        staging.published = True
         if staging.index_backup:
             os.remove(staging.index_backup)
         for stale in staging.previous_shards:  # shards of an earlier distmerge result that this one does not use
@@ -297,7 +299,8 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
 
 def abort(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
     """Undo ``prepare`` after a failure or an interrupt: remove every part file, put an earlier
-    index back, and remove the folder if this run created it and it is now empty."""
+    index back, and remove the folder if this run created it and it is now empty. After the
+    result is published (an interrupt during ``publish``'s last steps) only leftovers are removed."""
     names = [s.name for s in plan.shards] + ([] if target.single_file else
                                               [os.path.basename(target.index_path(plan.stem))])
     for name in names:
@@ -305,10 +308,14 @@ def abort(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
             os.remove(part_path(target.directory, name))
         except OSError:
             pass
-    if staging.manifest and os.path.exists(staging.manifest):
-        os.remove(staging.manifest)
+    for leftover in (staging.manifest, staging.manifest + ".tmp") if staging.manifest else ():
+        if os.path.exists(leftover):  # .tmp: an interrupt can land while the manifest is saved
+            os.remove(leftover)
     if staging.index_backup and os.path.exists(staging.index_backup):
-        os.replace(staging.index_backup, target.index_path(plan.stem))
+        if staging.published:
+            os.remove(staging.index_backup)
+        else:
+            os.replace(staging.index_backup, target.index_path(plan.stem))
     if staging.created:
         try:
             os.rmdir(target.directory)
