@@ -56,6 +56,10 @@ class DispatchSettings:
     max_retries: int = 3
     memory_cap: int | None = None  #: never request more ``memory`` than this per task
     slots: tuple["Slot", ...] = ()  #: placement-group seats; when set, one task per seat at a time
+    #: force-cancel pending tasks on failure/Ctrl-C. Only for a session distmerge does not own
+    #: (ROLL's): an owned session is shut down instead, which ends every task of the job without
+    #: racing ``ray.cancel`` against replies that are already on their way.
+    cancel_pending: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,8 @@ class RaySession:
             workers = min(workers, len(slots)) if num_workers else len(slots)
         return DispatchSettings(device=device, workers=workers, cpus_per_task=1.0,
                                 gpus_per_task=1.0 if device == "cuda" else 0.0,
-                                max_retries=max_retries, memory_cap=cap, slots=slots)
+                                max_retries=max_retries, memory_cap=cap, slots=slots,
+                                cancel_pending=not self.owned)
 
 
 @dataclass(frozen=True)
@@ -211,9 +216,10 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
     finishes (completion order).
 
     Raises:
-        DistmergeError: the first task's own error (file and key named), after cancelling the rest.
+        DistmergeError: the first task's own error (file and key named); the rest are cancelled
+            (or end with the session distmerge owns).
         ClusterError: a task lost to Ray (worker/node died beyond the retry budget).
-        KeyboardInterrupt: after force-cancelling all pending tasks.
+        KeyboardInterrupt: likewise.
     """
     queue = sorted(range(len(calls)), key=lambda i: (calls[i].order, -calls[i].size, i))  # biggest first
     pending: dict[ray.ObjectRef, int] = {}
@@ -256,7 +262,7 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                 if on_done:
                     on_done(i, node, res)
     except BaseException:
-        for ref in pending:
+        for ref in pending if settings.cancel_pending else ():
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # already finished or the session is gone: nothing to cancel
