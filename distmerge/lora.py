@@ -37,7 +37,7 @@ from .dtypes import is_float, itemsize
 from .errors import FormatError, MatchError
 from .keymap import diffusers_param_to_wan, diffusers_to_wan, strip_prefixes, underscore_map
 from .lorafile import LoraFile
-from .mergemath import implied_shape
+from .mergemath import delta_shape_error
 from .scales import AdapterConfig
 
 __all__ = ["FactorRef", "Delta", "Unmatched", "NormalizedLora", "Layout", "LAYOUTS", "SUFFIXES", "KINDS",
@@ -194,30 +194,6 @@ def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
         if any(layout.detect.search(k) for k in keys):
             return layout
     return LAYOUTS[-1]
-
-
-def delta_shape_error(kind: str, shapes: dict[str, tuple[int, ...]], w_shape: tuple[int, ...], *,
-                      transpose: bool = False) -> str | None:
-    """Why a delta with factor ``shapes`` (by role) cannot be added to ``w_shape`` (None if it can).
-
-    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 4)}, (8, 16)) is None
-    True
-    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 2)}, (8, 16))
-    'A has rank 4 but B has rank 2'
-    """
-    try:
-        got = implied_shape(kind, shapes)
-    except ValueError as e:
-        return str(e)
-    if kind in ("diff", "set"):
-        return None if got == tuple(w_shape) else f"delta has shape {got}, base needs {tuple(w_shape)}"
-    out, inner = got
-    if transpose:
-        out, inner = inner, out
-    if not w_shape or out != w_shape[0] or inner != math.prod(w_shape[1:]):
-        return (f"the delta is ({out}, {inner}) but base needs ({w_shape[0] if w_shape else '?'}, "
-                f"{math.prod(w_shape[1:])}) for shape {tuple(w_shape)}")
-    return None
 
 
 class _Ctx:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "implied_shape",
-           "NonFiniteError"]
+           "delta_shape_error", "NonFiniteError"]
 
 
 class NonFiniteError(ValueError):
@@ -109,6 +109,30 @@ def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int
             w2_out, w2_in = shapes["lokr_w2_a"][0], math.prod(shapes["lokr_w2_b"][1:])
         return (w1[0] * w2_out, w1[1] * w2_in)
     raise ValueError(f"unknown delta kind {kind!r}")
+
+
+def delta_shape_error(kind: str, shapes: dict[str, tuple[int, ...]], w_shape: tuple[int, ...], *,
+                      transpose: bool = False) -> str | None:
+    """Why a delta with factor ``shapes`` (by role) cannot be added to ``w_shape`` (None if it can).
+
+    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 4)}, (8, 16)) is None
+    True
+    >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 2)}, (8, 16))
+    'A has rank 4 but B has rank 2'
+    """
+    try:
+        got = implied_shape(kind, shapes)
+    except ValueError as e:
+        return str(e)
+    if kind in ("diff", "set"):
+        return None if got == tuple(w_shape) else f"delta has shape {got}, base needs {tuple(w_shape)}"
+    out, inner = got
+    if transpose:
+        out, inner = inner, out
+    if not w_shape or out != w_shape[0] or inner != math.prod(w_shape[1:]):
+        return (f"the delta is ({out}, {inner}) but base needs ({w_shape[0] if w_shape else '?'}, "
+                f"{math.prod(w_shape[1:])}) for shape {tuple(w_shape)}")
+    return None
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, shape: Sequence[int], *,
