@@ -56,7 +56,7 @@ class DispatchSettings:
     max_retries: int = 3
     memory_cap: int | None = None  #: never request more ``memory`` than this per task
     slots: tuple["Slot", ...] = ()  #: placement-group seats; when set, one task per seat at a time
-    #: force-cancel pending tasks on failure/Ctrl-C. Only for a session distmerge does not own
+    #: end in-flight tasks on failure/Ctrl-C (``_stop``). Only for a session distmerge does not own
     #: (ROLL's): an owned session is shut down instead, which ends every task of the job without
     #: racing ``ray.cancel`` against replies that are already on their way.
     cancel_pending: bool = True
@@ -261,12 +261,9 @@ def run_calls(fn: Callable, calls: Sequence[Call], *, settings: DispatchSettings
                 results[i] = (node, res)
                 if on_done:
                     on_done(i, node, res)
-    except BaseException:
-        for ref in pending if settings.cancel_pending else ():
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # already finished or the session is gone: nothing to cancel
-                pass
+    except BaseException as exc:
+        if pending and settings.cancel_pending:
+            _stop(list(pending), interrupted=isinstance(exc, KeyboardInterrupt))
         raise
     return [results[i] for i in range(len(calls))]
 
@@ -327,6 +324,20 @@ def check_shared_storage(paths: Sequence[str], out_dir: str) -> int:
             except OSError:
                 pass
     return len(results)
+
+
+def _stop(refs: list, *, interrupted: bool, grace_s: float = 300.0) -> None:
+    """End in-flight tasks in a session distmerge does not own. After an error they are let
+    finish (a few seconds: at most one unit each; their results are dropped), because
+    force-cancelling a task whose reply is already on its way can trip a fatal check in Ray's
+    driver; Ctrl-C, or tasks still running after ``grace_s``, are force-cancelled."""
+    if not interrupted:
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # already finished or the session is gone: nothing to cancel
+            pass
 
 
 def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,
