@@ -215,12 +215,6 @@ def _read_rows(fd: int, info: TensorInfo, per: int, rows: Sequence[int]) -> torc
     return torch.frombuffer(raw, dtype=to_torch(info.dtype)).reshape(len(rows), per)
 
 
-def _row_sliceable(t: Term) -> bool:
-    if t.kind in ("diff", "set"):
-        return True
-    return t.kind == "lora" and not t.transpose and not t.dora and t.get("mid") is None
-
-
 def _reference_rows(w: torch.Tensor, terms: Sequence[Term], n: int, per: int,
                     rows: Sequence[int]) -> torch.Tensor:
     """``W + Σ coef·ΔW`` for ``rows`` in float64, computed independently of ``mergemath`` (plain
@@ -304,7 +298,7 @@ def _check_merged(c: TensorCheck, g: CheckGroup, fds: dict[str, int],
     sample = _sample(c.key, n, g.rows, g.seed, g.full)
     terms = load_terms(c.deltas, reader.read)
     full_ref = None
-    if not all(_row_sliceable(t) for t in terms):  # DoRA, LoHa, LoKr, …: whole tensor in float64
+    if not all(d.row_local for d in c.deltas):  # DoRA, LoHa, LoKr, …: whole tensor in float64
         w = _read_rows(base_fd, b, per, range(n)).reshape(b.shape)
         full_ref = merge_tensor(w.to(torch.float64), terms, out_dtype=torch.float64).reshape(n, per)
     cmp = _Compare(o.dtype)

@@ -93,6 +93,14 @@ class Delta:
         return self.scale * self.strength
 
     @property
+    def row_local(self) -> bool:
+        """True when row i of ΔW depends only on row i of one factor (plain LoRA pairs, full diffs,
+        replacements), so a tensor can be merged in row chunks with exactly the same result."""
+        return self.kind in ("diff", "set") or (
+            self.kind == "lora" and not self.transpose and not self.dora
+            and all(f.role in ("down", "up") for f in self.factors))
+
+    @property
     def rank(self) -> int | None:
         roles = {f.role: f for f in self.factors}
         if self.kind == "lora":

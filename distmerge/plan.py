@@ -106,8 +106,7 @@ class WorkUnit:
             if t.action == "copy":
                 continue
             full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
-            chunkable = all(d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora
-                                                          and len(d.factors) == 2) for d in t.deltas)
+            chunkable = all(d.row_local for d in t.deltas)
             work = 4 * min(full, CHUNK_BYTES) if chunkable else 3 * full
             work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
             peak = max(peak, work)

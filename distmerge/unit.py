@@ -112,10 +112,7 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
 def _chunkable(t: PlannedTensor) -> bool:
     """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
     exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
-    return len(t.shape) >= 2 and all(
-        d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora
-                                      and all(f.role in ("down", "up") for f in d.factors))
-        for d in t.deltas)
+    return len(t.shape) >= 2 and all(d.row_local for d in t.deltas)
 
 
 def _slice_rows(t: Term, r0: int, r1: int) -> Term:
@@ -138,7 +135,7 @@ class _Job:
 
 def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
     """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
-    if t.out_nbytes == 0 or t.action == "copy" or not (_chunkable(t) or not t.deltas and len(t.shape) >= 2):
+    if t.out_nbytes == 0 or t.action == "copy" or not _chunkable(t):
         return [(0, t.shape[0] if t.shape else 1)]
     return row_chunks(t.shape)
 
