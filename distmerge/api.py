@@ -162,7 +162,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     if resume and previous is None:
         logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
 
-    from .cluster import Call, RaySession, check_shared_storage, run_calls, run_units  # Ray is imported only when there is work
+    from .cluster import RaySession, check_shared_storage, run_units  # Ray is imported only when there is work
 
     with RaySession(address, num_cpus=num_cpus) as session:
         settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries,
@@ -188,7 +188,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             check_shared_storage(list(base_ck.files) + [p for p, _ in specs], target.directory)
             manifest = Manifest(fp, plan.unit_size, path=staging.manifest)
             if previous is not None:
-                manifest.units.update(_reusable(plan, previous, dests, settings, Call, run_calls))
+                manifest.units.update(_reusable(plan, previous, dests, settings))
             manifest.save()
             todo = [u for u in plan.units if u.index not in manifest.units]
             done = {"units": len(manifest.units), "bytes": sum(v["bytes"] for v in manifest.units.values())}
@@ -225,10 +225,12 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     return rep
 
 
-def _reusable(plan: MergePlan, previous: Manifest, dests: dict[str, str], settings, Call, run_calls
+def _reusable(plan: MergePlan, previous: Manifest, dests: dict[str, str], settings
               ) -> dict[int, dict[str, int]]:
     """Units of the interrupted run whose bytes still check out (CRC of computed bytes, copies equal
     to the base), checked by Ray tasks."""
+    from .cluster import Call, run_calls
+
     units = [u for u in plan.units if u.index in previous.units
              and previous.units[u.index]["bytes"] == u.nbytes]
     checks = run_calls(unit_crc32, [Call((u, dests[u.shard]), f"resume check of unit {u.index}", size=u.nbytes)

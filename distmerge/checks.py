@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import zlib
@@ -25,6 +24,7 @@ from .header import TensorInfo
 from .lora import Delta
 from .lorafile import LoraReader
 from .mergemath import Term, merge_tensor
+from .output import sha256_file
 from .unit import load_terms, read_bytes
 
 __all__ = ["ulp_distance", "check_group", "CheckGroup", "GroupResult", "TensorCheck"]
@@ -128,7 +128,7 @@ def check_group(group: CheckGroup) -> GroupResult:
     try:
         if group.hash_path:
             try:
-                digest = _sha256_file(group.hash_path)
+                digest = sha256_file(group.hash_path)
             except OSError as e:
                 n_failures += 1
                 failures.append((_CHECKSUM, 0, f"{group.hash_path}: cannot read to checksum "
@@ -156,17 +156,6 @@ def check_group(group: CheckGroup) -> GroupResult:
     return GroupResult(group.index, len(group.checks), merged, rows_compared, worst, worst_key,
                        tuple(failures[:_MAX_FAILURES]), n_failures, digest,
                        group.hash_path)
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(16 << 20)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _fd(fds: dict[str, int], path: str) -> int:

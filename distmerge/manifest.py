@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import BaseCheckpoint
+from .output import sha256_file, write_atomic
 from .plan import MergePlan
 
 __all__ = ["Manifest", "fingerprint", "fingerprint_changes", "MANIFEST_VERSION"]
@@ -28,20 +29,15 @@ __all__ = ["Manifest", "fingerprint", "fingerprint_changes", "MANIFEST_VERSION"]
 MANIFEST_VERSION = 1
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _lora_sha256(path: str) -> str:
     """A LoRA's content hash: the file itself, or for a folder every LoRA file and
     ``adapter_config.json`` in it (the config's r/alpha/patterns change the result too)."""
     if not os.path.isdir(path):
-        return _file_sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         if name == "adapter_config.json" or name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
-            h.update(name.encode() + b"\0" + _file_sha256(os.path.join(path, name)).encode())
+            h.update(name.encode() + b"\0" + sha256_file(os.path.join(path, name)).encode())
     return h.hexdigest()
 
 
@@ -101,14 +97,9 @@ class Manifest:
     def save(self, path: str | None = None) -> None:
         """Write atomically (temp + rename)."""
         self.path = path or self.path
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
-                       "unit_size": self.unit_size,
-                       "units": {str(k): v for k, v in sorted(self.units.items())}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
+                                            "unit_size": self.unit_size,
+                                            "units": {str(k): v for k, v in sorted(self.units.items())}}))
 
     @classmethod
     def load(cls, path: str) -> "Manifest | None":

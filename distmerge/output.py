@@ -25,7 +25,7 @@ from .plan import MergePlan
 from .writer import create_file
 
 __all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
-           "abort", "ShardHasher"]
+           "abort", "ShardHasher", "write_atomic", "sha256_file"]
 
 _PART = ".distmerge-part"
 _MARK = "distmerge"
@@ -157,6 +157,23 @@ def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_par
         create_file(part, s.header, s.size)
 
 
+def write_atomic(path: str, text: str, *, tmp: str | None = None) -> None:
+    """Write ``text`` to ``tmp`` (default ``path + ".tmp"``), fsync it, then rename it to ``path``:
+    readers see the old file or the whole new one, never a part."""
+    tmp = tmp or path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a whole file."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _part_matches(part: str, header: bytes, size: int) -> bool:
     try:
         if os.path.getsize(part) != size:
@@ -261,12 +278,8 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
     """
     d = target.directory
     if target.single_file and sha256:
-        side = os.path.join(d, target.single_file + ".sha256")
-        with open(side + ".tmp", "w", encoding="utf-8") as f:
-            f.write(f"{sha256[target.single_file]}  {target.single_file}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(side + ".tmp", side)
+        write_atomic(os.path.join(d, target.single_file + ".sha256"),
+                     f"{sha256[target.single_file]}  {target.single_file}\n")
     for s in plan.shards:
         os.replace(part_path(d, s.name), os.path.join(d, s.name))
     _fsync_dir(d)
@@ -278,13 +291,7 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
         index = {"metadata": {"total_size": plan.total_size, _MARK: meta},
                  "weight_map": plan.weight_map}
         final = target.index_path(plan.stem)
-        tmp = part_path(d, os.path.basename(final))
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_atomic(final, json.dumps(index, indent=2) + "\n", tmp=part_path(d, os.path.basename(final)))
         staging.published = True
         if staging.index_backup:
             os.remove(staging.index_backup)

@@ -58,26 +58,25 @@ class UnitResult:
     node_id: str = ""
 
 
-def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
-    """Read exactly ``nbytes`` at ``offset`` with ``preadv`` into a fresh buffer."""
-    buf = bytearray(nbytes)
-    view, off = memoryview(buf), offset
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``offset`` with ``preadv`` (which may return less than asked)."""
     while view:
-        n = os.preadv(fd, [view], off)
+        n = os.preadv(fd, [view], offset)
         if n == 0:
-            raise OSError(5, f"unexpected end of file at byte {off}")
-        view, off = view[n:], off + n
+            raise OSError(5, f"unexpected end of file at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
+def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
+    """Read exactly ``nbytes`` at ``offset`` into a fresh buffer."""
+    buf = bytearray(nbytes)
+    _pread_exact(fd, memoryview(buf), offset)
     return buf
 
 
 def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:
-    """Fill the uint8 tensor ``buf`` from ``offset`` with ``preadv`` (no intermediate copy)."""
-    view, off = memoryview(buf.numpy()).cast("B"), offset
-    while view:
-        n = os.preadv(fd, [view], off)
-        if n == 0:
-            raise OSError(5, f"unexpected end of file at byte {off}")
-        view, off = view[n:], off + n
+    """Fill the uint8 tensor ``buf`` from ``offset`` (no intermediate copy)."""
+    _pread_exact(fd, memoryview(buf.numpy()).cast("B"), offset)
 
 
 def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
