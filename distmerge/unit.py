@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,11 @@ from .lorafile import LoraReader
 from .mergemath import NonFiniteError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
+
+try:  # python-isal: the same CRC-32 as zlib, computed with PCLMUL (~9 GB/s instead of ~2 GB/s)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - platforms without an isal wheel
+    from zlib import crc32
 
 __all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
 
@@ -299,7 +303,7 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 nxt = io.submit(read, following) if following else None
                 out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
                 if out is not None:
-                    crc = zlib.crc32(tensor_bytes(out), crc)
+                    crc = crc32(tensor_bytes(out), crc)
                 if job.terms:
                     merged.add(job.t.key)
                 writes.append(io.submit(write, job, out))
@@ -337,7 +341,7 @@ def unit_crc32(unit: WorkUnit, dest: str) -> int:
                         return -1
                 continue
             for off in range(0, t.out_nbytes, 64 << 20):  # CRC chaining: chunking does not matter
-                crc = zlib.crc32(read_bytes(dst, t.out_offset + off, min(64 << 20, t.out_nbytes - off)), crc)
+                crc = crc32(read_bytes(dst, t.out_offset + off, min(64 << 20, t.out_nbytes - off)), crc)
     finally:
         files.close()
     return crc
