@@ -24,7 +24,9 @@ from .errors import MatchError, PlanError
 from .lora import Delta, Unmatched, normalize
 from .lorafile import open_lora
 from .manifest import Manifest, fingerprint, fingerprint_changes
-from .output import Staging, abort, manifest_path, part_path, prepare, publish, resolve_output, ShardHasher
+from .checksum import ALGORITHMS
+from .output import (ShardHasher, Staging, abort, fsync_files, manifest_path, part_path, prepare, publish,
+                     resolve_output, shard_crc32s)
 from .unit import unit_crc32
 from .plan import MergePlan, describe, make_plan, parse_size
 from .report import MergeReport, UnitReport
@@ -41,6 +43,18 @@ class _Gathered:
     deltas: list[Delta]
     unmatched: list[tuple[str, Unmatched]]
     loras: list[dict]
+
+
+class _Phases:
+    """When each driver stage ended (seconds after the merge started), logged at debug level."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.ends: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.ends[name] = round(time.time() - self.t0, 3)
+        logger.debug("%.2f s: %s", self.ends[name], name)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
@@ -115,7 +129,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
           address: str | None = None, num_workers: int | None = None, device: str = "auto",
           report: str | os.PathLike[str] | None = None, unit_size: int | str | None = None,
           max_retries: int = 3, num_cpus: int | None = None, resume: bool = False,
-          placement_groups: object = None, progress: ProgressFn | None = None) -> MergeReport:
+          placement_groups: object = None, progress: ProgressFn | None = None,
+          checksum: str = "crc32") -> MergeReport:
     """Merge LoRA(s) into a base checkpoint with Ray tasks and publish the result atomically.
 
     Args:
@@ -141,6 +156,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             ``pipeline.resource_manager.node2pg``), one task per GPU (or CPU) of each group's first
             bundle, with the GPU pinned explicitly; for merging inside a job that holds the GPUs.
         progress: ``f(units_done, units_total, bytes_done, bytes_total)`` called on the driver.
+        checksum: recorded for every shard: ``crc32`` (computed by the tasks as they write, nearly
+            free) or ``sha256`` (the Hub's LFS hash; one driver thread re-reads every shard).
 
     Returns:
         A ``MergeReport``.
@@ -149,6 +166,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
         DistmergeError: any input, planning, output or task problem; nothing is published then.
     """
     start = time.perf_counter()
+    phases = _Phases()
     # 1. Base headers and LoRA deltas, all validated before anything is written.
     base_ck = open_base(base)
     specs = lora_specs(loras)
@@ -157,14 +175,18 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     parse_size(max_shard_size)
     if max_retries < 0:
         raise PlanError(f"max_retries must be >= 0, got {max_retries}")
+    if checksum not in ALGORITHMS:
+        raise PlanError(f"checksum {checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
     target = resolve_output(output, base_ck, [p for p, _ in specs], overwrite=overwrite, resume=resume)
     previous = Manifest.load(manifest_path(target)) if resume else None
     if resume and previous is None:
         logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
 
+    phases.mark("inputs read")
     from .cluster import RaySession, check_shared_storage, run_units  # Ray is imported only when there is work
 
     with RaySession(address, num_cpus=num_cpus) as session:
+        phases.mark("ray ready")
         settings = session.settings(device=device, num_workers=num_workers, max_retries=max_retries,
                                     placement_groups=placement_groups)
         # 2. The plan: shards, offsets, units (a resumed run re-cuts the units exactly as before).
@@ -180,6 +202,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
         logger.info("plan: %s on %s (%s, %d in flight)", describe(plan), session.mode,
                     settings.device, settings.workers)
         dests = {s.name: part_path(target.directory, s.name) for s in plan.shards}
+        phases.mark("planned")
         staging = Staging()
         try:
             # 3. Part files (kept when resuming), the manifest, Ray tasks, checksums, then the
@@ -190,16 +213,19 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             if previous is not None:
                 manifest.units.update(_reusable(plan, previous, dests, settings))
             manifest.save()
+            phases.mark("output prepared")
             todo = [u for u in plan.units if u.index not in manifest.units]
             done = {"units": len(manifest.units), "bytes": sum(v["bytes"] for v in manifest.units.values())}
-            hasher = ShardHasher(plan, dests)
+            hasher = ShardHasher(plan, dests) if checksum == "sha256" else None
             for index in manifest.units:
-                hasher.unit_done(index)
+                if hasher:
+                    hasher.unit_done(index)
 
             def on_done(res) -> None:
                 manifest.record(res.index, crc32=res.crc32, nbytes=res.nbytes)
                 manifest.save()
-                hasher.unit_done(res.index)
+                if hasher:
+                    hasher.unit_done(res.index)
                 done["units"] += 1
                 done["bytes"] += res.nbytes
                 if progress:
@@ -209,16 +235,26 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
                 progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
             try:
                 results = run_units(todo, dests, settings=settings, on_done=on_done)
-                sums = hasher.digests()
+                phases.mark("units done")
+                if hasher:
+                    sums = hasher.digests()  # each shard fsynced once hashed
+                else:
+                    sums = shard_crc32s(plan, {i: v["crc32"] for i, v in manifest.units.items()})
+                    fsync_files(list(dests.values()))
+                phases.mark("checksums done")
             finally:
-                hasher.close()
-            shards = publish(plan, target, staging, extra_metadata={"version": __version__}, sha256=sums)
+                if hasher:
+                    hasher.close()
+            shards = publish(plan, target, staging, extra_metadata={"version": __version__},
+                             checksums=(checksum, sums))
+            phases.mark("published")
         except BaseException:
             abort(plan, target, staging)
             raise
         ray_info = {"mode": session.mode, "device": settings.device, "workers": settings.workers}
 
-    rep = _report(plan, target, shards, results, gathered, time.perf_counter() - start, ray_info)
+    phases.mark("ray closed")
+    rep = _report(plan, target, shards, results, gathered, time.perf_counter() - start, ray_info, phases)
     rep.units_reused = len(plan.units) - len(todo)
     if report:
         rep.write_json(report)
@@ -242,9 +278,10 @@ def _reusable(plan: MergePlan, previous: Manifest, dests: dict[str, str], settin
 
 
 def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, seconds: float,
-            ray_info: dict) -> MergeReport:
+            ray_info: dict, phases: "_Phases") -> MergeReport:
     out = os.path.join(target.directory, target.single_file) if target.single_file else target.directory
-    units = [UnitReport(r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged)
+    units = [UnitReport(r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged,
+                        round(r.started - phases.t0, 3) if r.started else 0.0)
              for r in results]
     n_tensors = sum(len(s.keys) for s in plan.shards)
     return MergeReport(
@@ -252,4 +289,4 @@ def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, secon
         tensors_merged=sum(r.merged for r in results), shards=shards, total_bytes=plan.total_size,
         seconds=round(seconds, 3),
         unmatched=[{"file": p, "key": u.key, "reason": u.reason} for p, u in gathered.unmatched],
-        loras=gathered.loras, units=units, ray=ray_info)
+        loras=gathered.loras, units=units, ray=ray_info, phases=dict(phases.ends))

@@ -24,7 +24,7 @@ from .header import TensorInfo
 from .lora import Delta
 from .lorafile import LoraReader
 from .mergemath import Term, merge_tensor
-from .output import sha256_file
+from .checksum import file_digest
 from .unit import load_terms, read_bytes
 
 __all__ = ["ulp_distance", "check_group", "CheckGroup", "GroupResult", "TensorCheck"]
@@ -92,6 +92,7 @@ class CheckGroup:
     index: int
     checks: tuple[TensorCheck, ...] = ()
     hash_path: str = ""
+    hash_algo: str = "sha256"  #: ``crc32`` or ``sha256``
     rows: int = 32  #: sampled rows per merged tensor (ignored with ``full``)
     full: bool = False
     seed: int = 0
@@ -109,7 +110,7 @@ class GroupResult:
     worst_key: str = ""
     failures: tuple[tuple[int, int, str], ...] = ()  #: (rank, ulp, message), the first few
     n_failures: int = 0  #: tensors that failed (including those not listed)
-    sha256: str = ""
+    digest: str = ""  #: hex checksum of ``hashed`` (``CheckGroup.hash_algo``)
     hashed: str = ""  #: the file hashed
 
 
@@ -128,7 +129,7 @@ def check_group(group: CheckGroup) -> GroupResult:
     try:
         if group.hash_path:
             try:
-                digest = sha256_file(group.hash_path)
+                digest = file_digest(group.hash_path, group.hash_algo)
             except OSError as e:
                 n_failures += 1
                 failures.append((_CHECKSUM, 0, f"{group.hash_path}: cannot read to checksum "

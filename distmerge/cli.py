@@ -56,6 +56,9 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                    help="CPUs for the embedded local Ray (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into --output, reusing its finished work units")
+    p.add_argument("--checksum", choices=["crc32", "sha256"], default="crc32",
+                   help="checksum recorded for every shard: crc32 (computed while writing, default) or "
+                        "sha256 (the Hub's LFS hash; re-reads every shard on one driver thread)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +108,7 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
                    overwrite=args.overwrite, address=args.address, num_workers=args.num_workers,
                    device=args.device, report=args.report, unit_size=args.unit_size,
                    max_retries=args.max_retries, num_cpus=args.num_cpus, resume=args.resume,
+                   checksum=args.checksum,
                    progress=progress)
     for u in report.unmatched[:10]:
         print(f"distmerge: skipped unmatched '{u['key']}' in {u['file']}: {u['reason']}", file=sys.stderr)

@@ -29,7 +29,7 @@ process), so a cluster is started or joined once for all merges. Example::
         report: merged/low_noise_model.report.json
 
 Merge options (in ``defaults:`` or in a merge): ``alpha``, ``dtype``, ``max_shard_size``,
-``skip_unmatched``, ``overwrite``, ``unit_size``, ``max_retries``, ``resume``; a merge may also
+``skip_unmatched``, ``overwrite``, ``unit_size``, ``max_retries``, ``resume``, ``checksum``; a merge may also
 name a JSON ``report`` file. Unknown keys, wrong types, a missing field, duplicate merge names,
 two merges writing the same output, or an output that is (or lies inside) a base or a LoRA of
 any merge are refused before anything runs, with the file and line::
@@ -111,6 +111,7 @@ class MergeOptions(BaseModel):
     unit_size: Optional[Size] = None
     max_retries: Annotated[int, Field(ge=0)] = 3
     resume: bool = False
+    checksum: Literal["crc32", "sha256"] = "crc32"
 
 
 _OPTION_FIELDS = tuple(MergeOptions.model_fields)

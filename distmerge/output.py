@@ -20,12 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .checkpoint import INDEX_SUFFIX, BaseCheckpoint
+from .checksum import ALGORITHMS, crc32, crc32_combine, format_crc32
 from .errors import OutputError
 from .plan import MergePlan
 from .writer import create_file
 
 __all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
-           "abort", "ShardHasher", "write_atomic", "sha256_file"]
+           "abort", "ShardHasher", "shard_crc32s", "fsync_files", "write_atomic", "sha256_file"]
 
 _PART = ".distmerge-part"
 _MARK = "distmerge"
@@ -184,6 +185,53 @@ def _part_matches(part: str, header: bytes, size: int) -> bool:
         return False
 
 
+def _hash_range(h: "hashlib._Hash", fd: int, start: int, end: int, buf: bytearray, path: str) -> None:
+    """Feed bytes ``[start, end)`` of ``fd`` to ``h``, read into the reused buffer ``buf`` (plain
+    reads, not a mapping: an I/O error must stay an exception, never a SIGBUS in the driver)."""
+    view = memoryview(buf)
+    pos = start
+    while pos < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+        if n == 0:
+            raise OutputError(f"{path}: file ends at byte {pos}, expected at least {end}")
+        h.update(view[:n])  # hashlib releases the GIL for blocks this size
+        pos += n
+
+
+def shard_crc32s(plan: MergePlan, unit_crcs: dict[int, int]) -> dict[str, str]:
+    """The CRC-32 of every whole output shard, joined from its header and its units' CRCs (each
+    unit covers a contiguous byte range, in file order), without reading the shards.
+
+    Raises:
+        OutputError: a unit's CRC is missing, or units leave a gap (a bug, never published).
+    """
+    state = {s.name: (crc32(s.header), len(s.header)) for s in plan.shards}
+    for u in sorted(plan.units, key=lambda u: (u.shard, min((t.out_offset for t in u.tensors), default=0))):
+        crc, pos = state[u.shard]
+        if u.index not in unit_crcs:
+            raise OutputError(f"unit {u.index} of {u.shard} has no checksum")
+        if u.tensors and u.tensors[0].out_offset != pos:
+            raise OutputError(f"{u.shard}: units leave a gap at byte {pos}")
+        state[u.shard] = (crc32_combine(crc, unit_crcs[u.index], u.nbytes), pos + u.nbytes)
+    for s in plan.shards:
+        if state[s.name][1] != s.size:
+            raise OutputError(f"{s.name}: units cover {state[s.name][1]} bytes, expected {s.size}")
+    return {name: format_crc32(crc) for name, (crc, _) in state.items()}
+
+
+def fsync_files(paths: list[str]) -> None:
+    """Flush each file to disk, in parallel (each call waits on the device, not the CPU)."""
+    def sync(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max(1, min(8, len(paths))), thread_name_prefix="distmerge-fsync") as pool:
+        list(pool.map(sync, paths))
+
+
 class ShardHasher:
     """SHA-256 of every output shard, computed front to back in a background thread as the work
     units finish (units of a shard are contiguous byte ranges after its header), then fsynced.
@@ -207,6 +255,7 @@ class ShardHasher:
         self._done: set[int] = set()
         self._digests: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-sha256")
+        self._buf = bytearray(16 << 20)  # one read buffer for the hashing thread
         self._futures: list[Future] = []
         for name, spans in self._spans.items():
             spans.sort(key=lambda x: x[1])
@@ -229,12 +278,8 @@ class ShardHasher:
                 _, start, end = spans[k]
                 if start != pos:
                     raise OutputError(f"{self._dests[name]}: units leave a gap at byte {pos}")
-                while pos < end:
-                    block = os.pread(f.fileno(), min(16 << 20, end - pos), pos)
-                    if not block:
-                        raise OutputError(f"{self._dests[name]}: file ends at byte {pos}, expected {size}")
-                    h.update(block)
-                    pos += len(block)
+                _hash_range(h, f.fileno(), pos, end, self._buf, self._dests[name])
+                pos = end
                 k += 1
             if k == len(spans) and name not in self._digests:
                 if pos != size:
@@ -270,24 +315,33 @@ def _fsync_dir(directory: str) -> None:
 
 
 def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
-            extra_metadata: dict | None = None, sha256: dict[str, str] | None = None) -> list[str]:
+            extra_metadata: dict | None = None, checksums: tuple[str, dict[str, str]] | None = None
+            ) -> list[str]:
     """Rename the parts to their final names, then write the index last. Returns the shard names.
 
-    ``sha256`` (shard name -> hex) goes into the index's ``metadata.distmerge.sha256``; for a
-    single-file output into a ``<file>.sha256`` sidecar (``sha256sum`` format) written first.
+    ``checksums`` is ``(algorithm, {shard name: hex})`` with algorithm ``crc32`` or ``sha256``; it
+    goes into the index's ``metadata.distmerge.<algorithm>``, or for a single-file output into a
+    ``<file>.<algorithm>`` sidecar (``HEX  NAME``, the ``sha256sum`` format) written first, after
+    removing a sidecar of the other algorithm left by an earlier run.
     """
     d = target.directory
-    if target.single_file and sha256:
-        write_atomic(os.path.join(d, target.single_file + ".sha256"),
-                     f"{sha256[target.single_file]}  {target.single_file}\n")
+    algo, sums = checksums or ("", {})
+    if target.single_file:
+        for other in ALGORITHMS:
+            stale = os.path.join(d, f"{target.single_file}.{other}")
+            if other != algo and os.path.isfile(stale):
+                os.remove(stale)
+        if sums:
+            write_atomic(os.path.join(d, f"{target.single_file}.{algo}"),
+                         f"{sums[target.single_file]}  {target.single_file}\n")
     for s in plan.shards:
         os.replace(part_path(d, s.name), os.path.join(d, s.name))
     _fsync_dir(d)
     names = [s.name for s in plan.shards]
     if not target.single_file:
         meta = dict(extra_metadata or {})
-        if sha256:
-            meta["sha256"] = {name: sha256[name] for name in names}
+        if sums:
+            meta[algo] = {name: sums[name] for name in names}
         index = {"metadata": {"total_size": plan.total_size, _MARK: meta},
                  "weight_map": plan.weight_map}
         final = target.index_path(plan.stem)

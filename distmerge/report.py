@@ -26,6 +26,7 @@ class UnitReport:
     bytes: int
     seconds: float
     tensors_merged: int
+    started_s: float = 0.0  #: when the task began, in seconds after the merge started (worker clock)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class MergeReport:
     units: list[UnitReport] = field(default_factory=list)
     units_reused: int = 0  #: finished units of an interrupted run kept by ``--resume``
     ray: dict[str, Any] = field(default_factory=dict)
+    #: when each driver stage ended, in seconds after the merge started (``-vv`` logs them too)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary_line(self) -> str:
         skipped = f", {len(self.unmatched)} unmatched LoRA keys skipped" if self.unmatched else ""

@@ -10,8 +10,9 @@ What is checked:
   dtype, and compared in ulps. An element passes if it is within 1 ulp (bf16/fp16/fp8) or 16 ulp
   (fp32/fp64) of that reference, or within ``1e-6 · max|ref|`` of it (where W and ΔW cancel; such
   elements do not count toward the reported worst ulp);
-* checksums: when the index records ``metadata.distmerge.sha256`` (a single-file output: a
-  ``<file>.sha256`` sidecar in ``sha256sum`` format), every shard's sha256 must match, which catches
+* checksums: when the index records ``metadata.distmerge.crc32`` or ``.sha256`` (a single-file
+  output: a ``<file>.crc32`` or ``<file>.sha256`` sidecar, ``HEX  NAME``), every shard's checksum
+  must match, which catches
   a changed byte outside the sampled rows too. Missing checksums are noted, not a failure.
 
 The work runs as Ray tasks through ``cluster.run_calls``: one task per shard to hash, and
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import INDEX_SUFFIX, BaseCheckpoint, open_base
+from .checksum import ALGORITHMS
 from .errors import DistmergeError, FormatError, PlanError
 from .checks import _CHECKSUM, _CHUNK, _STRUCTURE, CheckGroup, TensorCheck, check_group
 from .api import collect_deltas, lora_specs, resolve_dtype
@@ -93,11 +95,15 @@ def _structure(base: BaseCheckpoint, out: BaseCheckpoint, out_code: str | None) 
     return fails
 
 
-_SIDECAR_RE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+_SIDECAR_RE = re.compile(r"^([0-9a-fA-F]+) [ *](.+)$")
+_HEX_LEN = {"crc32": 8, "sha256": 64}
 
 
-def _recorded_checksums(out: BaseCheckpoint) -> tuple[dict[str, str] | None, list[tuple[int, int, str]]]:
-    """shard name -> hex recorded with the merged checkpoint, or None when nothing is recorded."""
+def _recorded_checksums(out: BaseCheckpoint
+                        ) -> tuple[tuple[str, dict[str, str]] | None, list[tuple[int, int, str]]]:
+    """``(algorithm, {shard name: hex})`` recorded with the merged checkpoint (the index's
+    ``metadata.distmerge.crc32`` / ``.sha256``, or a ``<file>.crc32`` / ``<file>.sha256`` sidecar),
+    or None when nothing is recorded."""
     names = [os.path.basename(f) for f in out.files]
     folder = out.path if os.path.isdir(out.path) else os.path.dirname(out.path)
     index = [n for n in sorted(os.listdir(folder)) if n.endswith(INDEX_SUFFIX)] if os.path.isdir(out.path) else []
@@ -108,29 +114,34 @@ def _recorded_checksums(out: BaseCheckpoint) -> tuple[dict[str, str] | None, lis
                 meta = json.loads(f.read().decode("utf-8")).get("metadata") or {}
         except (OSError, ValueError, AttributeError) as e:
             return None, [(_CHECKSUM, 0, f"{path}: cannot read the index ({type(e).__name__})")]
-        sums = (meta.get("distmerge") or {}).get("sha256") if isinstance(meta, dict) and isinstance(
-            meta.get("distmerge") or {}, dict) else None
-        if sums is None:
+        ours = meta.get("distmerge") if isinstance(meta, dict) else None
+        ours = ours if isinstance(ours, dict) else {}
+        algo = next((a for a in ALGORITHMS if a in ours), None)
+        if algo is None:
             return None, []
-        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-            return {}, [(_CHECKSUM, 0, f"{path}: metadata.distmerge.sha256 must map shard names to hex "
-                                       "digests")]
-        return {k: v.lower() for k, v in sums.items()}, []
-    side = out.files[0] + ".sha256"
-    if len(names) != 1 or not os.path.isfile(side):
+        sums = ours[algo]
+        if not isinstance(sums, dict) or not all(isinstance(v, str) and len(v) == _HEX_LEN[algo]
+                                                 for v in sums.values()):
+            return (algo, {}), [(_CHECKSUM, 0, f"{path}: metadata.distmerge.{algo} must map shard names "
+                                               f"to {_HEX_LEN[algo]}-digit hex {algo} values")]
+        return (algo, {k: v.lower() for k, v in sums.items()}), []
+    sides = [(a, f"{out.files[0]}.{a}") for a in ALGORITHMS if os.path.isfile(f"{out.files[0]}.{a}")]
+    if len(names) != 1 or not sides:
         return None, []
+    algo, side = sides[0]
     try:
         with open(side, encoding="utf-8") as f:
             lines = [ln.strip() for ln in f if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        return {}, [(_CHECKSUM, 0, f"{side}: cannot read ({type(e).__name__})")]
+        return (algo, {}), [(_CHECKSUM, 0, f"{side}: cannot read ({type(e).__name__})")]
     sums = {}
     for ln in lines:
         m = _SIDECAR_RE.match(ln)
-        if not m:
-            return {}, [(_CHECKSUM, 0, f"{side}: expected 'HEX  NAME' (sha256sum format), found {ln[:80]!r}")]
+        if not m or len(m.group(1)) != _HEX_LEN[algo]:
+            return (algo, {}), [(_CHECKSUM, 0, f"{side}: expected 'HEX  NAME' with a {_HEX_LEN[algo]}-digit "
+                                               f"{algo}, found {ln[:80]!r}")]
         sums[os.path.basename(m.group(2))] = m.group(1).lower()
-    return sums, []
+    return (algo, sums), []
 
 
 def _groups(checks: list[TensorCheck], target: int) -> list[list[TensorCheck]]:
@@ -190,7 +201,8 @@ def verify(base: str | os.PathLike[str], loras: Sequence[object], merged: str | 
         return _finish(report, [(_STRUCTURE, 0, str(e))], full=full, rows=rows)
     report.shards = len(out_ck.files)
     found = _structure(base_ck, out_ck, out_code)
-    recorded, csum_fails = _recorded_checksums(out_ck)
+    recorded_by, csum_fails = _recorded_checksums(out_ck)
+    algo, recorded = recorded_by if recorded_by else ("", None)
     found += csum_fails
     by_target: dict[str, list[Delta]] = {}
     for d in gathered.deltas:
@@ -213,7 +225,7 @@ def verify(base: str | os.PathLike[str], loras: Sequence[object], merged: str | 
         groups: list[CheckGroup] = []
         if recorded is not None:
             for f in out_ck.files:
-                groups.append(CheckGroup(len(groups), hash_path=f))
+                groups.append(CheckGroup(len(groups), hash_path=f, hash_algo=algo))
         for part in _groups(checks, target):
             groups.append(CheckGroup(len(groups), tuple(part), rows=rows, full=full, seed=seed))
         calls = [Call((g,), f"verify group {g.index}" if not g.hash_path else
@@ -237,22 +249,22 @@ def verify(base: str | os.PathLike[str], loras: Sequence[object], merged: str | 
     if recorded is None:
         report.checksums = "missing"
     else:
-        digests = {os.path.basename(r.hashed): r.sha256 for r in results if r.hashed and r.sha256}
+        digests = {os.path.basename(r.hashed): r.digest for r in results if r.hashed and r.digest}
         bad = False
         for f in out_ck.files:
             name = os.path.basename(f)
             want = recorded.get(name)
             if want is None:
                 bad = True
-                found.append((_CHECKSUM, 0, f"{f}: no sha256 recorded for this shard"))
+                found.append((_CHECKSUM, 0, f"{f}: no {algo} recorded for this shard"))
             elif name in digests and digests[name] != want:
                 bad = True
-                found.append((_CHECKSUM, 0, f"{f}: sha256 {digests[name][:12]}… does not match the "
-                                            f"recorded {want[:12]}…"))
+                found.append((_CHECKSUM, 0, f"{f}: {algo} {digests[name][:12]} does not match the "
+                                            f"recorded {want[:12]}"))
         for name in recorded:
             if name not in {os.path.basename(f) for f in out_ck.files}:
                 bad = True
-                found.append((_CHECKSUM, 0, f"{out_ck.path}: a sha256 is recorded for '{name}', which "
+                found.append((_CHECKSUM, 0, f"{out_ck.path}: a {algo} is recorded for '{name}', which "
                                             "is not a shard of this checkpoint"))
         report.checksums = "mismatch" if (bad or csum_fails) else "match"
     return _finish(report, found, full=full, rows=rows, extra=extra)

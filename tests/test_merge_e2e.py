@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -108,10 +109,10 @@ def test_output_layout_index_and_untouched_bytes(ray_local, tiny_base, tiny_fact
     assert len(report["units"]) == len(rep.units) >= 2
     assert {"node_id", "device", "bytes", "seconds"} <= set(report["units"][0])
     assert sum(u["bytes"] for u in report["units"]) == index["metadata"]["total_size"]
-    sums = index["metadata"]["distmerge"]["sha256"]
-    assert sorted(sums) == rep.shards
+    sums = index["metadata"]["distmerge"]["crc32"]  # joined from the tasks' CRCs, never re-read
+    assert sorted(sums) == rep.shards and "sha256" not in index["metadata"]["distmerge"]
     for name, digest in sums.items():
-        assert hashlib.sha256(open(os.path.join(out_dir, name), "rb").read()).hexdigest() == digest
+        assert f"{zlib.crc32(open(os.path.join(out_dir, name), 'rb').read()):08x}" == digest
 
 
 def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
@@ -119,6 +120,10 @@ def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
     out = str(tmp_path / "merged.safetensors")
     rep = distmerge.merge(tiny_base, [str(tmp_path / "l.safetensors")], out)
     assert rep.shards == ["merged.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.crc32"]
+    assert open(out + ".crc32").read() == f"{zlib.crc32(open(out, 'rb').read()):08x}  merged.safetensors\n"
+    again = distmerge.merge(tiny_base, [str(tmp_path / "l.safetensors")], out, overwrite=True, checksum="sha256")
+    assert again.shards == ["merged.safetensors"]  # the crc32 sidecar of the first run is replaced
     assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.sha256"]
     digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
     assert open(out + ".sha256").read() == f"{digest}  merged.safetensors\n"

@@ -6,11 +6,11 @@ dtype/shape, NaN; the verdict is always one line."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import struct
+import zlib
 
 import pytest
 import torch
@@ -41,16 +41,17 @@ def _index_path(folder: str) -> str:
 def _drop_checksums(folder: str) -> None:
     p = _index_path(folder)
     idx = json.load(open(p))
-    idx["metadata"]["distmerge"].pop("sha256", None)
+    for algo in ("crc32", "sha256"):
+        idx["metadata"]["distmerge"].pop(algo, None)
     json.dump(idx, open(p, "w"))
 
 
 def _rehash(folder: str) -> None:
-    """Record the current sha256 of every shard (as merge does), so only other checks can fail."""
+    """Record the current crc32 of every shard (as merge does), so only other checks can fail."""
     p = _index_path(folder)
     idx = json.load(open(p))
-    idx["metadata"]["distmerge"]["sha256"] = {
-        n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+    idx["metadata"]["distmerge"]["crc32"] = {
+        n: f"{zlib.crc32(open(os.path.join(folder, n), 'rb').read()):08x}"
         for n in sorted(set(idx["weight_map"].values()))}
     json.dump(idx, open(p, "w"))
 
@@ -85,7 +86,7 @@ def _rewrite(folder: str, key: str, change) -> None:
               metadata={"format": "pt"})
     idx["weight_map"] = {k: s for k, s in idx["weight_map"].items() if s != shard or k in tensors}
     idx["weight_map"].update({k: shard for k in tensors})
-    idx["metadata"]["distmerge"].pop("sha256", None)
+    idx["metadata"]["distmerge"].pop("crc32", None)
     json.dump(idx, open(p, "w"))
 
 
@@ -185,6 +186,14 @@ def test_single_file_sidecar(ray_local, tiny_base, lora, tmp_path):
     distmerge.merge(tiny_base, [lora], out)
     rep = verify(tiny_base, [lora], out)
     assert rep.ok and rep.checksums == "match" and "1 shard checksum matches" in rep.verdict
+    with open(out + ".crc32", "w") as f:
+        f.write("0" * 8 + "  merged.safetensors\n")
+    bad = verify(tiny_base, [lora], out)
+    assert not bad.ok and bad.checksums == "mismatch" and "merged.safetensors: crc32" in bad.verdict
+    os.remove(out + ".crc32")
+    distmerge.merge(tiny_base, [lora], out, overwrite=True, checksum="sha256")
+    assert not os.path.exists(out + ".crc32")
+    assert verify(tiny_base, [lora], out).checksums == "match"
     with open(out + ".sha256", "w") as f:
         f.write("0" * 64 + "  merged.safetensors\n")
     bad = verify(tiny_base, [lora], out)

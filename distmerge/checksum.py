@@ -1,0 +1,91 @@
+"""Checksums of output bytes: CRC-32 (the default, computed by the tasks) and SHA-256 (opt-in).
+
+A task CRCs every byte it writes, in file order, while the bytes are still in its buffers; the
+driver joins the per-unit values into the CRC-32 of each whole shard with ``crc32_combine``
+(exactly what ``crc32`` of the file gives) without reading anything back. That costs ~0.1 s of
+CPU per GB spread over the workers, where a SHA-256 of every shard costs ~0.7 s per GB on one
+driver thread after re-reading the shard, a ceiling of ~1.4 GB/s on a node that merges faster.
+
+Example:
+    >>> a, b = b"safe", b"tensors"
+    >>> crc32_combine(crc32(a), crc32(b), len(b)) == crc32(a + b)
+    True
+    >>> format_crc32(crc32(b"distmerge"))
+    '485a9ab3'
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's algorithm:
+    apply ``len2`` zero bytes to ``crc1`` by squaring the GF(2) shift operator)."""
+    if len2 <= 0:
+        return crc1
+
+    def times(mat: list[int], vec: int) -> int:
+        out, i = 0, 0
+        while vec:
+            if vec & 1:
+                out ^= mat[i]
+            vec >>= 1
+            i += 1
+        return out
+
+    odd = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]  # one zero bit
+    even = [times(odd, odd[i]) for i in range(32)]  # two zero bits
+    odd = [times(even, even[i]) for i in range(32)]  # four zero bits
+    while True:
+        even = [times(odd, odd[i]) for i in range(32)]
+        if len2 & 1:
+            crc1 = times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = [times(even, even[i]) for i in range(32)]
+        if len2 & 1:
+            crc1 = times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+try:  # python-isal: the same CRC-32 as zlib, computed with PCLMUL (~9 GB/s instead of ~2 GB/s)
+    from isal.isal_zlib import crc32, crc32_combine
+except ImportError:  # pragma: no cover - platforms without an isal wheel
+    from zlib import crc32
+
+    crc32_combine = crc32_combine_py
+
+__all__ = ["ALGORITHMS", "crc32", "crc32_combine", "crc32_combine_py", "format_crc32", "file_digest"]
+
+ALGORITHMS = ("crc32", "sha256")
+_BLOCK = 16 << 20
+
+
+def format_crc32(value: int) -> str:
+    """The 8-hex-digit form recorded in indexes and sidecars (as ``rhash --crc32`` prints it)."""
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    """Hex ``crc32`` or ``sha256`` of a whole file.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: an unknown algorithm.
+    """
+    if algorithm == "sha256":
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    if algorithm != "crc32":
+        raise ValueError(f"unknown checksum {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    value, buf = 0, bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            value = crc32(view[:n], value)
+    return format_crc32(value)
