@@ -25,8 +25,8 @@ from .lora import Delta, Unmatched, normalize
 from .lorafile import open_lora
 from .manifest import Manifest, fingerprint, fingerprint_changes
 from .checksum import ALGORITHMS
-from .output import (ShardHasher, Staging, abort, fsync_files, manifest_path, part_path, prepare, publish,
-                     resolve_output, shard_crc32s)
+from .output import (ShardHasher, Staging, Writeback, abort, fsync_files, manifest_path, part_path, prepare,
+                     publish, resolve_output, shard_crc32s)
 from .unit import unit_crc32
 from .plan import MergePlan, describe, make_plan, parse_size
 from .report import MergeReport, UnitReport
@@ -217,6 +217,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             todo = [u for u in plan.units if u.index not in manifest.units]
             done = {"units": len(manifest.units), "bytes": sum(v["bytes"] for v in manifest.units.values())}
             hasher = ShardHasher(plan, dests) if checksum == "sha256" else None
+            writeback = Writeback() if hasher is None else None  # the hasher fsyncs shard by shard
+            start_of = {u.index: u.tensors[0].out_offset for u in plan.units if u.tensors}
             for index in manifest.units:
                 if hasher:
                     hasher.unit_done(index)
@@ -226,6 +228,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
                 manifest.save()
                 if hasher:
                     hasher.unit_done(res.index)
+                elif writeback and res.index in start_of:
+                    writeback.unit_done(dests[res.shard], start_of[res.index], res.nbytes)
                 done["units"] += 1
                 done["bytes"] += res.nbytes
                 if progress:
@@ -240,11 +244,14 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
                     sums = hasher.digests()  # each shard fsynced once hashed
                 else:
                     sums = shard_crc32s(plan, {i: v["crc32"] for i, v in manifest.units.items()})
+                    writeback.close()
                     fsync_files(list(dests.values()))
                 phases.mark("checksums done")
             finally:
                 if hasher:
                     hasher.close()
+                if writeback:
+                    writeback.close()
             shards = publish(plan, target, staging, extra_metadata={"version": __version__},
                              checksums=(checksum, sums))
             phases.mark("published")

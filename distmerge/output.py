@@ -23,10 +23,10 @@ from .checkpoint import INDEX_SUFFIX, BaseCheckpoint
 from .checksum import ALGORITHMS, crc32, crc32_combine, format_crc32
 from .errors import OutputError
 from .plan import MergePlan
-from .writer import create_file
+from .writer import create_file, start_writeback
 
 __all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
-           "abort", "ShardHasher", "shard_crc32s", "fsync_files", "write_atomic", "sha256_file"]
+           "abort", "ShardHasher", "shard_crc32s", "fsync_files", "Writeback", "write_atomic", "sha256_file"]
 
 _PART = ".distmerge-part"
 _MARK = "distmerge"
@@ -158,14 +158,20 @@ def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_par
         create_file(part, s.header, s.size)
 
 
-def write_atomic(path: str, text: str, *, tmp: str | None = None) -> None:
-    """Write ``text`` to ``tmp`` (default ``path + ".tmp"``), fsync it, then rename it to ``path``:
-    readers see the old file or the whole new one, never a part."""
+def write_atomic(path: str, text: str, *, tmp: str | None = None, durable: bool = True) -> None:
+    """Write ``text`` to ``tmp`` (default ``path + ".tmp"``), fsync it (unless not ``durable``),
+    then rename it to ``path``: readers see the old file or the whole new one, never a part.
+
+    An fsync on ext4 (``data=ordered``) commits the journal, which first writes out every dirty
+    block allocated since the last commit, the part files' gigabytes included; so files rewritten
+    while tasks run (the resume manifest) are not fsynced.
+    """
     tmp = tmp or path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -217,6 +223,36 @@ def shard_crc32s(plan: MergePlan, unit_crcs: dict[int, int]) -> dict[str, str]:
         if state[s.name][1] != s.size:
             raise OutputError(f"{s.name}: units cover {state[s.name][1]} bytes, expected {s.size}")
     return {name: format_crc32(crc) for name, (crc, _) in state.items()}
+
+
+class Writeback:
+    """Starts the disk writing each finished unit's byte range at once, on a background thread
+    (``sync_file_range`` may block while the device queue is full; only this thread waits then),
+    so the disk works while later units compute and the final fsync finds little left to write.
+
+    Example:
+        >>> # wb = Writeback(); wb.unit_done(part, start, nbytes); ...; wb.close(); fsync_files(parts)
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-writeback")
+
+    def unit_done(self, path: str, start: int, nbytes: int) -> None:
+        self._pool.submit(self._kick, path, start, nbytes)
+
+    @staticmethod
+    def _kick(path: str, start: int, nbytes: int) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            return  # a head start only: the final fsync reports real errors
+        try:
+            start_writeback(fd, start, nbytes)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fsync_files(paths: list[str]) -> None:

@@ -258,3 +258,65 @@ def test_copy_range_past_end_of_source(src_dst, monkeypatch, kernel):
     with pytest.raises(OSError) as ei:
         copy_range(sfd, 4990, dfd, 0, 20)
     assert ei.value.errno == errno.EIO
+
+
+def test_create_file_reserves_the_data_area_and_keeps_the_header(tmp_path):
+    """The part file has its final size with its blocks allocated where the filesystem supports
+    fallocate (so a full disk fails before any task runs); the header bytes are intact."""
+    path = str(tmp_path / "part")
+    header = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a":1}' + b" " * 9
+    create_file(path, header, 1 << 20)
+    st = os.stat(path)
+    assert st.st_size == 1 << 20
+    with open(path, "rb") as f:
+        assert f.read(len(header)) == header
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        reserved = writer.reserve(fd, 2 << 20)
+    finally:
+        os.close(fd)
+    assert os.path.getsize(path) == 2 << 20
+    if reserved:  # ext4/xfs/tmpfs here: the space is really allocated, not a sparse hole
+        assert os.stat(path).st_blocks * 512 >= 2 << 20
+
+
+def test_reserve_falls_back_to_a_sparse_length_without_fallocate(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "_FALLOCATE", None)
+    path = str(tmp_path / "sparse")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        assert writer.reserve(fd, 123457) is False
+    finally:
+        os.close(fd)
+    assert os.path.getsize(path) == 123457
+
+
+def test_reserve_reports_a_full_disk(tmp_path, monkeypatch):
+    import ctypes
+
+    def enospc(fd, mode, off, n):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(writer, "_FALLOCATE", enospc)
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as e:
+            writer.reserve(fd, 1 << 30)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_start_writeback_leaves_the_bytes_alone(tmp_path):
+    path = str(tmp_path / "w")
+    data = os.urandom(3 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        writer.start_writeback(fd, 4096, 2 << 20)
+        writer.start_writeback(fd, 0, 0)
+    finally:
+        os.close(fd)
+    assert open(path, "rb").read() == data
