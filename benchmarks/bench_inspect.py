@@ -24,7 +24,7 @@ from distmerge.writer import write_safetensors
 
 def _seko(path: str, cfg: WanConfig, rank: int) -> None:
     shapes = dict(wan_shapes(cfg))
-    specs, items = [], []
+    specs = []
     for m in lora_modules(cfg):
         out_f, in_f = shapes[m + ".weight"]
         specs += [(f"diffusion_model.{m}.lora_down.weight", "F32", (rank, in_f)),
