@@ -16,14 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 
 
 def crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's algorithm:
-    apply ``len2`` zero bytes to ``crc1`` by squaring the GF(2) shift operator)."""
-    if len2 <= 0:
-        return crc1
+    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``: apply ``len2`` zero
+    bytes to ``crc1`` with the GF(2) operator "append one zero byte", squared once per bit of
+    ``len2`` (zlib's method)."""
 
     def times(mat: list[int], vec: int) -> int:
         out, i = 0, 0
@@ -34,22 +35,14 @@ def crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
             i += 1
         return out
 
-    odd = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]  # one zero bit
-    even = [times(odd, odd[i]) for i in range(32)]  # two zero bits
-    odd = [times(even, even[i]) for i in range(32)]  # four zero bits
-    while True:
-        even = [times(odd, odd[i]) for i in range(32)]
+    op = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]  # append one zero bit
+    for _ in range(3):  # -> two, four, eight zero bits: one zero byte
+        op = [times(op, col) for col in op]
+    while len2 > 0:
         if len2 & 1:
-            crc1 = times(even, crc1)
+            crc1 = times(op, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = [times(even, even[i]) for i in range(32)]
-        if len2 & 1:
-            crc1 = times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
+        op = [times(op, col) for col in op]
     return crc1 ^ crc2
 
 
@@ -60,7 +53,7 @@ except ImportError:  # pragma: no cover - platforms without an isal wheel
 
     crc32_combine = crc32_combine_py
 
-__all__ = ["ALGORITHMS", "crc32", "crc32_combine", "crc32_combine_py", "format_crc32", "file_digest"]
+__all__ = ["ALGORITHMS", "crc32", "crc32_combine", "crc32_combine_py", "crc_range", "format_crc32", "file_digest"]
 
 ALGORITHMS = ("crc32", "sha256")
 _BLOCK = 16 << 20
@@ -69,6 +62,25 @@ _BLOCK = 16 << 20
 def format_crc32(value: int) -> str:
     """The 8-hex-digit form recorded in indexes and sidecars (as ``rhash --crc32`` prints it)."""
     return f"{value & 0xFFFFFFFF:08x}"
+
+
+def crc_range(fd: int, offset: int, nbytes: int, crc: int = 0, buf: bytearray | None = None) -> int:
+    """CRC-32 of ``nbytes`` at ``offset`` of ``fd``, chained onto ``crc``, read block by block
+    into ``buf`` (a fresh 16 MB buffer when not given).
+
+    Raises:
+        OSError: a read error, or the file ends before ``offset + nbytes``.
+    """
+    buf = buf if buf is not None else bytearray(min(_BLOCK, max(nbytes, 1)))
+    view = memoryview(buf)
+    pos, end = offset, offset + nbytes
+    while pos < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of file at byte {pos}")
+        crc = crc32(view[:n], crc)
+        pos += n
+    return crc
 
 
 def file_digest(path: str, algorithm: str) -> str:
@@ -83,9 +95,5 @@ def file_digest(path: str, algorithm: str) -> str:
             return hashlib.file_digest(f, "sha256").hexdigest()
     if algorithm != "crc32":
         raise ValueError(f"unknown checksum {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-    value, buf = 0, bytearray(_BLOCK)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            value = crc32(view[:n], value)
-    return format_crc32(value)
+        return format_crc32(crc_range(f.fileno(), 0, os.fstat(f.fileno()).st_size))

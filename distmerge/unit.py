@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .checksum import crc32
+from .checksum import crc32, crc_range
 from .dtypes import itemsize, to_torch
 from .errors import DistmergeError, ShardWriteError
 from .lora import Delta
@@ -37,7 +37,7 @@ from .mergemath import NonFiniteError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import copy_range, pwrite_all, tensor_bytes
 
-__all__ = ["UnitResult", "run_unit", "unit_crc32", "crc_range", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
+__all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
 
 _WRITE_BACKLOG = 2
 #: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
@@ -322,21 +322,11 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                       len(merged), crc, started=started)
 
 
-def crc_range(fd: int, offset: int, nbytes: int, crc: int = 0, block: int = 64 << 20) -> int:
-    """CRC-32 of ``nbytes`` at ``offset`` of ``fd``, chained onto ``crc``."""
-    for off in range(0, nbytes, block):
-        crc = crc32(read_bytes(fd, offset + off, min(block, nbytes - off)), crc)
-    return crc
-
-
 def unit_crc32(unit: WorkUnit, dest: str) -> int:
     """Re-read ``unit``'s output range of ``dest`` and CRC it (what ``run_unit`` reported when the
     bytes are intact; a resumed run keeps a unit only then)."""
     fd = os.open(dest, os.O_RDONLY)
-    try:
-        crc = 0
-        for t in unit.tensors:
-            crc = crc_range(fd, t.out_offset, t.out_nbytes, crc)
-        return crc
+    try:  # a unit's tensors are one contiguous range of the shard
+        return crc_range(fd, unit.tensors[0].out_offset, unit.nbytes) if unit.tensors else 0
     finally:
         os.close(fd)

@@ -37,40 +37,29 @@ __all__ = ["LaidTensor", "ShardLayout", "layout_shard", "create_file", "reserve"
 _COPY_CHUNK = 64 << 20
 
 
-def _libc_fallocate():
-    """``fallocate(2)`` from the C library, or ``None`` where there is none (non-Linux)."""
+def _libc(name: str, *argtypes: type) -> "ctypes._CFuncPtr | None":
+    """The C library's ``name`` (returning int, setting errno), or ``None`` where there is none
+    (non-Linux)."""
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
 
-_FALLOCATE = _libc_fallocate()
-
-
-def _libc_sync_file_range():
-    """``sync_file_range(2)`` from the C library, or ``None`` where there is none (non-Linux)."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
+_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk now, without
-    waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op where unavailable). A task calls
-    this for its finished range so the disk works while later units compute, instead of the final
-    fsync finding the last ~10% of RAM still dirty. It is not a durability guarantee."""
+    waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op where unavailable). The driver
+    calls this for each finished unit (``output.Writeback``) so the disk works while later units
+    compute, instead of the final fsync finding the last ~10% of RAM still dirty. It is not a
+    durability guarantee."""
     if _SYNC_FILE_RANGE is not None and nbytes > 0:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # an error only means no head start
 
