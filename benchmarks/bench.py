@@ -22,6 +22,12 @@ What it does:
 3. Prints medians per method, the ratios distmerge/cp and seed/distmerge (time) and
    seed RSS / distmerge RSS, and machine facts; ``--json FILE`` gets the same plus every run.
 
+Your own checkpoint instead of the generated one: ``--base PATH --lora PATH`` (any base and LoRA
+``distmerge merge`` accepts: a sharded folder or one ``.safetensors``; a LoRA file or PEFT adapter
+folder). Nothing is generated then, and the methods default to ``cp,distmerge`` because the seed
+only understands ROLL's ``….lora_B.default.weight`` keys (add it with ``--methods cp,distmerge,seed``;
+it fails with "no LoRA pair matched" on other layouts).
+
 Peak RSS rule (the number reported as "peak RSS"):
     Every 50 ms the benchmark sums the RSS of the *measured set* and keeps the maximum sum seen
     while the command's main process is alive. The measured set is the main process plus all its
@@ -41,6 +47,9 @@ Peak RSS rule (the number reported as "peak RSS"):
 Example (the full-size 6 GB run):
     .venv/bin/python benchmarks/bench.py --blocks 8 --dtype bf16 --shards 2 --repeats 3 \\
         --json bench-out/results.json
+
+A checkpoint you already have:
+    .venv/bin/python benchmarks/bench.py --base /data/Qwen2.5-3B --lora /data/my-adapter --repeats 3
 
 Smoke test (tiny, hidden width overrides):
     .venv/bin/python benchmarks/bench.py --dim 512 --ffn 1384 --text-dim 512 --blocks 2 \\
@@ -93,6 +102,14 @@ def _tag(a: argparse.Namespace) -> str:
     return f"d{a.dim}-f{a.ffn}-b{a.blocks}-t{a.text_dim}-{a.dtype}"
 
 
+def given_inputs(a: argparse.Namespace) -> Inputs:
+    """The user's own ``--base``/``--lora`` (nothing generated)."""
+    for flag, path in (("--base", a.base), ("--lora", a.lora)):
+        if not os.path.exists(path):
+            sys.exit(f"bench: {flag} {path} does not exist")
+    return Inputs(a.base, a.lora, _du(a.base), _du(a.lora), {"given": True})
+
+
 def ensure_inputs(a: argparse.Namespace) -> Inputs:
     """Generate (or reuse from ``a.workdir``) the base folder and the ROLL LoRA."""
     from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
@@ -120,6 +137,8 @@ def ensure_inputs(a: argparse.Namespace) -> Inputs:
 
 
 def _du(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
@@ -399,8 +418,11 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
 
 def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: argparse.Namespace) -> None:
     print()
-    print(f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {a.shards} shards, {a.dtype}, {a.blocks} blocks, "
-          f"dim {a.dim}); LoRA rank {a.rank} ({inp.lora_bytes / GB:.3f} GB); repeats {a.repeats}; "
+    shape = ("your checkpoint" if inp.config.get("given") else
+             f"{a.shards} shards, {a.dtype}, {a.blocks} blocks, dim {a.dim}")
+    lora = f"LoRA {inp.lora}" if inp.config.get("given") else f"LoRA rank {a.rank}"
+    print(f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {shape}); {lora} ({inp.lora_bytes / GB:.3f} GB); "
+          f"repeats {a.repeats}; "
           f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
           " trailing sync")
     hdr = f"{'method':<10} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
@@ -430,12 +452,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark distmerge vs cp -r and the ROLL seed merge.",
                                 epilog="Pass --distmerge-args with '=': --distmerge-args='--num-workers 2'")
     p.add_argument("--workdir", default="bench-out", help="cache + scratch folder (default ./bench-out)")
+    p.add_argument("--base", default=None, help="benchmark this existing base (folder or .safetensors) "
+                   "instead of generating one; needs --lora")
+    p.add_argument("--lora", default=None, help="the LoRA file or PEFT adapter folder for --base")
     p.add_argument("--blocks", type=int, default=8, help="Wan blocks (default 8 = ~6.1 GB in bf16)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="base dtype (default bf16)")
     p.add_argument("--shards", type=int, default=2, help="base shards (default 2)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of cp,distmerge,seed (default all)")
+    p.add_argument("--methods", default=None,
+                   help="comma list of cp,distmerge,seed (default all; cp,distmerge with --base)")
     p.add_argument("--skip-seed", action="store_true", help="leave out the seed (when the base does not fit in RAM)")
     p.add_argument("--distmerge-args", default="", help="extra distmerge CLI args, one string")
     p.add_argument("--drop-caches", action="store_true",
@@ -447,7 +473,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=13824, help=argparse.SUPPRESS)
     p.add_argument("--text-dim", type=int, default=4096, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if (a.base is None) != (a.lora is None):
+        p.error("--base and --lora go together")
+    if a.base:
+        a.base, a.lora = os.path.abspath(a.base), os.path.abspath(a.lora)
+    default = "cp,distmerge" if a.base else ",".join(METHODS)
+    methods = [m.strip() for m in (a.methods or default).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
@@ -464,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     os.makedirs(a.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
-    inp = ensure_inputs(a)
+    inp = given_inputs(a) if a.base else ensure_inputs(a)
     machine = machine_facts(a.workdir)
     if "seed" in a.method_list and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
         print(f"bench: warning: the seed holds the whole {inp.base_bytes / GB:.1f} GB base plus save "
