@@ -9,9 +9,7 @@ import os
 import subprocess
 import sys
 
-
 from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
-
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench.py")
 TINY = ["--dim", "128", "--ffn", "256", "--text-dim", "64", "--blocks", "1", "--rank", "4"]
