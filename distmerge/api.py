@@ -288,7 +288,7 @@ def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, secon
             ray_info: dict, phases: "_Phases") -> MergeReport:
     out = os.path.join(target.directory, target.single_file) if target.single_file else target.directory
     units = [UnitReport(r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged,
-                        round(r.started - phases.t0, 3) if r.started else 0.0)
+                        round(r.started - phases.t0, 3) if r.started else 0.0, r.direct_bytes)
              for r in results]
     n_tensors = sum(len(s.keys) for s in plan.shards)
     return MergeReport(

@@ -27,6 +27,7 @@ class UnitReport:
     seconds: float
     tensors_merged: int
     started_s: float = 0.0  #: when the task began, in seconds after the merge started (worker clock)
+    direct_bytes: int = 0  #: of ``bytes``, written with O_DIRECT (0 where the filesystem has none)
 
 
 @dataclass

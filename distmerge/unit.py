@@ -9,6 +9,9 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
   on how the work was split.
 * Reads, math and writes overlap: one I/O thread prefetches the next chunk and writes finished ones
   while the main thread computes (``preadv``/``pwrite`` and torch kernels release the GIL).
+* Merged bytes go to the disk with O_DIRECT where the filesystem allows it (``writer.OutputFile``):
+  each output buffer is placed at the same offset within a 4 KiB block as its bytes' place in the
+  file, so every whole block of it can be written without a copy through the page cache.
 * Merged values are checked to be finite before they are written.
 
 Example:
@@ -35,7 +38,7 @@ from .lora import Delta
 from .lorafile import LoraReader
 from .mergemath import NonFiniteError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
-from .writer import copy_range, pwrite_all, tensor_bytes
+from .writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
 
 __all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
 
@@ -57,6 +60,7 @@ class UnitResult:
     crc32: int = 0  #: CRC-32 of every byte of the unit's output range, in file order
     node_id: str = ""
     started: float = 0.0  #: ``time.time()`` when the task began (for the report's timeline)
+    direct_bytes: int = 0  #: of ``nbytes``, written with O_DIRECT (the rest via the page cache)
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -158,14 +162,21 @@ class _Ring:
     than the arithmetic done on them, so each task allocates its working buffers once."""
 
     def __init__(self, nbytes: int, count: int) -> None:
-        self._bufs = [torch.empty(max(nbytes, 1), dtype=torch.uint8) for _ in range(count)]
+        self._bufs = [torch.empty(max(nbytes, 1) + DIRECT_ALIGN, dtype=torch.uint8) for _ in range(count)]
         self._i = 0
 
-    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...], file_offset: int | None = None) -> torch.Tensor:
+        """The next buffer as a ``dtype`` tensor of ``shape``; with ``file_offset``, placed at the
+        same position within a ``DIRECT_ALIGN`` block as that offset (for O_DIRECT writes)."""
         buf = self._bufs[self._i % len(self._bufs)]
         self._i += 1
         n = math.prod(shape) * dtype.itemsize
-        return buf[:n].view(dtype).reshape(shape)
+        shift = 0
+        if file_offset is not None:
+            shift = (file_offset - buf.data_ptr()) % DIRECT_ALIGN
+            if shift % dtype.itemsize:  # an oddly placed tensor: no direct write, just a valid view
+                shift = 0
+        return buf[shift:shift + n].view(dtype).reshape(shape)
 
 
 def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
@@ -213,7 +224,7 @@ def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring
     rows = job.r1 - job.r0
     shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
     w = raw.view(to_torch(t.src_dtype)).reshape(shape)
-    out = out_ring.take(to_torch(t.out_dtype), shape)
+    out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=_byte_range(t, job.r0, job.r1, out=True)[0])
     if not job.terms:
         return out.copy_(w)
     if device.type == "cuda":
@@ -260,9 +271,10 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
     merged: set[str] = set()
     crc = 0
     current = [dest, ""]  # (file, key) for error messages
+    sink: OutputFile | None = None
+    direct = 0
     try:
-        dst = os.open(dest, os.O_WRONLY)
-        files.fds[dest + "#out"] = dst
+        sink = OutputFile(dest)
         with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
 
             src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
@@ -284,10 +296,10 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 if t.out_nbytes == 0:
                     return
                 if out is None:
-                    copy_range(files.fd(t.src_path), t.src_offset, dst, t.out_offset, t.src_nbytes)
+                    copy_range(files.fd(t.src_path), t.src_offset, sink.fd, t.out_offset, t.src_nbytes)
                     return
                 off, _ = _byte_range(t, job.r0, job.r1, out=True)
-                pwrite_all(dst, tensor_bytes(out), off)
+                sink.write(tensor_bytes(out), off, out.data_ptr())
 
             jobs = _jobs(unit, reader)
             job = next(jobs, None)
@@ -318,8 +330,11 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
         raise ShardWriteError(f"{where}: {e.strerror or e}") from None
     finally:
         files.close()
+        if sink is not None:
+            direct = sink.direct_bytes
+            sink.close()
     return UnitResult(unit.index, unit.shard, unit.nbytes, time.perf_counter() - start, dev.type,
-                      len(merged), crc, started=started)
+                      len(merged), crc, started=started, direct_bytes=direct)
 
 
 def unit_crc32(unit: WorkUnit, dest: str) -> int:

@@ -32,7 +32,7 @@ from .dtypes import code_of, itemsize
 from .errors import ShardWriteError
 
 __all__ = ["LaidTensor", "ShardLayout", "layout_shard", "create_file", "reserve", "start_writeback", "pwrite_all", "copy_range",
-           "write_safetensors"]
+           "write_safetensors", "DIRECT_ALIGN", "direct_span", "OutputFile"]
 
 _COPY_CHUNK = 64 << 20
 
@@ -156,6 +156,81 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         if n == 0:
             raise OSError(errno.EIO, "pwrite wrote 0 bytes")
         view, offset = view[n:], offset + n
+
+
+#: O_DIRECT needs the file offset, the length and the buffer address aligned to the device's
+#: logical block; 4096 covers every common device (512 and 4096 byte sectors)
+DIRECT_ALIGN = 4096
+
+
+def direct_span(offset: int, nbytes: int, address: int, align: int = DIRECT_ALIGN) -> tuple[int, int] | None:
+    """The part ``[start, end)`` of the file range ``[offset, offset + nbytes)`` that can be written
+    with O_DIRECT from a buffer at ``address``: the whole aligned blocks inside it, provided the
+    buffer sits at the same position within a block as the file range (else ``None``, as when
+    no whole block fits).
+
+    >>> direct_span(5000, 20000, 904)   # 5000 ≡ 904 (mod 4096): blocks 8192..24576 go direct
+    (8192, 24576)
+    >>> direct_span(5000, 20000, 900) is None, direct_span(5000, 3000, 904) is None
+    (True, True)
+    """
+    if (offset - address) % align:
+        return None
+    start = -(-offset // align) * align
+    end = (offset + nbytes) // align * align
+    return (start, end) if end > start else None
+
+
+class OutputFile:
+    """One task's handle on a part file: byte ranges written at known offsets, the whole blocks
+    of each with O_DIRECT (straight from the task's buffer to the disk: no page-cache copy, which
+    costs as much CPU as the merge arithmetic on small VMs, ~3 CPU-s per GB measured on 2-core
+    EPYC, and leaves no dirty gigabytes for the final fsync or for other jobs' page cache), the
+    partial blocks at either end through the page cache. Filesystems without O_DIRECT (tmpfs,
+    some FUSE mounts), a refused direct write, or ``DISTMERGE_DIRECT_IO=0`` fall back to plain
+    ``pwrite`` for everything. Neighbouring ranges only ever share a partial block, which both
+    sides write through the page cache, so direct and cached writes never overlap.
+
+    Example:
+        >>> # out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY)
+        self.direct_fd: int | None = None
+        self.direct_bytes = 0  #: bytes written with O_DIRECT so far
+        if hasattr(os, "O_DIRECT") and os.environ.get("DISTMERGE_DIRECT_IO", "1") != "0":
+            try:
+                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # EINVAL: the filesystem has no direct I/O
+                self.direct_fd = None
+
+    def write(self, data: memoryview, offset: int, address: int) -> None:
+        """Write all of ``data`` (whose first byte is at memory ``address``) at ``offset``."""
+        span = direct_span(offset, len(data), address) if self.direct_fd is not None else None
+        if span is None:
+            pwrite_all(self.fd, data, offset)
+            return
+        start, end = span
+        if start > offset:
+            pwrite_all(self.fd, data[: start - offset], offset)
+        try:
+            pwrite_all(self.direct_fd, data[start - offset: end - offset], start)  # type: ignore[arg-type]
+            self.direct_bytes += end - start
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.close(self.direct_fd)  # type: ignore[arg-type]
+            self.direct_fd = None  # refused (e.g. a stricter alignment): the page cache from now on
+            pwrite_all(self.fd, data[start - offset: end - offset], start)
+        if end < offset + len(data):
+            pwrite_all(self.fd, data[end - offset:], end)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.direct_fd = None
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:

@@ -70,3 +70,23 @@ def assert_close_to_reference(out: dict[str, torch.Tensor], ref: dict[str, torch
             assert bool(((ulp <= 1) | near).all()), k
         else:
             assert torch.equal(o, r), k
+
+
+def direct_io_works(folder) -> bool:
+    """Whether this filesystem takes an aligned O_DIRECT write (ext4/xfs yes, tmpfs no)."""
+    import mmap
+
+    path = os.path.join(str(folder), ".probe")
+    with open(path, "wb") as f:
+        f.truncate(8192)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        return os.pwrite(fd, memoryview(mmap.mmap(-1, 4096)), 4096) == 4096
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)

@@ -16,6 +16,8 @@ from distmerge.dtypes import itemsize
 from distmerge.header import read_header
 from distmerge.writer import copy_range, create_file, layout_shard, pwrite_all, write_safetensors
 
+from .helpers import direct_io_works
+
 
 # ----------------------------------------------------------------------------------- layout_shard
 
@@ -320,3 +322,75 @@ def test_start_writeback_leaves_the_bytes_alone(tmp_path):
     finally:
         os.close(fd)
     assert open(path, "rb").read() == data
+
+
+# ----------------------------------------------------------------------------------- direct I/O
+
+def test_direct_span_takes_exactly_the_whole_blocks_inside_the_range():
+    from distmerge.writer import direct_span
+
+    assert direct_span(0, 8192, 0) == (0, 8192)
+    assert direct_span(1, 8192, 1) == (4096, 8192)          # head and tail stay cached
+    assert direct_span(4095, 4098, 4095) == (4096, 8192)
+    assert direct_span(4095, 4096, 4095) is None             # no whole block inside
+    assert direct_span(100, 10_000, 101) is None             # buffer and file not in step
+    assert direct_span(100, 10_000, 100 + 3 * 4096) == (4096, 8192)
+    for off, n, addr in [(5000, 20000, 904), (12288, 4096, 0), (7, 100_000, 7 + 4096 * 9)]:
+        start, end = direct_span(off, n, addr)
+        assert start % 4096 == 0 and end % 4096 == 0 and off <= start < end <= off + n
+        assert start - off < 4096 and off + n - end < 4096  # maximal
+
+
+def _aligned_source(nbytes: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bytes in a buffer placed at ``offset``'s position within a 4 KiB block."""
+    big = torch.randint(0, 256, (nbytes + 8192,), dtype=torch.uint8)
+    shift = (offset - big.data_ptr()) % 4096
+    return big, big[shift:shift + nbytes]
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_output_file_writes_adjacent_ranges_exactly(tmp_path, monkeypatch, env):
+    """Ranges that share partial blocks, written in any order, give exactly the expected bytes;
+    whole blocks go direct where the filesystem allows it and ``DISTMERGE_DIRECT_IO`` is not 0."""
+    monkeypatch.setenv("DISTMERGE_DIRECT_IO", env)
+    cuts = [0, 37, 5000, 5001, 70_000, 70_100, 200_003, 300_000]
+    path = str(tmp_path / "part")
+    with open(path, "wb") as f:
+        f.truncate(cuts[-1])
+    expected = bytearray(cuts[-1])
+    out = writer.OutputFile(path)
+    keep = []
+    for a, b in reversed(list(zip(cuts, cuts[1:]))):
+        big, src = _aligned_source(b - a, a)
+        keep.append(big)
+        expected[a:b] = bytes(src.numpy())
+        out.write(memoryview(src.numpy()), a, src.data_ptr())
+    direct = out.direct_bytes
+    out.close()
+    assert open(path, "rb").read() == bytes(expected)
+    if env == "1" and direct_io_works(tmp_path):
+        assert direct == (69632 - 8192) + (196608 - 73728) + (299008 - 200704)  # the whole blocks
+    else:
+        assert direct == 0
+
+
+def test_output_file_falls_back_when_a_direct_write_is_refused(tmp_path, monkeypatch):
+    """A buffer that is not where the caller says (so the kernel refuses O_DIRECT with EINVAL)
+    is written through the page cache instead, and so is everything after it."""
+    monkeypatch.setenv("DISTMERGE_DIRECT_IO", "1")
+    if not direct_io_works(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT; the refusal path needs one that has")
+    path = str(tmp_path / "part")
+    with open(path, "wb") as f:
+        f.truncate(3 * 8192)
+    big, src = _aligned_source(8192, 1)  # placed for offset 1 ...
+    out = writer.OutputFile(path)
+    out.write(memoryview(src.numpy()), 0, 0)  # ... but claimed at an aligned address
+    assert out.direct_fd is None and out.direct_bytes == 0
+    big2, src2 = _aligned_source(8192, 8192)
+    out.write(memoryview(src2.numpy()), 8192, src2.data_ptr())
+    assert out.direct_bytes == 0
+    out.close()
+    data = open(path, "rb").read()
+    assert data[:8192] == bytes(src.numpy()) and data[8192:16384] == bytes(src2.numpy())
+
