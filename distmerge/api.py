@@ -238,7 +238,11 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             if progress:
                 progress(done["units"], len(plan.units), done["bytes"], plan.total_size)
             try:
-                results = run_units(todo, dests, settings=settings, on_done=on_done)
+                # O_DIRECT only while nothing reads the part files: the SHA-256 hasher reads shards
+                # as units finish, and a resume has just read the kept units (cached pages over
+                # blocks written directly could go stale if their invalidation raced a cached write)
+                results = run_units(todo, dests, settings=settings, on_done=on_done,
+                                    direct_io=hasher is None and previous is None)
                 phases.mark("units done")
                 if hasher:
                     sums = hasher.digests()  # each shard fsynced once hashed

@@ -341,14 +341,15 @@ def _stop(refs: list, *, interrupted: bool, grace_s: float = 300.0) -> None:
 
 
 def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: DispatchSettings,
-              on_done: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+              on_done: Callable[[UnitResult], None] | None = None, direct_io: bool = True) -> list[UnitResult]:
     """Run every work unit as a Ray task (``unit.run_unit``), shard by shard and front to back
     (so each shard's bytes are finished in order and can be checksummed while later ones run).
+    ``direct_io`` lets the tasks write with O_DIRECT (see ``writer.OutputFile``).
 
     Returns unit results ordered by unit index.
     """
     shard_order = {name: i for i, name in enumerate(dests)}
-    calls = [Call((u, dests[u.shard], settings.device), f"unit-{u.index} ({u.shard})", u.memory, u.nbytes,
+    calls = [Call((u, dests[u.shard], settings.device, direct_io), f"unit-{u.index} ({u.shard})", u.memory, u.nbytes,
                   order=(shard_order[u.shard], u.index)) for u in units]
 
     def done(i: int, node: str, res: object) -> None:
@@ -359,5 +360,5 @@ def run_units(units: Sequence[WorkUnit], dests: dict[str, str], *, settings: Dis
     return sorted((replace(res, node_id=node) for node, res in out), key=lambda r: r.index)  # type: ignore
 
 
-def run_unit_task(unit: WorkUnit, dest: str, device: str) -> UnitResult:
-    return run_unit(unit, dest, device=device)
+def run_unit_task(unit: WorkUnit, dest: str, device: str, direct_io: bool = True) -> UnitResult:
+    return run_unit(unit, dest, device=device, direct_io=direct_io)

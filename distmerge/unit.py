@@ -242,7 +242,8 @@ def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring
                               f"{sources} ({e}; check the LoRA factors and --weight/--alpha)") from None
 
 
-def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None) -> UnitResult:
+def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None,
+             direct_io: bool = True) -> UnitResult:
     """Fill ``unit``'s tensors of the prepared output file ``dest``.
 
     The bytes are not fsynced here: each shard is fsynced once, after it is checksummed
@@ -254,6 +255,8 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
         dest: the part file the driver created with ``writer.create_file``.
         device: ``cpu`` or ``cuda`` (the task's visible GPU).
         threads: torch intra-op threads for CPU math (the task's CPUs).
+        direct_io: write whole blocks with O_DIRECT where the filesystem allows it (the driver
+            turns it off while something reads the part files during the run).
 
     Raises:
         ShardWriteError: an input could not be read, the output could not be written, or a merged
@@ -274,7 +277,7 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
     sink: OutputFile | None = None
     direct = 0
     try:
-        sink = OutputFile(dest)
+        sink = OutputFile(dest, direct=direct_io)
         with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
 
             src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)

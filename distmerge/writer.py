@@ -189,17 +189,20 @@ class OutputFile:
     partial blocks at either end through the page cache. Filesystems without O_DIRECT (tmpfs,
     some FUSE mounts), a refused direct write, or ``DISTMERGE_DIRECT_IO=0`` fall back to plain
     ``pwrite`` for everything. Neighbouring ranges only ever share a partial block, which both
-    sides write through the page cache, so direct and cached writes never overlap.
+    sides write through the page cache, so direct and cached writes never overlap. Nothing should
+    read the file meanwhile: a cached page over a directly written block can go stale when the
+    kernel's invalidation races a cached write to the same large folio, so the driver passes
+    ``direct=False`` when it reads part files during a run (``--checksum sha256``, ``--resume``).
 
     Example:
         >>> # out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, direct: bool = True) -> None:
         self.fd = os.open(path, os.O_WRONLY)
         self.direct_fd: int | None = None
         self.direct_bytes = 0  #: bytes written with O_DIRECT so far
-        if hasattr(os, "O_DIRECT") and os.environ.get("DISTMERGE_DIRECT_IO", "1") != "0":
+        if direct and hasattr(os, "O_DIRECT") and os.environ.get("DISTMERGE_DIRECT_IO", "1") != "0":
             try:
                 self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # EINVAL: the filesystem has no direct I/O

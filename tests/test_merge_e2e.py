@@ -16,7 +16,7 @@ from distmerge.errors import MatchError, OutputError, ShardWriteError
 from distmerge.synth import make_factors, write_lora
 
 from .conftest import snapshot
-from .helpers import TINY, assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
+from .helpers import TINY, assert_close_to_reference, direct_io_works, load_checkpoint, lora_terms, reference_merge
 
 pytestmark = pytest.mark.ray
 
@@ -127,6 +127,9 @@ def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.sha256"]
     digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
     assert open(out + ".sha256").read() == f"{digest}  merged.safetensors\n"
+    # O_DIRECT only while no driver thread reads the output back (the SHA-256 hasher does)
+    assert sum(u.direct_bytes for u in again.units) == 0
+    assert (sum(u.direct_bytes for u in rep.units) > 0) == direct_io_works(str(tmp_path))
     assert_close_to_reference(load_checkpoint(out),
                               reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0)))
 
