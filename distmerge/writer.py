@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .dtypes import code_of, itemsize
 from .errors import ShardWriteError
 
 __all__ = ["LaidTensor", "ShardLayout", "layout_shard", "create_file", "reserve", "start_writeback", "pwrite_all", "copy_range",
-           "write_safetensors", "DIRECT_ALIGN", "direct_span", "OutputFile"]
+           "write_safetensors", "DIRECT_ALIGN", "DIRECT_FILESYSTEMS", "direct_span", "filesystem_type", "OutputFile"]
 
 _COPY_CHUNK = 64 << 20
 
@@ -161,6 +162,34 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 #: O_DIRECT needs the file offset, the length and the buffer address aligned to the device's
 #: logical block; 4096 covers every common device (512 and 4096 byte sectors)
 DIRECT_ALIGN = 4096
+#: filesystems on local block devices, where an O_DIRECT write is a plain DMA from the buffer;
+#: network and FUSE filesystems (NFS, Lustre, CephFS, gcsfuse, ...) keep the page cache, whose
+#: write-behind they are tuned for (``DISTMERGE_DIRECT_IO=1`` tries direct I/O anywhere)
+DIRECT_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding ``path`` (the longest matching mount point in
+    ``/proc/self/mounts``), or ``None`` where that cannot be told.
+
+    >>> filesystem_type("/proc/self")
+    'proc'
+    """
+    try:
+        with open("/proc/self/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # \040 = space
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, parts[2]
+    return kind
 
 
 def direct_span(offset: int, nbytes: int, address: int, align: int = DIRECT_ALIGN) -> tuple[int, int] | None:
@@ -186,9 +215,9 @@ class OutputFile:
     of each with O_DIRECT (straight from the task's buffer to the disk: no page-cache copy, which
     costs as much CPU as the merge arithmetic on small VMs, ~3 CPU-s per GB measured on 2-core
     EPYC, and leaves no dirty gigabytes for the final fsync or for other jobs' page cache), the
-    partial blocks at either end through the page cache. Filesystems without O_DIRECT (tmpfs,
-    some FUSE mounts), a refused direct write, or ``DISTMERGE_DIRECT_IO=0`` fall back to plain
-    ``pwrite`` for everything. Neighbouring ranges only ever share a partial block, which both
+    partial blocks at either end through the page cache. Only on local block filesystems
+    (``DIRECT_FILESYSTEMS``; ``DISTMERGE_DIRECT_IO=1`` tries any, ``0`` none); elsewhere, or after a
+    refused direct write, plain ``pwrite`` for everything. Neighbouring ranges only ever share a partial block, which both
     sides write through the page cache, so direct and cached writes never overlap. Nothing should
     read the file meanwhile: a cached page over a directly written block can go stale when the
     kernel's invalidation races a cached write to the same large folio, so the driver passes
@@ -202,7 +231,10 @@ class OutputFile:
         self.fd = os.open(path, os.O_WRONLY)
         self.direct_fd: int | None = None
         self.direct_bytes = 0  #: bytes written with O_DIRECT so far
-        if direct and hasattr(os, "O_DIRECT") and os.environ.get("DISTMERGE_DIRECT_IO", "1") != "0":
+        mode = os.environ.get("DISTMERGE_DIRECT_IO", "auto")
+        if mode == "auto":
+            direct = direct and filesystem_type(path) in DIRECT_FILESYSTEMS
+        if direct and mode != "0" and hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # EINVAL: the filesystem has no direct I/O

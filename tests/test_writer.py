@@ -394,3 +394,28 @@ def test_output_file_falls_back_when_a_direct_write_is_refused(tmp_path, monkeyp
     data = open(path, "rb").read()
     assert data[:8192] == bytes(src.numpy()) and data[8192:16384] == bytes(src2.numpy())
 
+
+
+def test_auto_direct_io_only_on_local_block_filesystems(tmp_path, monkeypatch):
+    """Unset ``DISTMERGE_DIRECT_IO`` means: O_DIRECT on ext4/xfs/btrfs/f2fs only. A tmpfs mounted
+    at a path with a space (``\\040`` in /proc/self/mounts) is found and written through the cache."""
+    import subprocess
+
+    monkeypatch.delenv("DISTMERGE_DIRECT_IO", raising=False)
+    mnt = tmp_path / "with space"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        assert writer.filesystem_type(str(mnt / "part")) == "tmpfs"
+        for folder in (mnt, tmp_path):
+            path = str(folder / "part")
+            with open(path, "wb") as f:
+                f.truncate(16384)
+            out = writer.OutputFile(path)
+            local = writer.filesystem_type(path) in writer.DIRECT_FILESYSTEMS
+            assert (out.direct_fd is not None) == (local and direct_io_works(folder))
+            assert (folder == mnt) <= (out.direct_fd is None)
+            out.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
