@@ -216,9 +216,10 @@ class OutputFile:
     costs as much CPU as the merge arithmetic on small VMs, ~3 CPU-s per GB measured on 2-core
     EPYC, and leaves no dirty gigabytes for the final fsync or for other jobs' page cache), the
     partial blocks at either end through the page cache. Only on local block filesystems
-    (``DIRECT_FILESYSTEMS``; ``DISTMERGE_DIRECT_IO=1`` tries any, ``0`` none); elsewhere, or after a
-    refused direct write, plain ``pwrite`` for everything. Neighbouring ranges only ever share a partial block, which both
-    sides write through the page cache, so direct and cached writes never overlap. Nothing should
+    (``DIRECT_FILESYSTEMS``; ``DISTMERGE_DIRECT_IO=1`` tries any, ``0`` none); elsewhere, or after
+    a refused direct write, plain ``pwrite`` for everything. Neighbouring ranges only ever share a
+    partial block, which both sides write through the page cache, so direct and cached writes
+    never overlap. Nothing should
     read the file meanwhile: a cached page over a directly written block can go stale when the
     kernel's invalidation races a cached write to the same large folio, so the driver passes
     ``direct=False`` when it reads part files during a run (``--checksum sha256``, ``--resume``).
@@ -231,10 +232,12 @@ class OutputFile:
         self.fd = os.open(path, os.O_WRONLY)
         self.direct_fd: int | None = None
         self.direct_bytes = 0  #: bytes written with O_DIRECT so far
-        mode = os.environ.get("DISTMERGE_DIRECT_IO", "auto")
-        if mode == "auto":
+        mode = os.environ.get("DISTMERGE_DIRECT_IO", "").strip().lower()
+        if mode in ("0", "false", "no", "off"):
+            direct = False
+        elif mode not in ("1", "true", "yes", "on"):  # unset or anything else: local filesystems only
             direct = direct and filesystem_type(path) in DIRECT_FILESYSTEMS
-        if direct and mode != "0" and hasattr(os, "O_DIRECT"):
+        if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # EINVAL: the filesystem has no direct I/O
