@@ -219,10 +219,10 @@ class OutputFile:
     (``DIRECT_FILESYSTEMS``; ``DISTMERGE_DIRECT_IO=1`` tries any, ``0`` none); elsewhere, or after
     a refused direct write, plain ``pwrite`` for everything. Neighbouring ranges only ever share a
     partial block, which both sides write through the page cache, so direct and cached writes
-    never overlap. Nothing should
-    read the file meanwhile: a cached page over a directly written block can go stale when the
-    kernel's invalidation races a cached write to the same large folio, so the driver passes
-    ``direct=False`` when it reads part files during a run (``--checksum sha256``, ``--resume``).
+    never overlap. Nothing should read the file meanwhile: a cached page over a directly written
+    block can go stale when the kernel's invalidation races a cached write to the same large
+    folio, so the driver passes ``direct=False`` when it reads part files during a run
+    (``--checksum sha256``, ``--resume``).
 
     Example:
         >>> # out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()

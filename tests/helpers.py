@@ -73,7 +73,8 @@ def assert_close_to_reference(out: dict[str, torch.Tensor], ref: dict[str, torch
 
 
 def direct_io_works(folder) -> bool:
-    """Whether this filesystem takes an aligned O_DIRECT write (ext4/xfs yes, tmpfs no)."""
+    """Whether this filesystem takes an aligned O_DIRECT write (ext4/xfs yes; tmpfs only on
+    kernels from 6.6, FUSE mounts often not)."""
     import mmap
 
     path = os.path.join(str(folder), ".probe")
