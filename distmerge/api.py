@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,10 +20,13 @@ import torch
 
 from . import __version__
 from .checkpoint import BaseCheckpoint, open_base
+from .companions import RECIPE_NAME, config_for_dtype, find_companions, make_recipe
+from .hub import resolve as resolve_reference
 from .dtypes import CLI_DTYPES, code_of
 from .errors import MatchError, PlanError
 from .lora import Delta, Unmatched, normalize
 from .lorafile import open_lora
+from .naming import detect_naming
 from .manifest import Manifest, fingerprint, fingerprint_changes
 from .checksum import ALGORITHMS
 from .output import (ShardHasher, Staging, Writeback, abort, fsync_files, manifest_path, part_path, prepare,
@@ -63,12 +67,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
         return None
     if isinstance(dtype, torch.dtype):
         code = code_of(dtype)
-        if code not in ("BF16", "F16", "F32"):
-            raise PlanError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32 or keep")
+        if code not in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
+            raise PlanError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 or keep")
         return code
     key = str(dtype).lower()
     if key not in CLI_DTYPES:
-        raise PlanError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16 or fp32")
+        raise PlanError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2")
     return CLI_DTYPES[key]
 
 
@@ -168,8 +172,10 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     start = time.perf_counter()
     phases = _Phases()
     # 1. Base headers and LoRA deltas, all validated before anything is written.
-    base_ck = open_base(base)
-    specs = lora_specs(loras)
+    base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
+    base_ck = open_base(base_ref.local)
+    lora_refs = [(resolve_reference(p), w) for p, w in lora_specs(loras)]
+    specs = [(r.local, w) for r, w in lora_refs]
     gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
     out_code = resolve_dtype(dtype)
     parse_size(max_shard_size)
@@ -207,7 +213,20 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
         try:
             # 3. Part files (kept when resuming), the manifest, Ray tasks, checksums, then the
             #    atomic publish (index last).
-            prepare(plan, target, staging, keep_parts=previous is not None)
+            recipe = make_recipe(base_ck, gathered.loras, fp, naming=detect_naming(base_ck.tensors).name,
+                                 alpha=alpha, dtype=out_code, version=__version__,
+                                 references=[base_ref] + [r for r, _ in lora_refs])
+            companions = find_companions(base_ck) if not target.single_file else None
+            files = dict(companions.files) if companions else {}
+            texts = {f"{target.single_file}.{RECIPE_NAME}" if target.single_file else RECIPE_NAME:
+                     json.dumps(recipe, indent=2) + "\n"}
+            config = config_for_dtype(files["config.json"], out_code) if "config.json" in files else None
+            if config is not None:  # the config says the merged weights' dtype, not the base's
+                texts["config.json"] = config
+                del files["config.json"]
+            prepare(plan, target, staging, keep_parts=previous is not None, files=files, texts=texts)
+            for name, why in companions.skipped if companions else ():
+                logger.warning("%s: not copied into the output: %s", os.path.join(base_ck.path, name), why)
             check_shared_storage(list(base_ck.files) + [p for p, _ in specs], target.directory)
             manifest = Manifest(fp, plan.unit_size, path=staging.manifest)
             if previous is not None:
@@ -256,7 +275,7 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
                     hasher.close()
                 if writeback:
                     writeback.close()
-            shards = publish(plan, target, staging, extra_metadata={"version": __version__},
+            shards = publish(plan, target, staging, extra_metadata={"version": __version__, "recipe": recipe},
                              checksums=(checksum, sums))
             phases.mark("published")
         except BaseException:
@@ -267,6 +286,10 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     phases.mark("ray closed")
     rep = _report(plan, target, shards, results, gathered, time.perf_counter() - start, ray_info, phases)
     rep.units_reused = len(plan.units) - len(todo)
+    rep.base_naming = recipe["base"]["naming"]
+    if companions is not None:
+        rep.files_copied = sorted(companions.files)
+        rep.files_skipped = [{"name": n, "reason": why} for n, why in companions.skipped]
     if report:
         rep.write_json(report)
     return rep

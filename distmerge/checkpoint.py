@@ -22,6 +22,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 from .errors import FormatError
 from .header import Header, TensorInfo, read_header
+from .hub import local_path
 
 __all__ = ["BaseCheckpoint", "open_base", "INDEX_SUFFIX"]
 
@@ -54,7 +55,7 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
         FormatError: nothing usable found, an ambiguous folder, a bad index (unsafe or missing
             shard names, keys in the wrong shard), duplicate keys across shards, bad headers.
     """
-    p = os.fspath(path)
+    p = local_path(path)  # an ``owner/repo/sub`` Hugging Face cache reference -> its snapshot
     if os.path.isfile(p):
         if not p.endswith(".safetensors"):
             raise FormatError(f"{p}: base must be a .safetensors file or a folder of them, "

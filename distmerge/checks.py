@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .dtypes import itemsize, to_torch
+from .fp8 import FP8_MAX, quantize
 from .header import TensorInfo
 from .lora import Delta
 from .lorafile import LoraReader
@@ -71,6 +72,11 @@ def _tolerance(code: str) -> int:
     return 16 if itemsize(code) >= 4 else 1
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``isfinite`` for any float dtype (torch has no fp8 kernel: fp8 is upcast, exactly)."""
+    return torch.isfinite(x.to(torch.float32) if x.element_size() == 1 else x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Task side
 
@@ -83,6 +89,9 @@ class TensorCheck:
     base: TensorInfo
     out: TensorInfo
     deltas: tuple[Delta, ...] = ()
+    quant: str = ""  #: ``scaled``: the output is scaled fp8 with a fresh scale in ``scale``
+    scale: TensorInfo | None = None  #: the output's scale of a ``scaled`` tensor
+    base_scale: TensorInfo | None = None  #: the base's scale (dequantizes a scaled-fp8 base)
 
 
 @dataclass(frozen=True)
@@ -136,9 +145,12 @@ def check_group(group: CheckGroup) -> GroupResult:
                                                f"({e.strerror or e})"))
         for c in group.checks:
             try:
-                if c.deltas:
+                if c.quant and not c.deltas:
+                    found = _check_quantized(c, fds)
+                elif c.deltas:
                     merged += 1
-                    found, ulp, nrows = _check_merged(c, group, fds, reader)
+                    check = _check_scaled if c.quant else _check_merged
+                    found, ulp, nrows = check(c, group, fds, reader)
                     rows_compared += nrows
                     if ulp >= worst and (ulp > worst or not worst_key):
                         worst, worst_key = ulp, c.key
@@ -241,7 +253,7 @@ class _Compare:
         if out.numel() == 0:
             return
         ref = ref64.to(out.dtype)
-        finite = torch.isfinite(out)
+        finite = _finite(out)
         ulp = ulp_distance(out, ref)
         rf = ref.to(torch.float64)
         fin = rf[torch.isfinite(rf)]
@@ -299,7 +311,7 @@ def _check_merged(c: TensorCheck, g: CheckGroup, fds: dict[str, int],
         r1 = min(n, r0 + step)
         out = _read_rows(out_fd, o, per, range(r0, r1))
         if not failures:
-            bad = ~torch.isfinite(out)
+            bad = ~_finite(out)
             if bool(bad.any()):
                 flat = int(bad.reshape(-1).nonzero()[0])
                 r = r0 + flat // per
@@ -324,6 +336,80 @@ def _check_merged(c: TensorCheck, g: CheckGroup, fds: dict[str, int],
         failures.append((_VALUE, u, f"{c.key} {_where(b.shape, r)}: {ov:.6g} vs expected {ev:.6g} "
                                     f"({u} ulp) ({name})"))
     return failures, worst, len(sample)
+
+
+def _read_scalar(fds: dict[str, int], info: TensorInfo) -> torch.Tensor:
+    """A one-element tensor as a float32 0-d tensor."""
+    raw = read_bytes(_fd(fds, info.path), info.offset, info.nbytes)
+    return torch.frombuffer(raw, dtype=to_torch(info.dtype)).to(torch.float32).reshape(())
+
+
+def _check_scaled(c: TensorCheck, g: CheckGroup, fds: dict[str, int],
+                  reader: LoraReader) -> tuple[list[tuple[int, int, str]], int, int]:
+    """A merged scaled-fp8 tensor: finite, a fresh scale (its largest code is ±fp8_max), and sampled
+    rows of ``(W·s0 + Σ coef·ΔW) / s`` (float64) within 1 fp8 ulp of the output codes."""
+    b, o = c.base, c.out
+    assert c.scale is not None
+    n, per = _geometry(b.shape)
+    name = os.path.basename(o.path)
+    fmax = FP8_MAX[o.dtype]
+    s = _read_scalar(fds, c.scale)
+    s0 = _read_scalar(fds, c.base_scale) if c.base_scale is not None else None
+    q = _read_rows(_fd(fds, o.path), o, per, range(n))
+    qf = q.to(torch.float32)
+    if not bool(torch.isfinite(qf).all()) or not (math.isfinite(float(s)) and float(s) > 0):
+        flat = int((~torch.isfinite(qf)).reshape(-1).nonzero()[0]) if not bool(torch.isfinite(qf).all()) else 0
+        return [(_NONFINITE, 0, (f"{c.key} {_where(b.shape, flat // per)}: value {float(qf.reshape(-1)[flat])} "
+                                 f"× scale {float(s)} is not finite ({name})"))], 0, 0
+    top = float(qf.abs().max()) if qf.numel() else 0.0
+    if top != fmax and not (top == 0.0 and float(s) == 1.0):
+        return [(_VALUE, 0, (f"{c.key}: largest |code| is {top:g}, expected {fmax:g} (a fresh scale "
+                             f"amax/{fmax:g}; the scale is {float(s):.6g}) ({name})"))], 0, 0
+    sample = _sample(c.key, n, g.rows, g.seed, g.full)
+    if not sample:
+        return [], 0, 0
+    terms = load_terms(c.deltas, reader.read)
+    w = _read_rows(_fd(fds, b.path), b, per, range(n) if not all(d.row_local for d in c.deltas) else sample)
+    w = w.to(torch.float32) * s0 if s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
+    if all(d.row_local for d in c.deltas):
+        ref = _reference_rows(w, terms, n, per, sample)
+    else:
+        full = merge_tensor(w.reshape(b.shape).to(torch.float64), terms, out_dtype=torch.float64)
+        ref = full.reshape(n, per).index_select(0, torch.tensor(sample, dtype=torch.long))
+    ref = (ref / float(s)).clamp(-fmax, fmax)
+    cmp = _Compare(o.dtype)
+    cmp.add(q.index_select(0, torch.tensor(sample, dtype=torch.long)), ref, sample)
+    worst, bad = cmp.result()
+    if bad is None:
+        return [], worst, len(sample)
+    u, r, ov, ev = bad
+    return [(_VALUE, u, (f"{c.key} {_where(b.shape, r)}: {ov * float(s):.6g} vs expected {ev * float(s):.6g} "
+                         f"({u} fp8 ulp at scale {float(s):.6g}) ({name})"))], worst, len(sample)
+
+
+def _check_quantized(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:
+    """A tensor ``--dtype fp8_*`` quantized without deltas: weight and scale bytes equal the base
+    quantized (deterministic round-to-nearest, fresh scale)."""
+    b, o = c.base, c.out
+    assert c.scale is not None
+    n, per = _geometry(b.shape)
+    w = _read_rows(_fd(fds, b.path), b, per, range(n)).to(torch.float32)
+    want_q, want_s = quantize(w, o.dtype, scale_dtype=to_torch(c.scale.dtype))
+    got = read_bytes(_fd(fds, o.path), o.offset, o.nbytes)
+    got_s = read_bytes(_fd(fds, c.scale.path), c.scale.offset, c.scale.nbytes)
+    if bytes(got_s) != want_s.reshape(-1).view(torch.uint8).numpy().tobytes():
+        got_v = torch.frombuffer(got_s, dtype=to_torch(c.scale.dtype))[0].item()
+        return [(_UNTOUCHED, 0, (f"{c.scale.key}: scale {got_v:.6g} vs expected {float(want_s):.6g} (amax/"
+                                 f"{FP8_MAX[o.dtype]:g} of the base '{c.key}') ({os.path.basename(c.scale.path)})"))]
+    want = want_q.reshape(-1).view(torch.uint8)
+    diff = torch.frombuffer(got, dtype=torch.uint8) != want
+    if not bool(diff.any()):
+        return []
+    elem = int(diff.nonzero()[0])
+    ov = torch.frombuffer(got, dtype=to_torch(o.dtype))[elem].to(torch.float32).item()
+    ev = want_q.reshape(-1)[elem].to(torch.float32).item()
+    return [(_UNTOUCHED, 0, (f"{c.key} {_where(b.shape, elem // max(1, per))}: code {ov:.6g} vs expected "
+                             f"{ev:.6g}: differs from the base quantized to {o.dtype} ({os.path.basename(o.path)})"))]
 
 
 def _check_untouched(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:

@@ -33,8 +33,9 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                    required=True, metavar="PATH",
                    help="output folder (shards + index), or a path ending in .safetensors (one file)")
     p.add_argument("--alpha", type=float, default=1.0, help="global multiplier on every delta (default 1.0)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
-                   help="output dtype of float tensors (default: keep the base's)")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="keep",
+                   help="output dtype of float tensors (default: keep the base's); fp8_* writes scaled fp8 "
+                        "block linears (ComfyUI's convention), other tensors keep their dtype")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard size limit (default 5GB)")
     p.add_argument("--skip-unmatched", action="store_true",
                    help="merge what matches; list unplaceable LoRA keys in the summary and report")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPES", "FLOAT_CODES", "CLI_DTYPES", "to_torch", "itemsize", "code_of", "is_float"]
+__all__ = ["DTYPES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "to_torch", "itemsize", "code_of", "is_float"]
 
 # code -> (torch dtype name, bytes per element). Optional dtypes are looked up with getattr so an
 # older torch simply lacks them (and a file using them gets a clear error, not a crash).
@@ -41,6 +41,8 @@ _BY_TORCH = {dt: code for code, (dt, _) in DTYPES.items()}
 
 #: codes whose tensors LoRA deltas may be added to (and ``--dtype`` converts)
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+#: the float8 codes (merged through float32; ``--dtype`` to them writes scaled fp8, see ``fp8``)
+FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
 
 #: ``--dtype`` spellings -> safetensors code (``keep`` -> None)
 CLI_DTYPES: dict[str, str | None] = {
@@ -51,6 +53,10 @@ CLI_DTYPES: dict[str, str | None] = {
     "float16": "F16",
     "fp32": "F32",
     "float32": "F32",
+    "fp8_e4m3fn": "F8_E4M3",
+    "float8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+    "float8_e5m2": "F8_E5M2",
 }
 
 

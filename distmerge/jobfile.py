@@ -11,7 +11,7 @@ process), so a cluster is started or joined once for all merges. Example::
       num_workers: 16            # tasks in flight (default: all CPUs, or all GPUs)
       device: auto               # auto | cpu | cuda
     defaults:                    # optional; any merge option, overridden per merge
-      dtype: bf16                # keep | bf16 | fp16 | fp32
+      dtype: bf16                # keep | bf16 | fp16 | fp32 | fp8_e4m3fn | fp8_e5m2
       max_shard_size: 5GB
     merges:
       - name: high_noise_model
@@ -54,6 +54,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import DistmergeError, FormatError, PlanError
+from .hub import local_path
 from .plan import parse_size
 
 __all__ = ["LoraSpec", "RayOptions", "MergeOptions", "MergeSpec", "JobFile", "Job", "parse_job",
@@ -104,7 +105,7 @@ class MergeOptions(BaseModel):
 
     model_config = _CFG
     alpha: Finite = 1.0
-    dtype: Literal["keep", "bf16", "fp16", "fp32"] = "keep"
+    dtype: Literal["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"] = "keep"
     max_shard_size: Size = "5GB"
     skip_unmatched: bool = False
     overwrite: bool = False
@@ -384,7 +385,7 @@ def run_job(job: Job, *, progress: ProgressFn | None = None,
 
     for m in job.merges:  # fail before the first merge, not after hours of merging
         for what, p in [("base", m.base), *(("LoRA", lo.path) for lo in m.loras)]:
-            if not os.path.exists(p):
+            if not os.path.exists(local_path(p)):  # a Hugging Face cache reference: its snapshot
                 raise PlanError(f"merge {m.name!r}: {what} {p} not found (checked before running any merge)")
     reports = []
     r = job.ray

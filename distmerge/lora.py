@@ -35,9 +35,11 @@ from typing import Protocol
 
 from .dtypes import is_float, itemsize
 from .errors import FormatError, MatchError
-from .keymap import diffusers_param_to_wan, diffusers_to_wan, strip_prefixes, underscore_map
+from .keymap import (UNDERSCORE_PREFIXES, decode_wan_underscore, diffusers_param_to_wan, strip_prefixes,
+                     underscore_map)
 from .lorafile import LoraFile
 from .mergemath import delta_shape_error
+from .naming import BaseNames
 from .scales import AdapterConfig
 
 __all__ = ["FactorRef", "Delta", "Unmatched", "NormalizedLora", "Layout", "LAYOUTS", "SUFFIXES", "KINDS",
@@ -205,23 +207,46 @@ def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
 
 
 class _Ctx:
-    """Per-file state for grouping: the file, the base, the layout and its scale source."""
+    """Per-file state for grouping: the file, the base and its naming, the layout and its scale
+    source."""
 
     def __init__(self, lf: LoraFile, base: Mapping[str, _Meta] | None, layout: Layout, strength: float) -> None:
         self.lf, self.base, self.layout, self.strength = lf, base, layout, strength
         self.out = NormalizedLora(lf.path, layout.name)
         self.config = (AdapterConfig.from_peft(lf.config, lf.path) if lf.config is not None
                        else AdapterConfig.from_diffusers_metadata(lf.metadata, lf.path))
-        self.underscore = underscore_map(base) if (layout.name == "kohya" and base) else {}
+        self.names = BaseNames(base) if base is not None else None
+        self.underscore: dict[str, str] = {}
+        if layout.name == "kohya" and self.names is not None:  # native module names first
+            self.underscore = underscore_map(sorted(self.names.keys) + self.names.canonical_keys)
 
     def ref(self, key: str, role: str) -> FactorRef:
         m = self.lf.tensors[key]
         return FactorRef(self.lf.path, key, m.dtype, m.shape, role)
 
-    def resolve(self, module: str) -> str:
-        if self.layout.diffusers_names:
-            return diffusers_to_wan(module)
-        return self.underscore.get(module, module)
+    def module_path(self, module: str) -> str | None:
+        """``module`` as a dotted path (kohya names decoded through the base's modules, else through
+        the Wan module table, so a missing target is still named), ``None`` for a kohya name that
+        neither decodes."""
+        if module.startswith(UNDERSCORE_PREFIXES) and self.layout.name == "kohya" and self.names is not None:
+            return self.underscore.get(module) or decode_wan_underscore(module)
+        return module
+
+    def target(self, key: str) -> str:
+        """The base key LoRA target ``key`` lands on; without a match (or a base), the key as the
+        LoRA means it in the canonical naming, for ``_add`` to report."""
+        found = self.names.find(key, diffusers_names=self.layout.diffusers_names) if self.names else None
+        if found is not None:
+            return found
+        return diffusers_param_to_wan(key) if self.layout.diffusers_names else key
+
+    def missing(self, target: str) -> str:
+        """Why ``target`` is not in the base, in the base's own naming."""
+        assert self.names is not None
+        native = self.names.native(target)
+        where = f"the base (named {self.names.naming.name}: {self.names.naming.description})"
+        return f"no base tensor '{native}' in {where}" if native == target else (
+            f"no base tensor '{native}' ('{target}' in original Wan names) in {where}")
 
 
 def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float = 1.0) -> NormalizedLora:
@@ -249,7 +274,7 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float
             body = "lora_unet_" + body[len("lora_unet__"):]
         role, module = _classify(body)
         if role is None:
-            full = diffusers_param_to_wan(body) if ctx.layout.diffusers_names else body
+            full = ctx.target(body)
             if base is not None and full in base and tuple(base[full].shape) == lf.tensors[key].shape:
                 _add(ctx, Delta(full, "set", (ctx.ref(key, "set"),), 1.0, 1.0, lf.path, full))
             else:
@@ -280,14 +305,20 @@ def _classify(body: str) -> tuple[str | None, str]:
 
 def _group(ctx: _Ctx, module: str, roles: dict[str, str]) -> None:
     """Turn one module's tensors (role -> key) into deltas; leftovers become ``Unmatched``."""
-    path = ctx.resolve(module)
+    path = ctx.module_path(module)
+    if path is None:
+        for key in roles.values():
+            ctx.out.unmatched.append(Unmatched(key, f"no base tensor for kohya module '{module}' (no "
+                                                    "module of the base has that underscore name)"))
+        return
     used: set[str] = set()
 
     def delta(kind: str, param: str, rs: tuple[str, ...], scale: float, *, strength: float | None = None,
               transpose: bool = False, dora: str = "") -> None:
         used.update(rs)
         factors = tuple(ctx.ref(roles[r], r) for r in rs)
-        _add(ctx, Delta(f"{path}.{param}", kind, factors, scale, ctx.strength if strength is None else strength,
+        _add(ctx, Delta(ctx.target(f"{path}.{param}"), kind, factors, scale,
+                        ctx.strength if strength is None else strength,
                         ctx.lf.path, module, transpose, dora))
 
     for role, (kind, param) in _FULL.items():
@@ -371,9 +402,9 @@ def _add(ctx: _Ctx, d: Delta) -> None:
     w = base.get(d.target)
     if w is None:
         for f in d.factors:
-            ctx.out.unmatched.append(Unmatched(f.key, f"no base tensor '{d.target}'"))
+            ctx.out.unmatched.append(Unmatched(f.key, ctx.missing(d.target)))
         return
-    if not is_float(w.dtype) or w.dtype.startswith("F8"):
+    if not is_float(w.dtype):
         raise MatchError(f"{lf.path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}: "
                          "quantized or integer base tensors are not supported (merge into a float base)")
     for f in d.factors:

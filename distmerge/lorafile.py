@@ -29,6 +29,7 @@ from safetensors import safe_open
 from .dtypes import code_of
 from .errors import FormatError
 from .header import read_header
+from .hub import local_path
 
 __all__ = ["TensorMeta", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
 
@@ -62,6 +63,7 @@ class LoraFile:
 
 
 def _resolve_path(path: str) -> tuple[str, dict[str, Any] | None]:
+    path = local_path(path)  # an ``owner/repo/file`` Hugging Face cache reference -> its snapshot
     if os.path.isfile(path):
         return path, None
     if not os.path.isdir(path):

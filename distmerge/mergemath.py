@@ -32,11 +32,15 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "implied_shape",
-           "delta_shape_error", "NonFiniteError"]
+           "delta_shape_error", "NonFiniteError", "OutOfRangeError"]
 
 
 class NonFiniteError(ValueError):
     """The merged values contain NaN/Inf, or overflow the output dtype."""
+
+
+class OutOfRangeError(NonFiniteError):
+    """The merged values are finite but beyond the output dtype's largest value."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,9 @@ def merge_tensor(w: torch.Tensor, terms: Sequence[Term], *, out_dtype: torch.dty
     if check_finite and acc.numel():
         lo, hi = torch.aminmax(acc)  # no temporary; NaN propagates into both
         peak = max(-lo.item(), hi.item())
-        if not math.isfinite(peak) or (out_dtype.is_floating_point and peak > torch.finfo(out_dtype).max):
+        if not math.isfinite(peak):
             raise NonFiniteError(f"max |value| {peak:.4g} is not finite in {out_dtype}")
+        if out_dtype.is_floating_point and peak > torch.finfo(out_dtype).max:
+            raise OutOfRangeError(f"max |value| {peak:.4g} is beyond the largest {out_dtype} value "
+                                 f"{torch.finfo(out_dtype).max:g}")
     return out.copy_(acc) if out is not None else acc.to(out_dtype)

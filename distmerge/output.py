@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -126,10 +128,14 @@ class Staging:
     previous_shards: tuple[str, ...] = ()  #: shards named by an earlier distmerge index
     manifest: str = ""  #: the resume manifest of this run
     published: bool = False  #: the result is in place: nothing may be undone any more
+    extras: tuple[str, ...] = ()  #: names of the non-weight files staged as parts (config, recipe, …)
 
 
-def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_parts: bool = False) -> None:
-    """Create the output folder and every part file (header written, data area sparse).
+def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_parts: bool = False,
+            files: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None) -> None:
+    """Create the output folder and every part file (header written, data area sparse), and stage
+    the non-weight files: ``files`` (output name -> source path, copied) and ``texts`` (output
+    name -> contents), each as a part that ``publish`` renames with the shards.
 
     An earlier index in the folder is set aside first, so from now on the folder does not look
     finished; ``abort`` puts it back, ``publish`` replaces it. ``staging`` records each change as
@@ -156,6 +162,20 @@ def prepare(plan: MergePlan, target: OutputTarget, staging: Staging, *, keep_par
         if keep_parts and _part_matches(part, s.header, s.size):
             continue
         create_file(part, s.header, s.size)
+    _stage_extras(target.directory, staging, files or {}, texts or {})
+
+
+def _stage_extras(directory: str, staging: Staging, files: Mapping[str, str], texts: Mapping[str, str]) -> None:
+    for name, src in files.items():
+        staging.extras += (name,)
+        try:
+            shutil.copyfile(src, part_path(directory, name))
+        except OSError as e:
+            raise OutputError(f"{src}: cannot copy it into the output ({e.strerror or e})") from None
+    for name, text in texts.items():
+        staging.extras += (name,)
+        with open(part_path(directory, name), "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def write_atomic(path: str, text: str, *, tmp: str | None = None, durable: bool = True) -> None:
@@ -177,8 +197,11 @@ def write_atomic(path: str, text: str, *, tmp: str | None = None, durable: bool 
 
 def sha256_file(path: str) -> str:
     """Hex SHA-256 of a whole file."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:  # hashlib.file_digest is Python 3.11+
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _part_matches(part: str, header: bytes, size: int) -> bool:
@@ -257,15 +280,8 @@ class Writeback:
 
 def fsync_files(paths: list[str]) -> None:
     """Flush each file to disk, in parallel (each call waits on the device, not the CPU)."""
-    def sync(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     with ThreadPoolExecutor(max(1, min(8, len(paths))), thread_name_prefix="distmerge-fsync") as pool:
-        list(pool.map(sync, paths))
+        list(pool.map(_fsync_path, paths))
 
 
 class ShardHasher:
@@ -337,6 +353,14 @@ class ShardHasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -372,6 +396,9 @@ def publish(plan: MergePlan, target: OutputTarget, staging: Staging, *,
                          f"{sums[target.single_file]}  {target.single_file}\n")
     for s in plan.shards:
         os.replace(part_path(d, s.name), os.path.join(d, s.name))
+    for name in staging.extras:  # config, tokenizer, recipe: in place before the index appears
+        _fsync_path(part_path(d, name))
+        os.replace(part_path(d, name), os.path.join(d, name))
     _fsync_dir(d)
     names = [s.name for s in plan.shards]
     if not target.single_file:
@@ -398,8 +425,8 @@ def abort(plan: MergePlan, target: OutputTarget, staging: Staging) -> None:
     """Undo ``prepare`` after a failure or an interrupt: remove every part file, put an earlier
     index back, and remove the folder if this run created it and it is now empty. After the
     result is published (an interrupt during ``publish``'s last steps) only leftovers are removed."""
-    names = [s.name for s in plan.shards] + ([] if target.single_file else
-                                              [os.path.basename(target.index_path(plan.stem))])
+    names = [s.name for s in plan.shards] + list(staging.extras) + (
+        [] if target.single_file else [os.path.basename(target.index_path(plan.stem))])
     for name in names:
         try:
             os.remove(part_path(target.directory, name))

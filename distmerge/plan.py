@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .checkpoint import BaseCheckpoint
-from .dtypes import is_float, itemsize
+from .dtypes import itemsize
 from .errors import PlanError
+from .fp8 import ScaledLayout, scaled_layout
 from .lora import Delta
-from .writer import layout_shard
+from .writer import LaidTensor, layout_shard
 
 __all__ = ["PlannedTensor", "ShardPlan", "WorkUnit", "MergePlan", "parse_size", "split_by_size",
            "shard_names", "make_plan", "partition_units"]
@@ -67,13 +68,27 @@ class PlannedTensor:
     out_offset: int
     out_nbytes: int
     deltas: tuple[Delta, ...] = ()
+    #: ``scaled``: the output is fp8 with a fresh per-tensor scale, written to ``scale_key``
+    quant: str = ""
+    scale_key: str = ""  #: the output scale of a ``scaled`` tensor: the next tensor of its unit
+    #: the base's scale of a ``scaled`` tensor ((path, offset, dtype)), to dequantize it
+    scale_src: tuple[str, int, str] | None = None
+    derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
 
     @property
     def action(self) -> str:
-        """``merge`` (deltas to add), ``convert`` (dtype change only) or ``copy`` (bytes as is)."""
+        """``merge`` (deltas to add), ``convert`` (dtype change only), ``copy`` (bytes as is) or
+        ``derived`` (a scale computed with its weight)."""
+        if self.derived_from:
+            return "derived"
         if self.deltas:
             return "merge"
-        return "convert" if self.out_dtype != self.src_dtype else "copy"
+        return "convert" if (self.out_dtype != self.src_dtype or self.quant) else "copy"
+
+    @property
+    def whole(self) -> bool:
+        """Computed in one piece: the fresh scale of a ``scaled`` tensor needs all of it."""
+        return bool(self.quant) or not all(d.row_local for d in self.deltas)
 
 
 @dataclass(frozen=True)
@@ -100,14 +115,18 @@ class WorkUnit:
     def memory(self) -> int:
         """A bound on the task's working memory, for Ray's ``memory=`` admission control: a few
         row chunks in flight (or the whole tensor for deltas that cannot be chunked), plus the
-        factors of the tensor being merged, plus a fixed allowance."""
+        factors of the tensor being merged, plus a fixed allowance. A ``scaled`` fp8 tensor is
+        held whole: two source buffers, a float64-sized accumulator and four output buffers (the
+        task's buffer rings, ``unit._piece_bytes``)."""
         peak = 0
         for t in self.tensors:
-            if t.action == "copy":
+            if t.action in ("copy", "derived"):
                 continue
             full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
-            chunkable = all(d.row_local for d in t.deltas)
-            work = 4 * min(full, CHUNK_BYTES) if chunkable else 3 * full
+            if t.quant:
+                work = 2 * t.src_nbytes + 2 * full + 4 * t.out_nbytes
+            else:
+                work = 3 * full if t.whole else 4 * min(full, CHUNK_BYTES)
             work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
             peak = max(peak, work)
         return peak + (64 << 20)
@@ -156,15 +175,18 @@ def shard_names(stem: str, n: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def partition_units(sizes: Sequence[int], target: int) -> list[tuple[int, int]]:
-    """Split a run of items into consecutive ``[start, end)`` groups of about ``target`` bytes.
+def partition_units(sizes: Sequence[int], target: int, joined: Sequence[bool] = ()) -> list[tuple[int, int]]:
+    """Split a run of items into consecutive ``[start, end)`` groups of about ``target`` bytes;
+    an item with ``joined[i]`` stays in the group of item ``i - 1``.
 
     >>> partition_units([5, 5, 5, 5, 30, 5], 10)
     [(0, 2), (2, 4), (4, 5), (5, 6)]
+    >>> partition_units([5, 5, 5, 5, 30, 5], 10, joined=[False, False, True, False, False, True])
+    [(0, 3), (3, 4), (4, 6)]
     """
     groups, start, used = [], 0, 0
     for i, n in enumerate(sizes):
-        if i > start and used + n > target:
+        if i > start and used + n > target and not (i < len(joined) and joined[i]):
             groups.append((start, i))
             start, used = i, 0
         used += n
@@ -194,32 +216,57 @@ def make_plan(base: BaseCheckpoint, deltas: Sequence[Delta], *, out_dtype: str |
         if d.target not in base.tensors:
             raise PlanError(f"delta from {d.source} targets '{d.target}', which is not in the base")
         by_target.setdefault(d.target, []).append(d)
+    fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
+    for key in by_target:
+        fp8.check_merge(key, base.tensors)
+    specs = _output_specs(base, fp8)
 
-    def out_code(src: str) -> str:
-        return out_dtype if (out_dtype and is_float(src)) else src
-
-    infos = list(base.tensors.values())
-    sizes = [(t.key, t.numel * itemsize(out_code(t.dtype))) for t in infos]
+    blocks = fp8.blocks(list(base.tensors))
+    sizes = [(b[0], sum(math.prod(specs[k][1]) * itemsize(specs[k][0]) for k in b)) for b in blocks]
     limit = math.inf if single_file else parse_size(max_shard_size)
-    groups = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
+    members = {b[0]: b for b in blocks}
+    cut = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
+    groups = [[k for lead in g for k in members[lead]] for g in cut]
     names = [single_file] if single_file else shard_names(base.stem, len(groups))
     meta = {"format": "pt", **(metadata or {})}
     total = sum(n for _, n in sizes)
     target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
+    derived = fp8.recomputed(set(by_target))
+    attach = {s: w for w, s in fp8.pairs.items()}
 
     shards, units = [], []
     for name, keys in zip(names, groups):
-        layout = layout_shard([(k, out_code(base.tensors[k].dtype), base.tensors[k].shape) for k in keys],
-                              metadata=meta)
-        planned = []
-        for e in layout.entries:
-            src = base.tensors[e.key]
-            planned.append(PlannedTensor(e.key, src.shape, src.path, src.offset, src.dtype, src.nbytes,
-                                         e.dtype, e.offset, e.nbytes, tuple(by_target.get(e.key, ()))))
+        layout = layout_shard([(k, *specs[k]) for k in keys], metadata=meta,
+                              attach={s: w for s, w in attach.items() if s in keys} if attach else None)
+        planned = [_planned(base, e, tuple(by_target.get(e.key, ())), fp8, derived) for e in layout.entries]
         shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
-        for start, end in partition_units([p.out_nbytes for p in planned], target):
+        joined = [bool(attach) and p.key in attach for p in planned]
+        for start, end in partition_units([p.out_nbytes for p in planned], target, joined):
             units.append(WorkUnit(len(units), name, tuple(planned[start:end])))
     return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units), target)
+
+
+def _output_specs(base: BaseCheckpoint, fp8: ScaledLayout) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(dtype code, shape) of every output tensor: the base's, converted, plus new fp8 keys."""
+    specs = {k: (fp8.out_code(k, t.dtype), t.shape) for k, t in base.tensors.items()}
+    specs.update(fp8.new_tensors())
+    return specs
+
+
+def _planned(base: BaseCheckpoint, e: LaidTensor, deltas: tuple[Delta, ...], fp8: ScaledLayout,
+             derived: Mapping[str, str]) -> PlannedTensor:
+    """The plan of laid-out tensor ``e``: a base tensor, or a new scale / marker (no source)."""
+    src = base.tensors.get(e.key)
+    if src is None:
+        return PlannedTensor(e.key, e.shape, "", 0, e.dtype, 0, e.dtype, e.offset, e.nbytes,
+                             derived_from=derived.get(e.key, ""))
+    quant, scale_key, scale_src = "", "", None
+    if e.key in fp8.new_scales or (e.key in fp8.pairs and deltas):
+        quant, scale_key = "scaled", fp8.pairs[e.key]
+        old = base.tensors.get(scale_key)
+        scale_src = (old.path, old.offset, old.dtype) if old is not None else None
+    return PlannedTensor(e.key, src.shape, src.path, src.offset, src.dtype, src.nbytes, e.dtype, e.offset,
+                         e.nbytes, deltas, quant, scale_key, scale_src, derived.get(e.key, ""))
 
 
 def describe(plan: MergePlan) -> str:

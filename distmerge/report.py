@@ -46,6 +46,9 @@ class MergeReport:
     ray: dict[str, Any] = field(default_factory=dict)
     #: when each driver stage ended, in seconds after the merge started (``-vv`` logs them too)
     phases: dict[str, float] = field(default_factory=dict)
+    base_naming: str = ""  #: how the base names its tensors (``naming.NAMINGS``)
+    files_copied: list[str] = field(default_factory=list)  #: the base folder's non-weight files
+    files_skipped: list[dict[str, str]] = field(default_factory=list)  #: what was not copied, and why
 
     def summary_line(self) -> str:
         skipped = f", {len(self.unmatched)} unmatched LoRA keys skipped" if self.unmatched else ""

@@ -13,6 +13,9 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
   each output buffer is placed at the same offset within a 4 KiB block as its bytes' place in the
   file, so every whole block of it can be written without a copy through the page cache.
 * Merged values are checked to be finite before they are written.
+* A scaled-fp8 weight (``PlannedTensor.quant``) is merged whole: dequantized with its base scale,
+  merged in float32 and rounded once to fp8 with a fresh scale, which the same task writes into
+  the scale tensor laid out right after it (``fp8.quantize``).
 
 Example:
     >>> # given a plan from distmerge.plan.make_plan and a prepared part file:
@@ -34,9 +37,10 @@ import torch
 from .checksum import crc32, crc_range
 from .dtypes import itemsize, to_torch
 from .errors import DistmergeError, ShardWriteError
+from .fp8 import quantize
 from .lora import Delta
 from .lorafile import LoraReader
-from .mergemath import NonFiniteError, Term, merge_tensor
+from .mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
 from .plan import CHUNK_BYTES, PlannedTensor, WorkUnit
 from .writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
 
@@ -116,7 +120,7 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
 def _chunkable(t: PlannedTensor) -> bool:
     """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
     exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
-    return len(t.shape) >= 2 and all(d.row_local for d in t.deltas)
+    return len(t.shape) >= 2 and not t.whole
 
 
 def _slice_rows(t: Term, r0: int, r1: int) -> Term:
@@ -139,7 +143,7 @@ class _Job:
 
 def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
     """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
-    if t.out_nbytes == 0 or t.action == "copy" or not _chunkable(t):
+    if t.out_nbytes == 0 or t.action in ("copy", "derived") or not _chunkable(t):
         return [(0, t.shape[0] if t.shape else 1)]
     return row_chunks(t.shape)
 
@@ -183,7 +187,7 @@ def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
     """Largest (source, output, float32) bytes of any piece of ``unit``."""
     src = out = acc = 0
     for t in unit.tensors:
-        if t.action == "copy" or t.out_nbytes == 0:
+        if t.action in ("copy", "derived") or t.out_nbytes == 0:
             continue
         r0, r1 = max(_pieces(t), key=lambda p: p[1] - p[0])
         rows = (r1 - r0) if len(t.shape) >= 1 else 1
@@ -237,9 +241,50 @@ def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring
             return out.copy_(merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True))
         return merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc, out=out)
     except NonFiniteError as e:
-        sources = ", ".join(sorted({d.source for d in t.deltas}))
-        raise ShardWriteError(f"merged tensor '{t.key}' has NaN/Inf values after adding deltas from "
-                              f"{sources} ({e}; check the LoRA factors and --weight/--alpha)") from None
+        raise _nonfinite(t, e) from None
+
+
+def _nonfinite(t: PlannedTensor, e: NonFiniteError) -> ShardWriteError:
+    if not t.deltas:
+        return ShardWriteError(f"{t.src_path}: '{t.key}' has NaN/Inf values ({e}); cannot quantize it to {t.out_dtype}")
+    sources = ", ".join(sorted({d.source for d in t.deltas}))
+    what = f"overflows {t.out_dtype}" if isinstance(e, OutOfRangeError) else "has NaN/Inf values"
+    return ShardWriteError(f"merged tensor '{t.key}' {what} after adding deltas from "
+                           f"{sources} ({e}; check the LoRA factors and --weight/--alpha)")
+
+
+def _read_scale(fd: int, src: tuple[str, int, str]) -> torch.Tensor:
+    """The base scale at ``src`` ((path, offset, dtype) of a one-element tensor) as float32 0-d."""
+    _, offset, code = src
+    raw = read_bytes(fd, offset, itemsize(code))
+    return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
+
+
+def _compute_scaled(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring, out_ring: _Ring,
+                    scale0: torch.Tensor | None, scale_out: PlannedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 bytes of a whole ``scaled`` tensor and its fresh scale (``scale_out``'s dtype and
+    shape): ``W = w.float() * scale0`` (``w.float()`` without a base scale), ``+ Σ coef·ΔW`` in
+    float32, one rounding to fp8."""
+    t = job.t
+    w = raw.view(to_torch(t.src_dtype)).reshape(t.shape)
+    out = out_ring.take(to_torch(t.out_dtype), t.shape, file_offset=t.out_offset)
+    if device.type == "cuda":
+        acc = w.pin_memory().to(device, non_blocking=True).to(torch.float32)
+    else:
+        acc = acc_ring.take(torch.float32, t.shape)
+        acc.copy_(w)
+    if scale0 is not None:
+        acc.mul_(scale0.to(acc.device))
+    try:
+        if job.terms:
+            merge_tensor(acc, job.terms, out_dtype=torch.float32, inplace=True, check_finite=True)
+        q, scale = quantize(acc, t.out_dtype, scale_dtype=to_torch(scale_out.out_dtype), inplace=True,
+                            out=None if device.type == "cuda" else out)
+    except NonFiniteError as e:
+        raise _nonfinite(t, e) from None
+    if q is not out:
+        out.copy_(q)
+    return out, scale.reshape(scale_out.shape).contiguous()
 
 
 def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None,
@@ -287,7 +332,7 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
 
             def read(job: _Job) -> torch.Tensor | None:
                 t = job.t
-                if t.out_nbytes == 0 or t.action == "copy":
+                if t.out_nbytes == 0 or t.action in ("copy", "derived"):
                     return None
                 off, n = _byte_range(t, job.r0, job.r1, out=False)
                 buf = read_ring.take(torch.uint8, (n,))
@@ -304,6 +349,10 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 off, _ = _byte_range(t, job.r0, job.r1, out=True)
                 sink.write(tensor_bytes(out), off, out.data_ptr())
 
+            by_key = {t.key: t for t in unit.tensors}
+            scales0 = {t.key: _read_scale(files.fd(t.scale_src[0]), t.scale_src)
+                       for t in unit.tensors if t.quant and t.scale_src}
+            derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
             jobs = _jobs(unit, reader)
             job = next(jobs, None)
             nxt: Future | None = io.submit(read, job) if job else None
@@ -313,7 +362,15 @@ def run_unit(unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | N
                 raw = nxt.result()
                 following = next(jobs, None)
                 nxt = io.submit(read, following) if following else None
-                out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
+                t = job.t
+                out: torch.Tensor | None
+                if t.derived_from:
+                    out = derived.pop(t.key)
+                elif raw is not None and t.quant:
+                    out, derived[t.scale_key] = _compute_scaled(job, raw, dev, acc_ring, out_ring,
+                                                                scales0.get(t.key), by_key[t.scale_key])
+                else:
+                    out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
                 if out is not None:
                     crc = crc32(tensor_bytes(out), crc)
                 elif job.t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes

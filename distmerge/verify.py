@@ -10,6 +10,11 @@ What is checked:
   dtype, and compared in ulps. An element passes if it is within 1 ulp (bf16/fp16/fp8) or 16 ulp
   (fp32/fp64) of that reference, or within ``1e-6 · max|ref|`` of it (where W and ΔW cancel; such
   elements do not count toward the reported worst ulp);
+* scaled-fp8 tensors (``fp8``): merged ones are dequantized from the base with its scale, the
+  reference is divided by the output's scale and compared in fp8 ulps (≤ 1: e4m3fn has 3 mantissa
+  bits), and the largest output code must be ±fp8_max (a fresh scale ``amax/448``); tensors
+  ``--dtype fp8_*`` quantized without deltas must equal the base quantized (bytes of weight and
+  scale);
 * checksums: when the index records ``metadata.distmerge.crc32`` or ``.sha256`` (a single-file
   output: a ``<file>.crc32`` or ``<file>.sha256`` sidecar, ``HEX  NAME``), every shard's checksum
   must match, which catches
@@ -43,6 +48,7 @@ from .checksum import ALGORITHMS
 from .errors import DistmergeError, FormatError, PlanError
 from .checks import _CHECKSUM, _CHUNK, _STRUCTURE, CheckGroup, TensorCheck, check_group
 from .api import collect_deltas, lora_specs, resolve_dtype
+from .fp8 import ScaledLayout, scaled_layout
 from .lora import Delta
 from .plan import partition_units
 
@@ -70,14 +76,9 @@ class VerifyReport:
     rows_compared: int = 0
 
 
-def _expected_dtype(src: str, out_code: str | None) -> str:
-    from .dtypes import is_float
-
-    return out_code if (out_code and is_float(src)) else src
-
-
-def _structure(base: BaseCheckpoint, out: BaseCheckpoint, out_code: str | None) -> list[tuple[int, int, str]]:
+def _structure(base: BaseCheckpoint, out: BaseCheckpoint, fp8: ScaledLayout) -> list[tuple[int, int, str]]:
     fails = []
+    new = fp8.new_tensors()
     for k, b in base.tensors.items():
         o = out.tensors.get(k)
         if o is None:
@@ -86,13 +87,40 @@ def _structure(base: BaseCheckpoint, out: BaseCheckpoint, out_code: str | None) 
         if o.shape != b.shape:
             fails.append((_STRUCTURE, 0, f"{o.path}: '{k}' has shape {list(o.shape)}, expected "
                                          f"{list(b.shape)} as in the base"))
-        want = _expected_dtype(b.dtype, out_code)
+        want = fp8.out_code(k, b.dtype)
         if o.dtype != want:
             fails.append((_STRUCTURE, 0, f"{o.path}: '{k}' has dtype {o.dtype}, expected {want}"))
+    for k, (code, shape) in new.items():
+        o = out.tensors.get(k)
+        if o is None:
+            fails.append((_STRUCTURE, 0, (f"{out.path}: key '{k}' is missing (expected a new {code} "
+                                          f"{list(shape)} for --dtype {fp8.out_dtype})")))
+        elif (o.dtype, o.shape) != (code, shape):
+            fails.append((_STRUCTURE, 0, f"{o.path}: '{k}' is {o.dtype} {list(o.shape)}, expected {code} {list(shape)}"))
     for k, o in out.tensors.items():
-        if k not in base.tensors:
+        if k not in base.tensors and k not in new:
             fails.append((_STRUCTURE, 0, f"{o.path}: extra key '{k}' is not in the base"))
     return fails
+
+
+def _tensor_checks(base: BaseCheckpoint, out: BaseCheckpoint, fp8: ScaledLayout,
+                   by_target: dict[str, list[Delta]]) -> list[TensorCheck]:
+    """What to compare, in merged-file order (each task reads forward). Scales recomputed with
+    their weight are checked with it; new markers only structurally."""
+    derived = fp8.recomputed(set(by_target))
+    checks = []
+    for k, o in out.tensors.items():
+        b = base.tensors.get(k)
+        if b is None or k in derived or o.shape != b.shape or o.dtype != fp8.out_code(k, b.dtype):
+            continue
+        deltas = tuple(by_target.get(k, ()))
+        quant = k in fp8.new_scales or (k in fp8.scales and bool(deltas))
+        scale = out.tensors.get(fp8.pairs.get(k, "")) if quant else None
+        if quant and scale is None:
+            continue  # reported as a missing key by the structure check
+        checks.append(TensorCheck(k, b, o, deltas, "scaled" if quant else "", scale,
+                                  base.tensors.get(fp8.scales.get(k, "")) if quant else None))
+    return checks
 
 
 _SIDECAR_RE = re.compile(r"^([0-9a-fA-F]+) [ *](.+)$")
@@ -153,8 +181,8 @@ def _groups(checks: list[TensorCheck], target: int) -> list[list[TensorCheck]]:
 def _memory(checks: Sequence[TensorCheck]) -> int:
     """Ray memory to ask for: a few chunks, or a whole float64 tensor for non-row-local deltas."""
     peak = 4 * _CHUNK
-    for c in checks:
-        if c.deltas and not all(d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose
+    for c in checks:  # scaled fp8: the whole tensor (its largest value, the converted bytes)
+        if c.quant or c.deltas and not all(d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose
                                                                 and not d.dora and len(d.factors) == 2)
                                 for d in c.deltas):
             peak = max(peak, 4 * _CHUNK + 3 * 8 * c.base.numel)
@@ -200,19 +228,15 @@ def verify(base: str | os.PathLike[str], loras: Sequence[object], merged: str | 
     except FormatError as e:
         return _finish(report, [(_STRUCTURE, 0, str(e))], full=full, rows=rows)
     report.shards = len(out_ck.files)
-    found = _structure(base_ck, out_ck, out_code)
+    fp8 = scaled_layout(base_ck.tensors, out_code, path=base_ck.path)
+    found = _structure(base_ck, out_ck, fp8)
     recorded_by, csum_fails = _recorded_checksums(out_ck)
     algo, recorded = recorded_by if recorded_by else ("", None)
     found += csum_fails
     by_target: dict[str, list[Delta]] = {}
     for d in gathered.deltas:
         by_target.setdefault(d.target, []).append(d)
-    checks = []
-    for k, o in out_ck.tensors.items():  # merged-file order: each task reads forward
-        b = base_ck.tensors.get(k)
-        if b is None or o.shape != b.shape or o.dtype != _expected_dtype(b.dtype, out_code):
-            continue
-        checks.append(TensorCheck(k, b, o, tuple(by_target.get(k, ()))))
+    checks = _tensor_checks(base_ck, out_ck, fp8, by_target)
     report.merged = sum(1 for c in checks if c.deltas)
 
     from .cluster import Call, RaySession, run_calls  # Ray is imported only when there is work
@@ -334,7 +358,7 @@ def add_verify_parser(subparsers: argparse._SubParsersAction, common: argparse.A
     p.add_argument("--merged", required=True, metavar="PATH",
                    help="the merge output: folder with an index, or a .safetensors file")
     p.add_argument("--alpha", type=float, default=1.0, help="global multiplier given to merge (default 1.0)")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="keep",
                    help="output dtype given to merge (default: keep the base's)")
     p.add_argument("--full", action="store_true",
                    help="recompute every row of every merged tensor (default: a sample of rows)")

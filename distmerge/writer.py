@@ -86,15 +86,23 @@ class ShardLayout:
 
 
 def layout_shard(entries: Iterable[tuple[str, str, tuple[int, ...]]], *,
-                 metadata: Mapping[str, str] | None = None) -> ShardLayout:
+                 metadata: Mapping[str, str] | None = None,
+                 attach: Mapping[str, str] | None = None) -> ShardLayout:
     """Compute the header bytes and offsets of a safetensors file holding ``entries``.
 
     Args:
         entries: ``(key, safetensors dtype code, shape)`` in the preferred order.
         metadata: the ``__metadata__`` string map (e.g. ``{"format": "pt"}``).
+        attach: ``{follower: leader}``: each follower is laid out right after its leader (an fp8
+            weight's scale, so one task writes both); the pair sorts by the follower's element
+            size, and every member must stay aligned to its own.
+
+    >>> lay = layout_shard([("s", "F32", ()), ("h", "BF16", (2,)), ("w", "F8_E4M3", (8,))], attach={"s": "w"})
+    >>> [(e.key, e.offset - lay.data_start) for e in lay.entries]
+    [('w', 0), ('s', 8), ('h', 12)]
     """
     items = list(entries)
-    order = sorted(range(len(items)), key=lambda i: -itemsize(items[i][1]))  # stable
+    order = _order(items, attach) if attach else sorted(range(len(items)), key=lambda i: -itemsize(items[i][1]))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -111,6 +119,29 @@ def layout_shard(entries: Iterable[tuple[str, str, tuple[int, ...]]], *,
     head = struct.pack("<Q", len(raw)) + raw
     laid = tuple(LaidTensor(k, d, s, len(head) + off, n) for k, d, s, off, n in spans)
     return ShardLayout(header=head, entries=laid, size=len(head) + pos)
+
+
+def _order(items: list[tuple[str, str, tuple[int, ...]]], attach: Mapping[str, str]) -> list[int]:
+    """Entry indices in layout order: blocks (a leader and its followers) sorted stably by the
+    largest element size in the block."""
+    where = {key: i for i, (key, _, _) in enumerate(items)}
+    followers: dict[int, list[int]] = {}
+    for f, lead in attach.items():
+        if f in where and lead in where:
+            followers.setdefault(where[lead], []).append(where[f])
+    attached = {i for fs in followers.values() for i in fs}
+    blocks = [[i] + followers.get(i, []) for i in range(len(items)) if i not in attached]
+    for b in blocks:
+        align, pos = max(itemsize(items[i][1]) for i in b), 0
+        for i in b:
+            size = itemsize(items[i][1])
+            if pos % size:
+                raise ValueError(f"'{items[i][0]}' would be misaligned after '{items[b[0]][0]}'")
+            pos += math.prod(items[i][2]) * size
+        if pos % align:
+            raise ValueError(f"the block of '{items[b[0]][0]}' ({pos} bytes) breaks {align}-byte alignment")
+    blocks.sort(key=lambda b: -max(itemsize(items[i][1]) for i in b))  # stable
+    return [i for b in blocks for i in b]
 
 
 def create_file(path: str, header: bytes, size: int) -> None:

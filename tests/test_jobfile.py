@@ -117,7 +117,7 @@ BAD = {
             loras: [a.pth]
             output: out1
             dtype: int8
-        """, "dtype: int8", "merges[0].dtype", "'keep', 'bf16', 'fp16' or 'fp32'"),
+        """, "dtype: int8", "merges[0].dtype", "'keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn' or 'fp8_e5m2'"),
     "bad_device": ("""
         ray:
           address: null

@@ -94,8 +94,16 @@ def test_output_layout_index_and_untouched_bytes(ray_local, tiny_base, tiny_fact
     n = len(rep.shards)
     assert n >= 3
     assert names == sorted([f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-                           + ["diffusion_pytorch_model.safetensors.index.json"])
+                           + ["diffusion_pytorch_model.safetensors.index.json", "config.json", "distmerge.json"])
+    # the base folder's config travels as it is; the recipe says how the folder was made
+    assert open(os.path.join(out_dir, "config.json"), "rb").read() == \
+        open(os.path.join(tiny_base, "config.json"), "rb").read()
+    recipe = json.load(open(os.path.join(out_dir, "distmerge.json")))
+    assert recipe["base"]["path"] == os.path.abspath(tiny_base) and recipe["base"]["naming"] == "wan"
+    assert [(x["path"], x["weight"], x["layout"]) for x in recipe["loras"]] == [(str(tmp_path / "l.pth"), 1.0, "roll")]
+    assert recipe["alpha"] == 1.0 and recipe["dtype"] == "keep" and recipe["distmerge_version"] == distmerge.__version__
     index = json.load(open(os.path.join(out_dir, "diffusion_pytorch_model.safetensors.index.json")))
+    assert index["metadata"]["distmerge"]["recipe"] == recipe
     base = load_checkpoint(tiny_base)
     out = load_checkpoint(out_dir)
     assert set(index["weight_map"]) == set(base) == set(out)
@@ -121,11 +129,14 @@ def test_single_file_output(ray_local, tiny_base, tiny_factors, tmp_path):
     out = str(tmp_path / "merged.safetensors")
     rep = distmerge.merge(tiny_base, [str(tmp_path / "l.safetensors")], out)
     assert rep.shards == ["merged.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.crc32"]
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.crc32",
+                                            "merged.safetensors.distmerge.json"]
+    assert json.load(open(out + ".distmerge.json"))["loras"][0]["layout"] == "diffusion_model"
     assert open(out + ".crc32").read() == f"{zlib.crc32(open(out, 'rb').read()):08x}  merged.safetensors\n"
     again = distmerge.merge(tiny_base, [str(tmp_path / "l.safetensors")], out, overwrite=True, checksum="sha256")
     assert again.shards == ["merged.safetensors"]  # the crc32 sidecar of the first run is replaced
-    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.sha256"]
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "merged.safetensors", "merged.safetensors.distmerge.json",
+                                            "merged.safetensors.sha256"]
     digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
     assert open(out + ".sha256").read() == f"{digest}  merged.safetensors\n"
     # O_DIRECT only while no driver thread reads the output back (the SHA-256 hasher does)
@@ -189,7 +200,7 @@ def test_output_location_rules(ray_local, tiny_base, tiny_factors, tmp_path):
     assert len(first.shards) > 1 and len(second.shards) == 1
     # the earlier distmerge shards are gone, the user's file stays
     assert sorted(os.listdir(out)) == sorted(second.shards + ["diffusion_pytorch_model.safetensors.index.json",
-                                                               "notes.txt"])
+                                                               "notes.txt", "config.json", "distmerge.json"])
 
 
 def test_failed_task_publishes_nothing(ray_local, tiny_base, tiny_factors, tmp_path):
@@ -202,3 +213,29 @@ def test_failed_task_publishes_nothing(ray_local, tiny_base, tiny_factors, tmp_p
     with pytest.raises(ShardWriteError, match=r"blocks\.1\.ffn\.0\.weight.*NaN/Inf.*nan\.pth"):
         distmerge.merge(tiny_base, [str(tmp_path / "nan.pth")], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_merge_from_hugging_face_cache_references(ray_local, tiny_base, tiny_factors, tmp_path, monkeypatch):
+    """``--base owner/repo/sub`` and ``--lora owner/repo/file`` read the cached snapshots (through
+    their blob links); the result equals the merge of the same files by path, and the recipe
+    names the references and the commit."""
+    from .test_hub import COMMIT, cache_repo, folder_files
+
+    cache = str(tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    lora = str(tmp_path / "high_noise_model.safetensors")
+    write_lora(lora, tiny_factors, layout="diffusion_model")
+    cache_repo(cache, "Wan-AI/Wan2.2-I2V-A14B", folder_files(tiny_base, "high_noise_model"))
+    cache_repo(cache, "lightx2v/Wan2.2-Lightning", {"4steps/high_noise_model.safetensors": lora})
+    by_ref = str(tmp_path / "by-ref")
+    distmerge.merge("Wan-AI/Wan2.2-I2V-A14B/high_noise_model",
+                    ["lightx2v/Wan2.2-Lightning/4steps/high_noise_model.safetensors"], by_ref)
+    by_path = str(tmp_path / "by-path")
+    distmerge.merge(tiny_base, [lora], by_path)
+    a, b = load_checkpoint(by_ref), load_checkpoint(by_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recipe = json.load(open(os.path.join(by_ref, "distmerge.json")))
+    assert recipe["base"]["reference"] == "Wan-AI/Wan2.2-I2V-A14B/high_noise_model"
+    assert recipe["loras"][0]["reference"] == "lightx2v/Wan2.2-Lightning/4steps/high_noise_model.safetensors"
+    assert recipe["base"]["commit"] == recipe["loras"][0]["commit"] == COMMIT
+    assert not os.path.islink(os.path.join(by_ref, "config.json"))  # copied content, not the cache's link
