@@ -14,39 +14,27 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from . import __version__
-from .checkpoint import BaseCheckpoint, open_base
-from .companions import RECIPE_NAME, config_for_dtype, find_companions, make_recipe
-from .hub import resolve as resolve_reference
-from .dtypes import CLI_DTYPES, code_of
-from .errors import MatchError, PlanError
-from .lora import Delta, Unmatched, normalize
-from .lorafile import open_lora
-from .naming import detect_naming
+from .companions import RECIPE_NAME, config_for_dtype, make_recipe
+from .errors import PlanError
+from .lock import OutputLock
 from .manifest import Manifest, fingerprint, fingerprint_changes
-from .checksum import ALGORITHMS
-from .output import (ShardHasher, Staging, Writeback, abort, fsync_files, manifest_path, part_path, prepare,
-                     publish, resolve_output, shard_crc32s)
-from .unit import unit_crc32
-from .plan import MergePlan, describe, make_plan, parse_size
+from .naming import detect_naming
+from .output import ShardHasher, Staging, Writeback, abort, fsync_files, part_path, prepare, publish, shard_crc32s
+from .plan import MergePlan, describe, make_plan
+from .preflight import (Gathered, Inputs, collect_deltas, locate, lora_specs, read_inputs, resolve_dtype,
+                        validate_options)
 from .report import MergeReport, UnitReport
+from .unit import unit_crc32
 
-__all__ = ["merge", "lora_specs", "collect_deltas", "resolve_dtype"]
+__all__ = ["check", "collect_deltas", "lora_specs", "merge", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, int, int], None]  # units done, units total, bytes done, bytes total
-
-
-@dataclass
-class _Gathered:
-    deltas: list[Delta]
-    unmatched: list[tuple[str, Unmatched]]
-    loras: list[dict]
 
 
 class _Phases:
@@ -59,72 +47,6 @@ class _Phases:
     def mark(self, name: str) -> None:
         self.ends[name] = round(time.time() - self.t0, 3)
         logger.debug("%.2f s: %s", self.ends[name], name)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """``None``/``keep`` -> None; ``bf16``/``fp16``/``fp32`` or a torch dtype -> safetensors code."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        code = code_of(dtype)
-        if code not in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
-            raise PlanError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 or keep")
-        return code
-    key = str(dtype).lower()
-    if key not in CLI_DTYPES:
-        raise PlanError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2")
-    return CLI_DTYPES[key]
-
-
-def lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
-    """``[path | (path, weight), …]`` -> ``[(path, weight), …]`` (weight 1.0 by default).
-
-    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)])
-    [('a.pth', 1.0), ('b.safetensors', -0.5)]
-    """
-    out = []
-    for item in loras:
-        if isinstance(item, (tuple, list)):
-            path, weight = item
-            out.append((os.fspath(path), float(weight)))
-        else:
-            out.append((os.fspath(item), 1.0))  # type: ignore[arg-type]
-    if not out:
-        raise PlanError("no LoRA given; pass at least one --lora")
-    return out
-
-
-def collect_deltas(base: BaseCheckpoint, loras: Sequence[tuple[str, float]], *, alpha: float = 1.0,
-                   skip_unmatched: bool = False) -> _Gathered:
-    """Open and normalize every LoRA against ``base``; enforce the strictness rules.
-
-    Raises:
-        MatchError: unplaceable LoRA tensors (unless ``skip_unmatched``), or nothing matched at all.
-    """
-    deltas: list[Delta] = []
-    unmatched: list[tuple[str, Unmatched]] = []
-    infos = []
-    for path, weight in loras:
-        lf = open_lora(path)
-        n = normalize(lf, base.tensors, strength=weight * alpha)
-        deltas += n.deltas
-        unmatched += [(lf.path, u) for u in n.unmatched]
-        infos.append({"path": lf.path, "layout": n.layout, "weight": weight, "tensors": len(lf.tensors),
-                      "pairs": len(n.deltas), "unmatched": len(n.unmatched),
-                      "ranks": sorted({d.rank for d in n.deltas if d.rank is not None}),
-                      "scales": sorted({round(d.scale, 6) for d in n.deltas})})
-        logger.info("%s: layout %s, %d deltas, %d unmatched", lf.path, n.layout, len(n.deltas),
-                    len(n.unmatched))
-    if unmatched and not skip_unmatched:
-        first = "; ".join(f"{os.path.basename(p)}: '{u.key}' ({u.reason})" for p, u in unmatched[:3])
-        raise MatchError(f"{len(unmatched)} LoRA tensor(s) cannot be placed on the base "
-                         f"{base.path}: {first}{'; …' if len(unmatched) > 3 else ''}. "
-                         "Pass --skip-unmatched to merge the rest and list these in the report")
-    if not deltas:
-        first = f" (first: '{unmatched[0][1].key}': {unmatched[0][1].reason})" if unmatched else ""
-        raise MatchError(f"no LoRA tensor matched the base {base.path}: 0 pairs to merge from "
-                         f"{', '.join(p for p, _ in loras)}{first}")
-    return _Gathered(deltas, unmatched, infos)
 
 
 def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | os.PathLike[str], *,
@@ -171,25 +93,57 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
     """
     start = time.perf_counter()
     phases = _Phases()
-    # 1. Base headers and LoRA deltas, all validated before anything is written.
-    base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
-    base_ck = open_base(base_ref.local)
-    lora_refs = [(resolve_reference(p), w) for p, w in lora_specs(loras)]
-    specs = [(r.local, w) for r, w in lora_refs]
-    gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
-    out_code = resolve_dtype(dtype)
-    parse_size(max_shard_size)
-    if max_retries < 0:
-        raise PlanError(f"max_retries must be >= 0, got {max_retries}")
-    if checksum not in ALGORITHMS:
-        raise PlanError(f"checksum {checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
-    target = resolve_output(output, base_ck, [p for p, _ in specs], overwrite=overwrite, resume=resume)
-    previous = Manifest.load(manifest_path(target)) if resume else None
-    if resume and previous is None:
-        logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
+    # 1. Options, inputs and the output location, all checked before Ray starts or anything is
+    #    written; the output stays locked until the result is published (or the run fails).
+    specs = lora_specs(loras)
+    out_code = validate_options(weights=[w for _, w in specs], alpha=alpha, dtype=dtype,
+                                max_shard_size=max_shard_size, unit_size=unit_size, max_retries=max_retries,
+                                num_workers=num_workers, num_cpus=num_cpus, checksum=checksum, device=device)
+    found = locate(base, specs, output)
+    # a folder output's parents are created, as `mkdir -p` would; a file's folder must exist
+    with OutputLock(output, create_parent=not os.fspath(output).endswith(".safetensors")):
+        inputs = read_inputs(found, output, alpha=alpha, out_code=out_code, skip_unmatched=skip_unmatched,
+                             overwrite=overwrite, resume=resume, max_shard_size=max_shard_size)
+        return _merge_locked(inputs, start=start, phases=phases, alpha=alpha, out_code=out_code,
+                             max_shard_size=max_shard_size, address=address, num_workers=num_workers,
+                             device=device, report=report, unit_size=unit_size, max_retries=max_retries,
+                             num_cpus=num_cpus, placement_groups=placement_groups, progress=progress,
+                             checksum=checksum)
 
+
+def check(base: str | os.PathLike[str], loras: Sequence[object], output: str | os.PathLike[str], *,
+          alpha: float = 1.0, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+          skip_unmatched: bool = False, overwrite: bool = False, unit_size: int | str | None = None,
+          max_retries: int = 3, resume: bool = False, checksum: str = "crc32", **_ignored: object) -> Inputs:
+    """Everything ``merge`` checks before Ray starts, without Ray and without writing anything
+    (``distmerge run --check``). Takes ``merge``'s options; those that only matter once Ray runs
+    are ignored.
+
+    Raises:
+        DistmergeError: the first problem ``merge`` would stop at before any task runs.
+    """
+    specs = lora_specs(loras)
+    out_code = validate_options(weights=[w for _, w in specs], alpha=alpha, dtype=dtype,
+                                max_shard_size=max_shard_size, unit_size=unit_size, max_retries=max_retries,
+                                checksum=checksum)
+    return read_inputs(locate(base, specs, output), output, alpha=alpha, out_code=out_code,
+                       skip_unmatched=skip_unmatched, overwrite=overwrite, resume=resume,
+                       max_shard_size=max_shard_size)
+
+
+def _merge_locked(inputs: Inputs, *, start: float, phases: _Phases, alpha: float, out_code: str | None,
+                  max_shard_size: int | str, address: str | None, num_workers: int | None, device: str,
+                  report: str | os.PathLike[str] | None, unit_size: int | str | None, max_retries: int,
+                  num_cpus: int | None, placement_groups: object, progress: ProgressFn | None,
+                  checksum: str) -> MergeReport:
+    base_ref, base_ck, lora_refs, gathered = inputs.base_ref, inputs.base, inputs.lora_refs, inputs.gathered
+    specs, target, previous, companions = inputs.specs, inputs.target, inputs.previous, inputs.companions
     phases.mark("inputs read")
-    from .cluster import RaySession, check_shared_storage, run_units  # Ray is imported only when there is work
+    from .cluster import (  # Ray is imported only when there is work
+        RaySession,
+        check_shared_storage,
+        run_units,
+    )
 
     with RaySession(address, num_cpus=num_cpus) as session:
         phases.mark("ray ready")
@@ -215,8 +169,8 @@ def merge(base: str | os.PathLike[str], loras: Sequence[object], output: str | o
             #    atomic publish (index last).
             recipe = make_recipe(base_ck, gathered.loras, fp, naming=detect_naming(base_ck.tensors).name,
                                  alpha=alpha, dtype=out_code, version=__version__,
-                                 references=[base_ref] + [r for r, _ in lora_refs])
-            companions = find_companions(base_ck) if not target.single_file else None
+                                 references=[base_ref] + [r for r, _ in lora_refs],
+                                 skip_unmatched=bool(gathered.unmatched))
             files = dict(companions.files) if companions else {}
             texts = {f"{target.single_file}.{RECIPE_NAME}" if target.single_file else RECIPE_NAME:
                      json.dumps(recipe, indent=2) + "\n"}
@@ -311,8 +265,8 @@ def _reusable(plan: MergePlan, previous: Manifest, dests: dict[str, str], settin
     return ok
 
 
-def _report(plan: MergePlan, target, shards, results, gathered: _Gathered, seconds: float,
-            ray_info: dict, phases: "_Phases") -> MergeReport:
+def _report(plan: MergePlan, target, shards, results, gathered: Gathered, seconds: float,
+            ray_info: dict, phases: _Phases) -> MergeReport:
     out = os.path.join(target.directory, target.single_file) if target.single_file else target.directory
     units = [UnitReport(r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged,
                         round(r.started - phases.t0, 3) if r.started else 0.0, r.direct_bytes)

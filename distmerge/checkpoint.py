@@ -60,6 +60,7 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
         if not p.endswith(".safetensors"):
             raise FormatError(f"{p}: base must be a .safetensors file or a folder of them, "
                               f"found a '{os.path.splitext(p)[1] or 'no'}' extension")
+        _refuse_lone_shard(p)
         return _assemble(p, os.path.basename(p)[: -len(".safetensors")], [p])
     if not os.path.isdir(p):
         raise FormatError(f"{p}: base checkpoint not found")
@@ -77,6 +78,21 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
         raise FormatError(f"{p}: no .safetensors file and no *{INDEX_SUFFIX} in this folder")
     raise FormatError(f"{p}: {len(files)} .safetensors files but no *{INDEX_SUFFIX} saying how they "
                       f"fit together ({', '.join(files[:4])}{', …' if len(files) > 4 else ''})")
+
+
+def _refuse_lone_shard(path: str) -> None:
+    """A file that an index beside it lists as one of several shards is not a checkpoint by
+    itself: merging into it would leave most LoRA keys without a target."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for index in sorted(n for n in os.listdir(folder) if n.endswith(INDEX_SUFFIX)):
+        try:
+            with open(os.path.join(folder, index), "rb") as f:
+                shards = set(json.loads(f.read().decode("utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name in shards and len(shards) > 1:
+            raise FormatError(f"{path}: is one of {len(shards)} shards of the checkpoint indexed by {index}; "
+                              f"pass the folder as --base ({folder})")
 
 
 def _from_index(folder: str, index_path: str) -> BaseCheckpoint:

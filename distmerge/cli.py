@@ -1,7 +1,8 @@
 """The ``distmerge`` command line: ``merge``, ``run`` (job files), ``inspect``, ``verify`` and ``demo``.
 
-Every ``DistmergeError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130 after
-cancelling the Ray tasks and removing part files; usage errors exit 2.
+Every ``DistmergeError`` becomes one line on stderr and exit code 1 (a ``UsageError``, like
+argparse's own errors, exits 2); Ctrl-C exits 130 after cancelling the Ray tasks and removing part
+files, however stdout and stderr are redirected.
 
 Example:
     >>> # distmerge merge --base Wan2.2-T2V-A14B/low_noise_model --lora diffusion_module.pth \\
@@ -14,9 +15,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from . import __version__
-from .errors import DistmergeError
+from .errors import DistmergeError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -62,14 +64,22 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                         "sha256 (the Hub's LFS hash; re-reads every shard on one driver thread)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (``distmerge: error: …``, exit 2) like every
+    other error, instead of the usage block followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"distmerge: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distmerge",
         description="Merge LoRA adapters into base checkpoints with Ray tasks, in float32, streaming.")
     parser.add_argument("--version", action="version", version=f"distmerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     m = sub.add_parser("merge", parents=[common], help="merge LoRA(s) into a base checkpoint")
@@ -101,8 +111,8 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
 
     weights = args.weight or []
     if weights and len(weights) != len(args.lora):
-        raise DistmergeError(f"got {len(args.lora)} --lora but {len(weights)} --weight; give one "
-                             "--weight per --lora, in the same order, or none")
+        raise UsageError(f"got {len(args.lora)} --lora but {len(weights)} --weight; give one "
+                         "--weight per --lora, in the same order, or none")
     loras = list(zip(args.lora, weights or [1.0] * len(args.lora)))
     report = merge(args.base, loras, args.output, alpha=args.alpha, dtype=args.dtype,
                    max_shard_size=args.max_shard_size, skip_unmatched=args.skip_unmatched,
@@ -161,27 +171,49 @@ def main(argv: list[str] | None = None) -> int:
             from .jobfile import cmd_run
             return cmd_run(args, progress)
         return _cmd_demo(args, progress)
+    except UsageError as e:
+        _say(progress, f"distmerge: error: {e}")
+        return 2
     except DistmergeError as e:
-        progress.close()
-        print(f"distmerge: error: {e}", file=sys.stderr)
+        _say(progress, f"distmerge: error: {e}")
         return 1
     except BrokenPipeError:  # `distmerge inspect … | head`
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        progress.close()
-        print("distmerge: interrupted; pending tasks cancelled, part files removed, nothing published",
-              file=sys.stderr)
+        _say(progress, "distmerge: interrupted; pending tasks cancelled, part files removed, nothing published")
         return 130
     except Exception as e:  # a bug: still one line unless -v asked for the traceback
-        progress.close()
         if args.verbose:
             raise
-        print(f"distmerge: internal error: {type(e).__name__}: {e} (rerun with -v for a traceback; "
-              "please report it)", file=sys.stderr)
+        _say(progress, f"distmerge: internal error: {type(e).__name__}: {e} (rerun with -v for a traceback; "
+                       "please report it)")
         return 1
     finally:
+        try:
+            progress.close()
+        except OSError:
+            pass
+
+
+def _say(progress, line: str) -> None:
+    """Print ``line`` on stderr after closing the progress bar, whatever stderr is: when it is a
+    pipe whose reader died (``… 2>&1 | tee log``, where Ctrl-C ends ``tee`` too), the line goes to
+    the controlling terminal instead, and the exit code is never lost to a ``BrokenPipeError``."""
+    try:
         progress.close()
+    except OSError:
+        pass
+    try:
+        print(line, file=sys.stderr, flush=True)
+        return
+    except OSError:
+        sys.stderr = open(os.devnull, "w")  # later flushes must not raise either
+    try:
+        with open("/dev/tty", "w") as tty:
+            print(line, file=tty)
+    except OSError:
+        pass
 
 
 def entry() -> None:

@@ -91,13 +91,13 @@ def find_companions(base: BaseCheckpoint) -> Companions:
 
 def _dtype_name(code: str | None) -> str:
     """The ``--dtype`` spelling of a safetensors code (``keep`` for None)."""
-    names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+    names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
     return "keep" if code is None else names.get(code, code.lower())
 
 
 def make_recipe(base: BaseCheckpoint, loras: list[dict[str, Any]], fingerprint: Mapping[str, Any], *,
                 naming: str, alpha: float, dtype: str | None, version: str,
-                references: Sequence[Resolved] = ()) -> dict[str, Any]:
+                references: Sequence[Resolved] = (), skip_unmatched: bool = False) -> dict[str, Any]:
     """What a merge was asked to do, as the output records it (``distmerge.json`` and the index's
     ``metadata.distmerge.recipe``): enough to tell later how a folder was made, and to redo it.
 
@@ -115,7 +115,7 @@ def make_recipe(base: BaseCheckpoint, loras: list[dict[str, Any]], fingerprint: 
         if ref.reference:
             entry.update(reference=ref.reference, commit=ref.commit)
     return {"distmerge_version": version, "base": base_entry, "loras": lora_entries, "alpha": alpha,
-            "dtype": _dtype_name(dtype)}
+            "dtype": _dtype_name(dtype), "skip_unmatched": skip_unmatched}
 
 
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

@@ -20,6 +20,7 @@ __all__ = [
     "FormatError",
     "MatchError",
     "PlanError",
+    "UsageError",
     "OutputError",
     "ShardWriteError",
     "ClusterError",
@@ -47,6 +48,11 @@ class MatchError(DistmergeError, ValueError):
 
 class PlanError(DistmergeError, ValueError):
     """Options that cannot be planned (bad sizes, bad output location, impossible resources)."""
+
+
+class UsageError(PlanError):
+    """An option or number the user gave that cannot mean anything (a NaN weight, a count of
+    weights that does not match the LoRAs); the CLI exits 2 for it, as for argparse's errors."""
 
 
 class OutputError(DistmergeError, OSError):

@@ -362,6 +362,26 @@ def load_job(path: str | os.PathLike[str]) -> Job:
 
 # --- running ----------------------------------------------------------------------------------------
 
+def check_job(job: Job) -> None:
+    """Check every merge of ``job`` as ``merge`` does before Ray starts (paths, LoRA keys and
+    shapes, numbers, output rules, free space), without Ray and without writing anything.
+
+    Raises:
+        DistmergeError: of the first failing merge's type, prefixed with ``merge 'NAME': ``.
+    """
+    from .api import check
+
+    for m in job.merges:  # every missing file first: the cheapest mistake to report
+        for what, p in [("base", m.base), *(("LoRA", lo.path) for lo in m.loras)]:
+            if not os.path.exists(local_path(p)):  # a Hugging Face cache reference: its snapshot
+                raise PlanError(f"merge {m.name!r}: {what} {p} not found (checked before running any merge)")
+    for m in job.merges:
+        try:
+            check(m.base, [(lo.path, lo.weight) for lo in m.loras], m.output, **m.merge_kwargs())
+        except DistmergeError as e:
+            raise type(e)(f"merge {m.name!r}: {e}") from e
+
+
 def run_job(job: Job, *, progress: ProgressFn | None = None,
             on_start: Callable[[int, MergeSpec], None] | None = None,
             on_done: Callable[[int, MergeSpec, Any], None] | None = None) -> list:
@@ -383,10 +403,7 @@ def run_job(job: Job, *, progress: ProgressFn | None = None,
     from .api import merge
     from .cluster import RaySession
 
-    for m in job.merges:  # fail before the first merge, not after hours of merging
-        for what, p in [("base", m.base), *(("LoRA", lo.path) for lo in m.loras)]:
-            if not os.path.exists(local_path(p)):  # a Hugging Face cache reference: its snapshot
-                raise PlanError(f"merge {m.name!r}: {what} {p} not found (checked before running any merge)")
+    check_job(job)  # fail before the first merge, not after hours of merging
     reports = []
     r = job.ray
     with RaySession(r.address, num_cpus=r.num_cpus):
@@ -454,10 +471,12 @@ def cmd_run(args: argparse.Namespace, progress: ProgressFn | None) -> int:
     quiet = getattr(args, "quiet", False)
     n = len(job.merges)
     if args.check:
+        check_job(job)
         for m in job.merges:
             loras = ", ".join(f"{lo.path}×{lo.weight:g}" for lo in m.loras)
             print(f"{m.name}: {m.base} + [{loras}] -> {m.output} (dtype {m.dtype}, alpha {m.alpha:g})")
-        print(f"distmerge: {job.source}: {n} merge{'s' if n != 1 else ''} OK")
+        print(f"distmerge: {job.source}: {n} merge{'s' if n != 1 else ''} OK (inputs, LoRA keys and outputs "
+              "checked; nothing run)")
         return 0
 
     def on_start(i: int, m: MergeSpec) -> None:

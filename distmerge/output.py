@@ -27,7 +27,7 @@ from .errors import OutputError
 from .plan import MergePlan
 from .writer import create_file, start_writeback
 
-__all__ = ["OutputTarget", "Staging", "resolve_output", "part_path", "manifest_path", "prepare", "publish",
+__all__ = ["OutputTarget", "Staging", "resolve_output", "refuse_inputs_as_output", "part_path", "manifest_path", "prepare", "publish",
            "abort", "ShardHasher", "shard_crc32s", "fsync_files", "Writeback", "write_atomic", "sha256_file"]
 
 _PART = ".distmerge-part"
@@ -58,6 +58,28 @@ def manifest_path(target: "OutputTarget") -> str:
     return os.path.join(target.directory, f"{name}.distmerge-manifest.json")
 
 
+def refuse_inputs_as_output(output: str | os.PathLike[str], base: BaseCheckpoint, loras: list[str]) -> str:
+    """Refuse an output that is an input or inside one (before anything, even a lock file, is
+    written there); returns the output as an absolute path.
+
+    Raises:
+        OutputError: output is the base or inside its folder, or is a LoRA input or inside one.
+    """
+    out = os.path.abspath(os.fspath(output))
+    real = os.path.realpath(out)
+    base_real = os.path.realpath(base.path)
+    if any(os.path.realpath(f) == real for f in base.files):
+        raise OutputError(f"{out}: output must not be the base checkpoint; choose another --output")
+    if os.path.isdir(base_real) and _inside(real, base_real):  # a single-file base may have neighbours
+        raise OutputError(f"{out}: output must not be the base checkpoint or inside its folder "
+                          f"({base_real}); choose another --output")
+    for lora in loras:
+        lr = os.path.realpath(lora)
+        if real == lr or (os.path.isdir(lr) and _inside(real, lr)):
+            raise OutputError(f"{out}: output must not be a LoRA input or inside one ({lora})")
+    return out
+
+
 def resolve_output(output: str | os.PathLike[str], base: BaseCheckpoint, loras: list[str], *,
                    overwrite: bool = False, resume: bool = False) -> OutputTarget:
     """Decide where to write and refuse places that would touch the inputs.
@@ -66,17 +88,7 @@ def resolve_output(output: str | os.PathLike[str], base: BaseCheckpoint, loras: 
         OutputError: output is the base or inside its folder, is a LoRA input, exists as a
             non-empty folder (or file) without ``overwrite``, or its parent is not a folder.
     """
-    out = os.path.abspath(os.fspath(output))
-    real = os.path.realpath(out)
-    base_real = os.path.realpath(base.path)
-    base_dir = base_real if os.path.isdir(base_real) else os.path.dirname(base_real)
-    if _inside(real, base_dir) or any(os.path.realpath(f) == real for f in base.files):
-        raise OutputError(f"{out}: output must not be the base checkpoint or inside its folder "
-                          f"({base_dir}); choose another --output")
-    for lora in loras:
-        lr = os.path.realpath(lora)
-        if real == lr or (os.path.isdir(lr) and _inside(real, lr)):
-            raise OutputError(f"{out}: output must not be a LoRA input or inside one ({lora})")
+    out = refuse_inputs_as_output(output, base, loras)
     if out.endswith(".safetensors"):
         directory, name = os.path.dirname(out), os.path.basename(out)
         if os.path.isdir(out):

@@ -112,6 +112,10 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
         except Exception as e:  # a factor that existed at plan time but cannot be read now
             raise ShardWriteError(f"{d.source}: cannot read factor for '{d.target}' "
                                   f"({type(e).__name__}: {e})") from None
+        for f, t in zip(d.factors, factors):  # even at weight 0: a NaN factor is a broken file
+            if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.dtype.itemsize == 1 else t).all()):
+                raise ShardWriteError(f"merged tensor '{d.target}' would hold NaN/Inf values: '{f.key}' in "
+                                      f"{d.source} holds NaN/Inf (a damaged file, or saved after a diverged step)")
         terms.append(Term(d.kind, d.coef, factors, tuple(f.role for f in d.factors), d.transpose,
                           d.dora, d.strength))
     return terms

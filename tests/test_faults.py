@@ -128,6 +128,27 @@ def test_ctrl_c_cancels_cleans_up_and_exits_130(medium, tmp_path):
     assert not os.path.exists(out), os.listdir(out)  # parts, manifest and the folder it created: gone
 
 
+def test_ctrl_c_through_a_dead_pipe_still_exits_130(medium, tmp_path):
+    """``distmerge merge … 2>&1 | tee log``: Ctrl-C ends ``tee`` too, so stdout and stderr are pipes
+    nobody reads any more; the run must still clean up and exit 130, not die of a BrokenPipeError
+    while saying so."""
+    base, lora, _ = medium
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r, w = os.pipe()  # one pipe for both streams, as `2>&1 |` makes it
+    p = subprocess.Popen([sys.executable, "-m", "distmerge", "merge", "--base", base, "--lora", lora,
+                          "--output", out, *SLOW_CLI[:-1]], env=env, stdout=w, stderr=w,
+                         start_new_session=True)  # without -q: the progress lines go to the pipe too
+    os.close(w)
+    reader = threading.Thread(target=lambda: os.read(r, 1 << 20), daemon=True)
+    reader.start()
+    _wait_units(out, 1)
+    os.close(r)  # tee is gone
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    assert not os.path.exists(out), os.listdir(out)
+
+
 def test_crashed_driver_resumes_with_finished_units_reused(medium, reference_output, tmp_path):
     base, lora, _ = medium
     out = str(tmp_path / "out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -284,7 +285,10 @@ def test_job_is_frozen_select_and_with_ray():
     assert isinstance(j2, Job)
 
 
-def test_check_prints_the_merges_without_running(tmp_path, capsys):
+def test_check_prints_the_merges_without_running(tmp_path, capsys, tiny_base, tiny_factors):
+    """``--check`` runs every check a merge makes before Ray (real inputs here), runs nothing."""
+    shutil.copytree(tiny_base, tmp_path / "base")
+    write_lora(str(tmp_path / "a.pth"), tiny_factors)
     path = _write(tmp_path / "job.yaml", GOOD)
     args = _run_parser().parse_args(["run", path, "--check", "--address", "auto"])
     assert cmd_run(args, None) == 0
@@ -351,24 +355,52 @@ def test_two_merges_run_in_one_session(ray_local, tiny_base, two_loras, tmp_path
 
 @pytest.mark.ray
 def test_failing_merge_is_named_and_stops_the_job(ray_local, tiny_base, two_loras, tmp_path):
-    with open(tmp_path / "loras" / "corrupt.safetensors", "wb") as f:
-        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    """A merge that fails only once its tasks run (a NaN factor: no check before Ray can see it)
+    is named and stops the job; the merge before it stays published, the one after never runs."""
+    a, _ = two_loras
+    bad = dict(a)
+    down, up = bad["blocks.1.ffn.0"]
+    up = up.clone()
+    up[0, 0] = float("nan")
+    bad["blocks.1.ffn.0"] = (down, up)
+    write_lora(str(tmp_path / "loras" / "nan.pth"), bad)
     path = _write(tmp_path / "job.yaml", f"""
         merges:
           - {{name: first, base: {tiny_base}, loras: [loras/a.pth], output: out1}}
-          - {{name: broken, base: {tiny_base}, loras: [loras/corrupt.safetensors], output: out2}}
+          - {{name: broken, base: {tiny_base}, loras: [loras/nan.pth], output: out2}}
           - {{name: third, base: {tiny_base}, loras: [loras/a.pth], output: out3}}
         """)
     done: list = []
     with pytest.raises(DistmergeError) as ei:
         run_job(load_job(path), on_done=lambda i, m, r: done.append(m.name))
     msg = str(ei.value)
-    assert msg.startswith("merge 'broken': ") and "corrupt.safetensors" in msg, msg
+    assert msg.startswith("merge 'broken': ") and "nan.pth" in msg and "NaN" in msg, msg
     cause = ei.value.__cause__
     assert isinstance(cause, DistmergeError) and type(ei.value) is type(cause)
     assert done == ["first"]
-    assert os.path.isdir(tmp_path / "out1") and not os.path.exists(tmp_path / "out3")
+    assert os.path.isdir(tmp_path / "out1") and not os.path.exists(tmp_path / "out2")
+    assert not os.path.exists(tmp_path / "out3")
     assert ray_local.is_initialized()
+
+
+def test_a_bad_lora_in_a_later_merge_stops_the_job_before_the_first(tiny_base, two_loras, tmp_path,
+                                                                    monkeypatch):
+    with open(tmp_path / "loras" / "corrupt.safetensors", "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    path = _write(tmp_path / "job.yaml", f"""
+        merges:
+          - {{name: first, base: {tiny_base}, loras: [loras/a.pth], output: out1}}
+          - {{name: broken, base: {tiny_base}, loras: [loras/corrupt.safetensors], output: out2}}
+        """)
+    import distmerge.cluster
+
+    def no_ray(self):
+        raise AssertionError("Ray session entered before the inputs were checked")
+
+    monkeypatch.setattr(distmerge.cluster.RaySession, "__enter__", no_ray)
+    with pytest.raises(DistmergeError, match=r"^merge 'broken': .*corrupt\.safetensors"):
+        run_job(load_job(path))
+    assert not os.path.exists(tmp_path / "out1")
 
 
 @pytest.mark.ray
@@ -388,7 +420,7 @@ def test_cmd_run_prints_one_summary_per_merge(ray_local, tiny_base, two_loras, t
 def test_missing_inputs_are_found_before_any_merge_runs(tiny_base, tmp_path, monkeypatch):
     path = _write(tmp_path / "job.yaml", f"""
         merges:
-          - {{name: first, base: {tiny_base}, loras: [{tiny_base}], output: out1}}
+          - {{name: first, base: {tiny_base}, loras: [{tiny_base}/config.json], output: out1}}
           - {{name: second, base: {tiny_base}, loras: [missing.pth], output: out2}}
         """)
     import distmerge.cluster
