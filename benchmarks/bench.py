@@ -112,10 +112,17 @@ def given_inputs(a: argparse.Namespace) -> Inputs:
 
 def ensure_inputs(a: argparse.Namespace) -> Inputs:
     """Generate (or reuse from ``a.workdir``) the base folder and the ROLL LoRA."""
-    from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
+    from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 
-    cfg = WanConfig(dim=a.dim, ffn=a.ffn, blocks=a.blocks, in_dim=16, text_dim=a.text_dim, freq_dim=256,
-                    dtype={"bf16": "BF16", "fp32": "F32"}[a.dtype])
+    cfg = WanConfig(
+        dim=a.dim,
+        ffn=a.ffn,
+        blocks=a.blocks,
+        in_dim=16,
+        text_dim=a.text_dim,
+        freq_dim=256,
+        dtype={"bf16": "BF16", "fp32": "F32"}[a.dtype],
+    )
     base = os.path.join(a.workdir, f"base-{_tag(a)}-s{a.shards}")
     marker = os.path.join(a.workdir, f".base-{_tag(a)}-s{a.shards}.done")  # outside the base: cp copies the folder
     if not os.path.exists(marker):
@@ -132,8 +139,7 @@ def ensure_inputs(a: argparse.Namespace) -> Inputs:
         tmp = lora + ".tmp.pth"
         write_lora(tmp, make_factors(cfg, rank=a.rank), layout="roll")
         os.replace(tmp, lora)
-    return Inputs(base, lora, _du(base), os.path.getsize(lora), {**asdict(cfg), "rank": a.rank,
-                                                                 "shards": a.shards})
+    return Inputs(base, lora, _du(base), os.path.getsize(lora), {**asdict(cfg), "rank": a.rank, "shards": a.shards})
 
 
 def _du(path: str) -> int:
@@ -261,9 +267,18 @@ def drop_caches() -> bool:
         return False
 
 
-def measure(method: str, rnd: int, argv: list[str], log: str, *, env: dict[str, str] | None = None,
-            ray_tmp: str | None = None, token: str | None = None, sync_in_timing: bool = True,
-            caches_dropped: bool = False) -> Run:
+def measure(
+    method: str,
+    rnd: int,
+    argv: list[str],
+    log: str,
+    *,
+    env: dict[str, str] | None = None,
+    ray_tmp: str | None = None,
+    token: str | None = None,
+    sync_in_timing: bool = True,
+    caches_dropped: bool = False,
+) -> Run:
     """Run ``argv`` as a subprocess; time it and track the peak RSS of its whole process tree."""
     with open(log, "w") as out:
         out.write("$ " + shlex.join(argv) + "\n")
@@ -284,18 +299,33 @@ def measure(method: str, rnd: int, argv: list[str], log: str, *, env: dict[str, 
     while (left := sampler.leftovers()) and time.time() < deadline:
         time.sleep(0.2)
     if left:
-        print(f"bench: warning: {len(left)} process(es) of the {method} run still alive after 30s: "
-              f"{[p.pid for p in left]}", flush=True)
-    return Run(method, rnd, proc.returncode, round(cmd_s + sync_s, 3), round(cmd_s, 3), round(sync_s, 3),
-               sampler.peak, sampler.peak_procs, sampler.max_procs, len(sampler.extra_roots), caches_dropped,
-               log)
+        print(
+            f"bench: warning: {len(left)} process(es) of the {method} run still alive after 30s: "
+            f"{[p.pid for p in left]}",
+            flush=True,
+        )
+    return Run(
+        method,
+        rnd,
+        proc.returncode,
+        round(cmd_s + sync_s, 3),
+        round(cmd_s, 3),
+        round(sync_s, 3),
+        sampler.peak,
+        sampler.peak_procs,
+        sampler.max_procs,
+        len(sampler.extra_roots),
+        caches_dropped,
+        log,
+    )
 
 
 # --------------------------------------------------------------------------- methods
 
 
-def command(method: str, inp: Inputs, dest: str, a: argparse.Namespace, log_dir: str, rnd: int
-            ) -> tuple[list[str], dict[str, str] | None, str | None, str | None]:
+def command(
+    method: str, inp: Inputs, dest: str, a: argparse.Namespace, log_dir: str, rnd: int
+) -> tuple[list[str], dict[str, str] | None, str | None, str | None]:
     """(argv, env, ray temp dir, token) of one method run writing into ``dest``."""
     py = sys.executable
     if method == "cp":
@@ -303,13 +333,38 @@ def command(method: str, inp: Inputs, dest: str, a: argparse.Namespace, log_dir:
     if method == "seed":
         out_file = os.path.join(dest, "diffusion_pytorch_model.safetensors")
         os.makedirs(dest)
-        return [py, os.path.join(HERE, "seed_merge.py"), "--base", inp.base, "--lora", inp.lora,
-                "--output", out_file, "--alpha", "1.0"], None, None, None
+        return (
+            [
+                py,
+                os.path.join(HERE, "seed_merge.py"),
+                "--base",
+                inp.base,
+                "--lora",
+                inp.lora,
+                "--output",
+                out_file,
+                "--alpha",
+                "1.0",
+            ],
+            None,
+            None,
+            None,
+        )
     exe = os.path.join(os.path.dirname(py), "distmerge")
     argv = [exe] if os.path.exists(exe) else [py, "-m", "distmerge"]
-    argv += ["merge", "--base", inp.base, "--lora", inp.lora, "--output", dest, "-q",
-             "--report", os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
-             *shlex.split(a.distmerge_args)]
+    argv += [
+        "merge",
+        "--base",
+        inp.base,
+        "--lora",
+        inp.lora,
+        "--output",
+        dest,
+        "-q",
+        "--report",
+        os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
+        *shlex.split(a.distmerge_args),
+    ]
     ray_tmp = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     token = uuid.uuid4().hex
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "DISTMERGE_BENCH_TOKEN": token}
@@ -329,25 +384,43 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
             sync()
             dropped = drop_caches() if a.drop_caches else False
             if a.drop_caches and not dropped and not warned:
-                print("bench: warning: cannot write /proc/sys/vm/drop_caches (not root, or a container); "
-                      "runs use a warm page cache", flush=True)
+                print(
+                    "bench: warning: cannot write /proc/sys/vm/drop_caches (not root, or a container); "
+                    "runs use a warm page cache",
+                    flush=True,
+                )
                 warned = True
             argv, env, ray_tmp, token = command(m, inp, dest, a, log_dir, rnd)
             log = os.path.join(log_dir, f"{m}-r{rnd}.log")
             print(f"bench: round {rnd}/{a.repeats} {m:<9} ...", end=" ", flush=True)
-            r = measure(m, rnd, argv, log, env=env, ray_tmp=ray_tmp, token=token,
-                        sync_in_timing=not a.no_sync_in_timing, caches_dropped=dropped)
+            r = measure(
+                m,
+                rnd,
+                argv,
+                log,
+                env=env,
+                ray_tmp=ray_tmp,
+                token=token,
+                sync_in_timing=not a.no_sync_in_timing,
+                caches_dropped=dropped,
+            )
             if m == "distmerge":
                 rep = os.path.join(log_dir, f"distmerge-r{rnd}-report.json")
                 if os.path.exists(rep):
                     with open(rep) as f:
                         j = json.load(f)
-                    r.extra = {"internal_seconds": j.get("seconds"), "ray": j.get("ray"),
-                               "pairs_merged": j.get("pairs_merged")}
+                    r.extra = {
+                        "internal_seconds": j.get("seconds"),
+                        "ray": j.get("ray"),
+                        "pairs_merged": j.get("pairs_merged"),
+                    }
                 shutil.rmtree(ray_tmp, ignore_errors=True)
             runs.append(r)
-            print(f"rc={r.rc} wall {r.wall_s:.2f}s (sync {r.sync_s:.2f}s) peak RSS {r.peak_rss_bytes / GB:.2f} GB"
-                  f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''})", flush=True)
+            print(
+                f"rc={r.rc} wall {r.wall_s:.2f}s (sync {r.sync_s:.2f}s) peak RSS {r.peak_rss_bytes / GB:.2f} GB"
+                f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''})",
+                flush=True,
+            )
             if r.rc != 0:
                 with open(log) as f:
                     tail = f.read()[-2000:]
@@ -374,17 +447,30 @@ def machine_facts(workdir: str) -> dict:
     except OSError:
         pass
     du = shutil.disk_usage(workdir)
-    fs = next((p.fstype for p in sorted(psutil.disk_partitions(all=True), key=lambda p: -len(p.mountpoint))
-               if os.path.abspath(workdir).startswith(p.mountpoint)), None)
+    fs = next(
+        (
+            p.fstype
+            for p in sorted(psutil.disk_partitions(all=True), key=lambda p: -len(p.mountpoint))
+            if os.path.abspath(workdir).startswith(p.mountpoint)
+        ),
+        None,
+    )
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(), "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
         "ram_total_gb": round(psutil.virtual_memory().total / GB, 2),
         "ram_available_gb": round(psutil.virtual_memory().available / GB, 2),
-        "disk_free_gb": round(du.free / GB, 2), "disk_total_gb": round(du.total / GB, 2), "workdir_fs": fs,
-        "python": platform.python_version(), "kernel": platform.release(),
-        "torch": ver("torch"), "ray": ver("ray"), "safetensors": ver("safetensors"),
-        "distmerge": ver("distmerge"), "psutil": ver("psutil"),
+        "disk_free_gb": round(du.free / GB, 2),
+        "disk_total_gb": round(du.total / GB, 2),
+        "workdir_fs": fs,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "torch": ver("torch"),
+        "ray": ver("ray"),
+        "safetensors": ver("safetensors"),
+        "distmerge": ver("distmerge"),
+        "psutil": ver("psutil"),
     }
 
 
@@ -398,8 +484,11 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
         walls = [r.wall_s for r in ok]
         med = statistics.median(walls)
         summary[m] = {
-            "runs_ok": len(ok), "runs_failed": sum(r.method == m and r.rc != 0 for r in runs),
-            "wall_s_median": round(med, 3), "wall_s_min": min(walls), "wall_s_max": max(walls),
+            "runs_ok": len(ok),
+            "runs_failed": sum(r.method == m and r.rc != 0 for r in runs),
+            "wall_s_median": round(med, 3),
+            "wall_s_min": min(walls),
+            "wall_s_max": max(walls),
             "sync_s_median": round(statistics.median(r.sync_s for r in ok), 3),
             "peak_rss_gb_median": round(statistics.median(r.peak_rss_bytes for r in ok) / GB, 3),
             "peak_rss_gb_max": round(max(r.peak_rss_bytes for r in ok) / GB, 3),
@@ -410,21 +499,28 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
         vx, vy = summary.get(x, {}).get(key), summary.get(y, {}).get(key)
         return round(vx / vy, 3) if vx and vy else None
 
-    ratios = {"distmerge_over_cp_time": ratio("distmerge", "cp", "wall_s_median"),
-              "seed_over_distmerge_time": ratio("seed", "distmerge", "wall_s_median"),
-              "seed_over_distmerge_rss": ratio("seed", "distmerge", "peak_rss_gb_median")}
+    ratios = {
+        "distmerge_over_cp_time": ratio("distmerge", "cp", "wall_s_median"),
+        "seed_over_distmerge_time": ratio("seed", "distmerge", "wall_s_median"),
+        "seed_over_distmerge_rss": ratio("seed", "distmerge", "peak_rss_gb_median"),
+    }
     return summary, ratios
 
 
 def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: argparse.Namespace) -> None:
     print()
-    shape = ("your checkpoint" if inp.config.get("given") else
-             f"{a.shards} shards, {a.dtype}, {a.blocks} blocks, dim {a.dim}")
+    shape = (
+        "your checkpoint"
+        if inp.config.get("given")
+        else f"{a.shards} shards, {a.dtype}, {a.blocks} blocks, dim {a.dim}"
+    )
     lora = f"LoRA {inp.lora}" if inp.config.get("given") else f"LoRA rank {a.rank}"
-    print(f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {shape}); {lora} ({inp.lora_bytes / GB:.3f} GB); "
-          f"repeats {a.repeats}; "
-          f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
-          " trailing sync")
+    print(
+        f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {shape}); {lora} ({inp.lora_bytes / GB:.3f} GB); "
+        f"repeats {a.repeats}; "
+        f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
+        " trailing sync"
+    )
     hdr = f"{'method':<10} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
     print(hdr)
     print("-" * len(hdr))
@@ -432,40 +528,53 @@ def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: arg
         if not s.get("runs_ok"):
             print(f"{m:<10} {'failed':>12}")
             continue
-        print(f"{m:<10} {s['wall_s_median']:>12.2f} {s['wall_s_min']:>8.2f} {s['wall_s_max']:>8.2f} "
-              f"{s['peak_rss_gb_median']:>18.2f} {s['throughput_gb_s'] or 0:>7.2f} {s['runs_ok']:>4}")
+        print(
+            f"{m:<10} {s['wall_s_median']:>12.2f} {s['wall_s_min']:>8.2f} {s['wall_s_max']:>8.2f} "
+            f"{s['peak_rss_gb_median']:>18.2f} {s['throughput_gb_s'] or 0:>7.2f} {s['runs_ok']:>4}"
+        )
     print()
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     print(f"distmerge / cp   (time): {fmt(ratios['distmerge_over_cp_time'])}")
     print(f"seed / distmerge (time): {fmt(ratios['seed_over_distmerge_time'])}")
     print(f"seed / distmerge (RSS):  {fmt(ratios['seed_over_distmerge_rss'])}")
     print()
-    print(f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_total_gb']} GB RAM, "
-          f"{machine['disk_free_gb']} GB free on {machine['workdir_fs']}; torch {machine['torch']}, "
-          f"ray {machine['ray']}, safetensors {machine['safetensors']}, python {machine['python']}")
+    print(
+        f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_total_gb']} GB RAM, "
+        f"{machine['disk_free_gb']} GB free on {machine['workdir_fs']}; torch {machine['torch']}, "
+        f"ray {machine['ray']}, safetensors {machine['safetensors']}, python {machine['python']}"
+    )
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark distmerge vs cp -r and the ROLL seed merge.",
-                                epilog="Pass --distmerge-args with '=': --distmerge-args='--num-workers 2'")
+    p = argparse.ArgumentParser(
+        description="Benchmark distmerge vs cp -r and the ROLL seed merge.",
+        epilog="Pass --distmerge-args with '=': --distmerge-args='--num-workers 2'",
+    )
     p.add_argument("--workdir", default="bench-out", help="cache + scratch folder (default ./bench-out)")
-    p.add_argument("--base", default=None, help="benchmark this existing base (folder or .safetensors) "
-                   "instead of generating one; needs --lora")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="benchmark this existing base (folder or .safetensors) instead of generating one; needs --lora",
+    )
     p.add_argument("--lora", default=None, help="the LoRA file or PEFT adapter folder for --base")
     p.add_argument("--blocks", type=int, default=8, help="Wan blocks (default 8 = ~6.1 GB in bf16)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="base dtype (default bf16)")
     p.add_argument("--shards", type=int, default=2, help="base shards (default 2)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--methods", default=None,
-                   help="comma list of cp,distmerge,seed (default all; cp,distmerge with --base)")
+    p.add_argument(
+        "--methods", default=None, help="comma list of cp,distmerge,seed (default all; cp,distmerge with --base)"
+    )
     p.add_argument("--skip-seed", action="store_true", help="leave out the seed (when the base does not fit in RAM)")
     p.add_argument("--distmerge-args", default="", help="extra distmerge CLI args, one string")
-    p.add_argument("--drop-caches", action="store_true",
-                   help="drop the page cache before each command (needs root; failure is recorded)")
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the page cache before each command (needs root; failure is recorded)",
+    )
     p.add_argument("--no-sync-in-timing", action="store_true", help="do not time a trailing sync")
     p.add_argument("--json", default=None, metavar="FILE", help="write summary + every run as JSON")
     # hidden width overrides, for smoke tests only
@@ -498,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     inp = given_inputs(a) if a.base else ensure_inputs(a)
     machine = machine_facts(a.workdir)
     if "seed" in a.method_list and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
-        print(f"bench: warning: the seed holds the whole {inp.base_bytes / GB:.1f} GB base plus save "
-              f"buffers in RAM ({machine['ram_total_gb']} GB total); consider --skip-seed", flush=True)
+        print(
+            f"bench: warning: the seed holds the whole {inp.base_bytes / GB:.1f} GB base plus save "
+            f"buffers in RAM ({machine['ram_total_gb']} GB total); consider --skip-seed",
+            flush=True,
+        )
     if machine["disk_free_gb"] * GB < inp.base_bytes * 1.2:
         print("bench: warning: little free disk for one output copy of the base", flush=True)
     runs = run_all(inp, a, a.method_list)
@@ -507,12 +619,18 @@ def main(argv: list[str] | None = None) -> int:
     print_report(summary, ratios, machine, inp, a)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        doc = {"argv": sys.argv, "inputs": {**asdict(inp), "base_gb": round(inp.base_bytes / GB, 3)},
-               "options": {k: v for k, v in vars(a).items()}, "machine": machine, "summary": summary,
-               "ratios": ratios, "runs": [asdict(r) for r in runs],
-               "rss_rule": "max over 50 ms polls of sum(RSS) over the main process + descendants, plus "
-                           "escaped Ray processes (created after start, 'ray' in cmdline, this run's "
-                           "RAY_TMPDIR in cmdline or DISTMERGE_BENCH_TOKEN in environ) + their descendants"}
+        doc = {
+            "argv": sys.argv,
+            "inputs": {**asdict(inp), "base_gb": round(inp.base_bytes / GB, 3)},
+            "options": {k: v for k, v in vars(a).items()},
+            "machine": machine,
+            "summary": summary,
+            "ratios": ratios,
+            "runs": [asdict(r) for r in runs],
+            "rss_rule": "max over 50 ms polls of sum(RSS) over the main process + descendants, plus "
+            "escaped Ray processes (created after start, 'ray' in cmdline, this run's "
+            "RAY_TMPDIR in cmdline or DISTMERGE_BENCH_TOKEN in environ) + their descendants",
+        }
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"bench: wrote {a.json}")

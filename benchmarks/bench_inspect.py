@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from distmerge.inspect import inspect_lora
-from distmerge.synth import WanConfig, lora_modules, wan_shapes
-from distmerge.writer import write_safetensors
+from distmerge.app.inspect import inspect_lora
+from distmerge.app.synth import WanConfig, lora_modules, wan_shapes
+from distmerge.tasks.writer import write_safetensors
 
 
 def _seko(path: str, cfg: WanConfig, rank: int) -> None:
@@ -27,9 +27,11 @@ def _seko(path: str, cfg: WanConfig, rank: int) -> None:
     specs = []
     for m in lora_modules(cfg):
         out_f, in_f = shapes[m + ".weight"]
-        specs += [(f"diffusion_model.{m}.lora_down.weight", "F32", (rank, in_f)),
-                  (f"diffusion_model.{m}.lora_up.weight", "F32", (out_f, rank)),
-                  (f"diffusion_model.{m}.alpha", "F32", ())]
+        specs += [
+            (f"diffusion_model.{m}.lora_down.weight", "F32", (rank, in_f)),
+            (f"diffusion_model.{m}.lora_up.weight", "F32", (out_f, rank)),
+            (f"diffusion_model.{m}.alpha", "F32", ()),
+        ]
 
     def gen():
         for key, _, shape in specs:
@@ -41,7 +43,9 @@ def _seko(path: str, cfg: WanConfig, rank: int) -> None:
 def _header_only_base(folder: str, cfg: WanConfig) -> None:
     """A sparse base: real headers, data never written (inspect reads headers only)."""
     os.makedirs(folder, exist_ok=True)
-    from distmerge.writer import layout_shard, create_file
+    from distmerge.plan.layout import layout_shard
+    from distmerge.tasks.writer import create_file
+
     lay = layout_shard([(k, "F32", s) for k, s in wan_shapes(cfg)], metadata={"format": "pt"})
     create_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"), lay.header, lay.size)
 
@@ -64,9 +68,18 @@ def main() -> None:
         d = inspect_lora(lora, base)
         times.append(time.perf_counter() - t)
     times.sort()
-    print(json.dumps({"lora_gb": round(os.path.getsize(lora) / 1e9, 3), "deltas": d.deltas,
-                      "matched": d.matched_targets, "unmatched": len(d.unmatched),
-                      "median_s": round(times[len(times) // 2], 3), "min_s": round(times[0], 3)}))
+    print(
+        json.dumps(
+            {
+                "lora_gb": round(os.path.getsize(lora) / 1e9, 3),
+                "deltas": d.deltas,
+                "matched": d.matched_targets,
+                "unmatched": len(d.unmatched),
+                "median_s": round(times[len(times) // 2], 3),
+                "min_s": round(times[0], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

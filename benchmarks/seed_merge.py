@@ -49,7 +49,7 @@ def load_base(base: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in base_files(base):
         with safe_open(path, framework="pt", device="cpu") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
                 state[k] = f.get_tensor(k)
     return state
 
@@ -60,7 +60,7 @@ def merge_pairs(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], a
     for b_key in [k for k in lora if k.endswith(B_SUFFIX)]:
         module = b_key[: -len(B_SUFFIX)]
         a_key = module + A_SUFFIX
-        target = (module[len(PREFIX):] if module.startswith(PREFIX) else module) + ".weight"
+        target = (module[len(PREFIX) :] if module.startswith(PREFIX) else module) + ".weight"
         if a_key not in lora or target not in state:
             skipped += 1
             continue
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     if args.lora.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         lora = load_file(args.lora)
     else:
         lora = torch.load(args.lora, map_location="cpu", weights_only=True)
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_file(state, args.output)
     t3 = time.perf_counter()
-    print(f"seed_merge: {len(state)} tensors, {merged} pairs merged, {skipped} skipped; "
-          f"load {t1 - t0:.2f}s merge {t2 - t1:.2f}s save {t3 - t2:.2f}s")
+    print(
+        f"seed_merge: {len(state)} tensors, {merged} pairs merged, {skipped} skipped; "
+        f"load {t1 - t0:.2f}s merge {t2 - t1:.2f}s save {t3 - t2:.2f}s"
+    )
     if merged == 0:
         print("seed_merge: error: no LoRA pair matched the base", file=sys.stderr)
         return 1

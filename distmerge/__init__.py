@@ -9,11 +9,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (ClusterError, DistmergeError, FormatError, MatchError, OutputError, PlanError,
-                     ShardWriteError)
-from .report import MergeReport
-from .api import merge
-from .compat import load_state_dict_from_safetensors, merge_lora_into_state_dict
+import importlib
+from typing import Any
+
+from distmerge.errors import (
+    ClusterError,
+    DistmergeError,
+    FormatError,
+    MatchError,
+    OutputError,
+    PlanError,
+    ShardWriteError,
+)
+
+# The front ends import torch; loaded on first use so the torch-free stages (``inputs.header``,
+# ``plan``) load without it.
+_LAZY = {
+    "merge": "distmerge.app.api",
+    "MergeReport": "distmerge.app.report",
+    "load_state_dict_from_safetensors": "distmerge.app.compat",
+    "merge_lora_into_state_dict": "distmerge.app.compat",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'distmerge' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -1,3 +1,3 @@
-from .cli import entry
+from distmerge.app.cli import entry
 
 entry()

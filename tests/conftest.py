@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from distmerge.synth import make_factors, write_wan_base
+from distmerge.app.synth import make_factors, write_wan_base
 
 from .helpers import TINY
 
@@ -39,8 +39,14 @@ def ray_local():
     os.environ.pop("RAY_ADDRESS", None)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=100 << 20, logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 << 20,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 

@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from distmerge.synth import WanConfig
+from distmerge.app.synth import WanConfig
 
 #: a tiny Wan-shaped model: same key set and shape pattern as Wan2.2, ~1 MB in fp32
 TINY = WanConfig(dim=64, ffn=96, blocks=2, in_dim=16, text_dim=32, freq_dim=16, dtype="F32")
@@ -31,8 +31,11 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_merge(base: dict[str, torch.Tensor], terms: dict[str, list[tuple[float, torch.Tensor]]],
-                    out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def reference_merge(
+    base: dict[str, torch.Tensor],
+    terms: dict[str, list[tuple[float, torch.Tensor]]],
+    out_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """``terms[key]`` = [(coef, ΔW)]: W + Σ coef·ΔW in float64, rounded once to the output dtype."""
     out = {}
     for k, w in base.items():
@@ -49,8 +52,7 @@ def reference_merge(base: dict[str, torch.Tensor], terms: dict[str, list[tuple[f
 
 def lora_terms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], coef: float) -> dict[str, list]:
     """ΔW = B @ A (float64) per module's ``.weight`` key."""
-    return {m + ".weight": [(coef, (b.double().flatten(1) @ a.double().flatten(1)))]
-            for m, (a, b) in factors.items()}
+    return {m + ".weight": [(coef, (b.double().flatten(1) @ a.double().flatten(1)))] for m, (a, b) in factors.items()}
 
 
 def assert_close_to_reference(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -63,7 +65,7 @@ def assert_close_to_reference(out: dict[str, torch.Tensor], ref: dict[str, torch
         if o.dtype == torch.float32:
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6, msg=k)
         elif o.dtype in (torch.bfloat16, torch.float16):
-            same = (o.view(torch.int16) == r.view(torch.int16))
+            same = o.view(torch.int16) == r.view(torch.int16)
             assert same.float().mean().item() >= 0.999, (k, same.float().mean().item())
             ulp = (o.view(torch.int16).int() - r.view(torch.int16).int()).abs()
             near = (o.float() - r.float()).abs() <= 1e-6 * r.float().abs().max()

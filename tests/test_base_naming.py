@@ -38,22 +38,36 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 import distmerge
+from distmerge.app.synth import BLOCK_LINEARS, wan_shapes, write_wan_base
 from distmerge.errors import MatchError
-from distmerge.synth import BLOCK_LINEARS, wan_shapes, write_wan_base
 
 from .helpers import TINY, load_checkpoint
 
-pytestmark = [pytest.mark.ray,
-              # PEFT's save_pretrained takes the 1-D lora_B.bias (lora_bias=True) for an ungathered shard
-              pytest.mark.filterwarnings(r"ignore:.*LoRA tensor\(s\) have invalid shape")]
+pytestmark = [
+    pytest.mark.ray,
+    # PEFT's save_pretrained takes the 1-D lora_B.bias (lora_bias=True) for an ungathered shard
+    pytest.mark.filterwarnings(r"ignore:.*LoRA tensor\(s\) have invalid shape"),
+]
 
 #: the diffusers config of TINY (dim 64 = 2 heads × 32, ffn 96, 2 blocks, text 32, freq 16); T2V, so
 #: no image embedder and no added k/v projections: the key sets of both namings match one to one
-DIFFUSERS_CONFIG = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 32,
-                    "in_channels": 16, "out_channels": 16, "text_dim": TINY.text_dim, "freq_dim": TINY.freq_dim,
-                    "ffn_dim": TINY.ffn, "num_layers": TINY.blocks, "cross_attn_norm": True,
-                    "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
-                    "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+DIFFUSERS_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": TINY.text_dim,
+    "freq_dim": TINY.freq_dim,
+    "ffn_dim": TINY.ffn,
+    "num_layers": TINY.blocks,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
 assert DIFFUSERS_CONFIG["num_attention_heads"] * DIFFUSERS_CONFIG["attention_head_dim"] == TINY.dim
 
 RANK = 4
@@ -64,13 +78,21 @@ LINEARS = [f"blocks.{n}.{m}" for n in range(TINY.blocks) for m in BLOCK_LINEARS]
 #: Wan -> diffusers module names, written out here (not taken from distmerge.keymap) for building
 #: diffusers-named LoRAs and the explicit deltas diffusers drops
 _WAN_TO_DIFFUSERS = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0", "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2", "norm3": "norm2",
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "norm3": "norm2",
 }
 _WAN_TOP_TO_DIFFUSERS = {
-    "head.head": "proj_out", "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "head.head": "proj_out",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
     "time_embedding.2": "condition_embedder.time_embedder.linear_2",
     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
     "text_embedding.2": "condition_embedder.text_embedder.linear_2",
@@ -91,6 +113,7 @@ def _rng(seed: int):
 
     def draw(*shape: int, std: float = 0.05) -> torch.Tensor:
         return (torch.randn(shape, generator=g) * std).contiguous()
+
     return draw
 
 
@@ -100,6 +123,7 @@ def _factors(draw, module: str, rank: int = RANK) -> tuple[torch.Tensor, torch.T
 
 
 # --------------------------------------------------------------------------------------------- bases
+
 
 @dataclass
 class Base:
@@ -117,8 +141,9 @@ class Bases:
 
 def _load_wan_into_diffusers(sd: dict[str, torch.Tensor], config_dir: str) -> WanTransformer3DModel:
     """diffusers' single-file loader on an original-Wan (or ``model.diffusion_model.``) state dict."""
-    return WanTransformer3DModel.from_single_file(dict(sd), config=config_dir, local_files_only=True,
-                                                  torch_dtype=torch.float32)
+    return WanTransformer3DModel.from_single_file(
+        dict(sd), config=config_dir, local_files_only=True, torch_dtype=torch.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +188,7 @@ def bases(tmp_path_factory) -> Bases:
 
 # --------------------------------------------------------------------------------------------- LoRAs
 
+
 @dataclass
 class LoraCase:
     """A LoRA file, the weight it is merged with, and how diffusers (or PEFT) reads it."""
@@ -204,11 +230,15 @@ def _comfy_lora(root: str) -> LoraCase:
     # dropped by diffusers' converter: norm diffs ("norm layer diff keys are just zeroed values")
     # and .diff_m (left over, only logged). distmerge applies them: norm3 == diffusers norm2,
     # blocks.N.modulation == diffusers blocks.N.scale_shift_table.
-    for key, target in (("blocks.0.norm3.diff", "blocks.0.norm2.weight"),
-                        ("blocks.0.norm3.diff_b", "blocks.0.norm2.bias"),
-                        ("blocks.1.diff_m", "blocks.1.scale_shift_table")):
-        t = draw(*SHAPES[key.replace("diff_m", "modulation").replace(".diff_b", ".bias")
-                        .replace(".diff", ".weight")], std=0.01)
+    for key, target in (
+        ("blocks.0.norm3.diff", "blocks.0.norm2.weight"),
+        ("blocks.0.norm3.diff_b", "blocks.0.norm2.bias"),
+        ("blocks.1.diff_m", "blocks.1.scale_shift_table"),
+    ):
+        t = draw(
+            *SHAPES[key.replace("diff_m", "modulation").replace(".diff_b", ".bias").replace(".diff", ".weight")],
+            std=0.01,
+        )
         sd["diffusion_model." + key] = t
         dropped[target] = t
     path = os.path.join(root, "wan22_lightx2v_style.safetensors")
@@ -298,8 +328,14 @@ def _peft_lora(root: str, diffusers_base: str) -> tuple[LoraCase, WanTransformer
     from peft import LoraConfig, get_peft_model
 
     model = WanTransformer3DModel.from_pretrained(diffusers_base, local_files_only=True, torch_dtype=torch.float32)
-    cfg = LoraConfig(r=RANK, lora_alpha=6, target_modules=PEFT_TARGETS, lora_bias=True,
-                     rank_pattern={"proj_out": 8}, alpha_pattern={"proj_out": 2})
+    cfg = LoraConfig(
+        r=RANK,
+        lora_alpha=6,
+        target_modules=PEFT_TARGETS,
+        lora_bias=True,
+        rank_pattern={"proj_out": 8},
+        alpha_pattern={"proj_out": 2},
+    )
     pm = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(707)
     with torch.no_grad():
@@ -331,8 +367,7 @@ def _diffusers_reference(case: LoraCase, diffusers_base: str, name: str) -> WanT
     model = WanTransformer3DModel.from_pretrained(diffusers_base, local_files_only=True, torch_dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inp = case.diffusers_input
-    sd, metadata = WanPipeline.lora_state_dict(dict(inp) if isinstance(inp, dict) else inp,
-                                               return_lora_metadata=True)
+    sd, metadata = WanPipeline.lora_state_dict(dict(inp) if isinstance(inp, dict) else inp, return_lora_metadata=True)
     model.load_lora_adapter(sd, prefix="transformer", adapter_name=name, metadata=metadata)
     model.fuse_lora(lora_scale=case.weight, adapter_names=[name])
     model.unload_lora()
@@ -353,9 +388,14 @@ def loras(tmp_path_factory, bases) -> dict[str, Reference]:
     root = str(tmp_path_factory.mktemp("loras"))
     diffusers_base = bases.by_naming["diffusers"].path
     out: dict[str, Reference] = {}
-    cases = {"diffusers-meta": _diffusers_lora(root, True), "diffusers-plain": _diffusers_lora(root, False),
-             "comfy": _comfy_lora(root), "kohya": _kohya_lora(root),
-             "roll": _peft_named_lora(root, "roll"), "diffsynth": _peft_named_lora(root, "diffsynth")}
+    cases = {
+        "diffusers-meta": _diffusers_lora(root, True),
+        "diffusers-plain": _diffusers_lora(root, False),
+        "comfy": _comfy_lora(root),
+        "kohya": _kohya_lora(root),
+        "roll": _peft_named_lora(root, "roll"),
+        "diffsynth": _peft_named_lora(root, "diffsynth"),
+    }
     for name, case in cases.items():
         model = _diffusers_reference(case, diffusers_base, name.replace("-", "_"))
         out[name] = Reference(case, model, {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -365,6 +405,7 @@ def loras(tmp_path_factory, bases) -> dict[str, Reference]:
 
 
 # --------------------------------------------------------------------------------------------- checks
+
 
 def _output_path(tmp_path, base: Base) -> str:
     """A folder for folder bases; a single ``.safetensors`` for the single-file ComfyUI bases."""
@@ -376,8 +417,9 @@ def _load_output(out: str, base: Base, bases: Bases) -> WanTransformer3DModel:
     if base.naming == "diffusers":
         return WanTransformer3DModel.from_pretrained(out, local_files_only=True, torch_dtype=torch.float32)
     if base.naming == "comfy":  # the file itself: diffusers strips model.diffusion_model.
-        return WanTransformer3DModel.from_single_file(out, config=bases.config_dir, local_files_only=True,
-                                                      torch_dtype=torch.float32)
+        return WanTransformer3DModel.from_single_file(
+            out, config=bases.config_dir, local_files_only=True, torch_dtype=torch.float32
+        )
     sd = load_checkpoint(out)
     if base.prefix:  # diffusers' converter only knows model.diffusion_model.; strip the bare prefix
         sd = {k.removeprefix(base.prefix): v for k, v in sd.items()}
@@ -389,8 +431,7 @@ def _forward(model: WanTransformer3DModel) -> torch.Tensor:
     x = torch.randn(1, 16, 2, 4, 4, generator=g)
     ctx = torch.randn(1, 6, TINY.text_dim, generator=g)
     with torch.no_grad():
-        return model(hidden_states=x, timestep=torch.tensor([321]), encoder_hidden_states=ctx,
-                     return_dict=False)[0]
+        return model(hidden_states=x, timestep=torch.tensor([321]), encoder_hidden_states=ctx, return_dict=False)[0]
 
 
 def _assert_same_model(got: WanTransformer3DModel, ref: Reference, label: str) -> None:
@@ -418,8 +459,11 @@ def test_layout_on_base_naming_matches_diffusers(ray_local, bases, loras, tmp_pa
     assert {t.dtype for t in out_sd.values()} == {torch.float32}
     if naming in ("wan", "diffusers"):
         assert any(n.endswith(".safetensors.index.json") for n in os.listdir(out))
-        assert all(n.startswith("diffusion_pytorch_model") for n in os.listdir(out)
-                   if n.endswith((".safetensors", ".index.json")))
+        assert all(
+            n.startswith("diffusion_pytorch_model")
+            for n in os.listdir(out)
+            if n.endswith((".safetensors", ".index.json"))
+        )
     _assert_same_model(_load_output(out, base, bases), ref, f"{layout} on {naming}")
     # deltas diffusers drops on purpose were applied by distmerge (asserted in the comparison
     # above; here: they really moved the tensor, so a silent drop could not pass)
@@ -446,6 +490,7 @@ DROPPED_BY_DIFFUSERS = ("blocks.N.norm*.diff / .diff_b", "blocks.N.diff_m (modul
 
 # --------------------------------------------------------------------------------------------- model folder
 
+
 @pytest.mark.parametrize("naming", ["wan", "diffusers"])
 def test_folder_output_is_a_model_folder(ray_local, bases, loras, tmp_path, naming):
     """Everything in the base folder that is not a weight shard or its index (config.json …) is
@@ -453,8 +498,7 @@ def test_folder_output_is_a_model_folder(ray_local, bases, loras, tmp_path, nami
     base = bases.by_naming[naming]
     out = str(tmp_path / "merged")
     distmerge.merge(base.path, [loras["comfy"].case.path], out)
-    src = sorted(n for n in os.listdir(base.path)
-                 if not n.endswith((".safetensors", ".safetensors.index.json")))
+    src = sorted(n for n in os.listdir(base.path) if not n.endswith((".safetensors", ".safetensors.index.json")))
     assert "config.json" in src
     for n in src:
         assert os.path.isfile(os.path.join(out, n)), f"{n} not copied into {out}: {sorted(os.listdir(out))}"
@@ -493,7 +537,7 @@ def _unmatched_lora(root: str, layout: str) -> tuple[str, list[str]]:
 
 
 def _native_target(naming: str, base: Base) -> str:
-    return (f"{_K_IMG_DIFFUSERS}.weight" if naming == "diffusers" else f"{base.prefix}{_K_IMG}.weight")
+    return f"{_K_IMG_DIFFUSERS}.weight" if naming == "diffusers" else f"{base.prefix}{_K_IMG}.weight"
 
 
 @pytest.mark.parametrize("naming", NAMINGS)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
+from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench.py")
 TINY = ["--dim", "128", "--ffn", "256", "--text-dim", "64", "--blocks", "1", "--rank", "4"]
@@ -18,8 +18,13 @@ TINY = ["--dim", "128", "--ffn", "256", "--text-dim", "64", "--blocks", "1", "--
 def _bench(args: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, BENCH, "--workdir", str(tmp_path / "work"), "--repeats", "1",
-                           "--json", str(out), *args], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--workdir", str(tmp_path / "work"), "--repeats", "1", "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
@@ -34,8 +39,9 @@ def test_generated_wan_checkpoint_runs_every_method(tmp_path):
     assert dm["extra"]["pairs_merged"] == 10  # the 10 linear layers of the one block
     assert doc["ratios"]["distmerge_over_cp_time"] > 0 and doc["ratios"]["seed_over_distmerge_rss"] > 0
     assert "distmerge / cp   (time):" in proc.stdout
-    assert doc["inputs"]["base_bytes"] == sum(os.path.getsize(os.path.join(r, f)) for r, _, fs
-                                              in os.walk(doc["inputs"]["base"]) for f in fs)
+    assert doc["inputs"]["base_bytes"] == sum(
+        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(doc["inputs"]["base"]) for f in fs
+    )
 
 
 def test_existing_checkpoint_with_base_and_lora(tmp_path):
@@ -56,6 +62,5 @@ def test_existing_checkpoint_with_base_and_lora(tmp_path):
 
 
 def test_base_without_lora_is_refused(tmp_path):
-    proc = subprocess.run([sys.executable, BENCH, "--base", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, BENCH, "--base", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--base and --lora go together" in proc.stderr

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distmerge.checkpoint import open_base
+from distmerge.app.synth import wan_shapes
 from distmerge.errors import FormatError
-from distmerge.synth import wan_shapes
+from distmerge.inputs.checkpoint import open_base
 
 from .helpers import TINY
 
@@ -52,6 +52,7 @@ def two_shards(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ valid
+
 
 def test_single_file_stem_from_name(tmp_path):
     p = tmp_path / "my_model.v2.safetensors"
@@ -108,8 +109,9 @@ def test_index_folder_small(two_shards):
     _index(two_shards, {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"})
     base = open_base(two_shards)
     assert base.stem == "model"
-    assert list(base.tensors) == [k for k, _ in sorted(_offsets_by_hand(str(two_shards / "s1.safetensors")).items(),
-                                                       key=lambda kv: kv[1])] + ["z"]
+    assert list(base.tensors) == [
+        k for k, _ in sorted(_offsets_by_hand(str(two_shards / "s1.safetensors")).items(), key=lambda kv: kv[1])
+    ] + ["z"]
 
 
 def test_shard_order_follows_index_not_names(two_shards):
@@ -120,6 +122,7 @@ def test_shard_order_follows_index_not_names(two_shards):
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 def test_several_files_no_index(two_shards):
     _expect(str(two_shards), str(two_shards), "index", "s1.safetensors")
@@ -144,8 +147,18 @@ def test_index_names_missing_shard(two_shards):
     _expect(str(two_shards), "s3.safetensors", "does not exist")
 
 
-@pytest.mark.parametrize("bad", ["../x.safetensors", "/abs.safetensors", "sub/x.safetensors",
-                                 "sub\\x.safetensors", "C:x.safetensors", "s1.bin", ".."])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../x.safetensors",
+        "/abs.safetensors",
+        "sub/x.safetensors",
+        "sub\\x.safetensors",
+        "C:x.safetensors",
+        "s1.bin",
+        "..",
+    ],
+)
 def test_index_with_unsafe_shard_name(two_shards, bad):
     # make the targets exist, so only the name itself can be the reason for the refusal
     shutil.copy(two_shards / "s2.safetensors", two_shards.parent / "x.safetensors")
@@ -162,8 +175,7 @@ def test_index_key_listed_in_wrong_shard(two_shards):
 
 
 def test_index_key_not_in_any_shard(two_shards):
-    _index(two_shards, {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors",
-                        "ghost": "s2.safetensors"})
+    _index(two_shards, {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors", "ghost": "s2.safetensors"})
     _expect(str(two_shards), "'ghost'")
 
 
@@ -186,8 +198,7 @@ def test_two_index_files(two_shards):
     _expect(str(two_shards), "2 index files", "a.safetensors.index.json", "b.safetensors.index.json")
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"weight_map": {}}', b'{"weight_map": []}',
-                                     b"\xff\xfe"])
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"weight_map": {}}', b'{"weight_map": []}', b"\xff\xfe"])
 def test_bad_index_content(two_shards, content):
     (two_shards / "model.safetensors.index.json").write_bytes(content)
     _expect(str(two_shards), "model.safetensors.index.json")
@@ -209,19 +220,40 @@ def test_base_without_tensors(tmp_path):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
-                     max_leaves=20)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(index=st.one_of(
-    _JSON,
-    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=30), _JSON, max_size=6)}),
-    st.fixed_dictionaries({"weight_map": st.dictionaries(
-        st.sampled_from(["x", "y", "z", "a.weight", ""]),
-        st.sampled_from(["s1.safetensors", "s2.safetensors", "../s1.safetensors", "/s1.safetensors",
-                         "sub/s1.safetensors", "missing.safetensors", "s1.bin", ""]), max_size=4)})))
+@given(
+    index=st.one_of(
+        _JSON,
+        st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=30), _JSON, max_size=6)}),
+        st.fixed_dictionaries(
+            {
+                "weight_map": st.dictionaries(
+                    st.sampled_from(["x", "y", "z", "a.weight", ""]),
+                    st.sampled_from(
+                        [
+                            "s1.safetensors",
+                            "s2.safetensors",
+                            "../s1.safetensors",
+                            "/s1.safetensors",
+                            "sub/s1.safetensors",
+                            "missing.safetensors",
+                            "s1.bin",
+                            "",
+                        ]
+                    ),
+                    max_size=4,
+                )
+            }
+        ),
+    )
+)
 def test_random_index_files_only_raise_format_error(two_shards, index):
     d = two_shards
     path = os.path.join(d, "model.safetensors.index.json")
@@ -239,11 +271,15 @@ def test_random_index_files_only_raise_format_error(two_shards, index):
 @given(cut=st.integers(min_value=0, max_value=400), junk=st.binary(max_size=20))
 def test_mutated_index_bytes_only_raise_format_error(two_shards, cut, junk):
     path = os.path.join(two_shards, "model.safetensors.index.json")
-    good = json.dumps({"metadata": {"total_size": 36},
-                       "weight_map": {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"}},
-                      indent=2).encode()
+    good = json.dumps(
+        {
+            "metadata": {"total_size": 36},
+            "weight_map": {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"},
+        },
+        indent=2,
+    ).encode()
     with open(path, "wb") as f:
-        f.write(good[:cut] + junk + good[cut + len(junk):])
+        f.write(good[:cut] + junk + good[cut + len(junk) :])
     try:
         base = open_base(two_shards)
     except FormatError:

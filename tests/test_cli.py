@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from distmerge.synth import write_lora
+from distmerge.app.synth import write_lora
 
 from .conftest import snapshot
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
@@ -20,8 +20,9 @@ from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, ref
 
 def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 @pytest.mark.ray
@@ -29,9 +30,26 @@ def test_merge_with_seed_spellings_and_report(tiny_base, tiny_factors, tmp_path)
     lora = str(tmp_path / "diffusion_module.pth")
     write_lora(lora, tiny_factors)
     out, rep = str(tmp_path / "merged"), str(tmp_path / "report.json")
-    r = run_cli("merge", "--base_model_path", tiny_base, "--lora_path", lora, "--output_path", out,
-                "--alpha", "0.5", "--dtype", "bf16", "--max-shard-size", "200KB", "--num-cpus", "2",
-                "--report", rep, "-q")
+    r = run_cli(
+        "merge",
+        "--base_model_path",
+        tiny_base,
+        "--lora_path",
+        lora,
+        "--output_path",
+        out,
+        "--alpha",
+        "0.5",
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "200KB",
+        "--num-cpus",
+        "2",
+        "--report",
+        rep,
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"merged {len(tiny_factors)} pairs into ") and out in last, last
@@ -65,23 +83,34 @@ def _bad_cases(tiny_base, tmp_path, lora):
     nonempty.mkdir()
     (nonempty / "keep.txt").write_text("x")
     return {
-        "truncated shard": (["--base", _truncated_base(tiny_base, tmp_path), "--lora", lora, "--output", out],
-                            r"-of-0000\d\.safetensors.*truncated"),
-        "missing lora": (["--base", tiny_base, "--lora", str(tmp_path / "nope.pth"), "--output", out],
-                         "nope.pth: LoRA file not found"),
-        "pickle with code": (["--base", tiny_base, "--lora", evil, "--output", out],
-                             "evil.pth: refused to load"),
-        "weights count": (["--base", tiny_base, "--lora", lora, "--weight", "1", "--weight", "2",
-                           "--output", out], "1 --lora but 2 --weight"),
-        "output inside base": (["--base", tiny_base, "--lora", lora, "--output", os.path.join(tiny_base, "m")],
-                               "inside its folder"),
-        "non-empty output": (["--base", tiny_base, "--lora", lora, "--output", str(nonempty)],
-                             "not empty; pass --overwrite"),
+        "truncated shard": (
+            ["--base", _truncated_base(tiny_base, tmp_path), "--lora", lora, "--output", out],
+            r"-of-0000\d\.safetensors.*truncated",
+        ),
+        "missing lora": (
+            ["--base", tiny_base, "--lora", str(tmp_path / "nope.pth"), "--output", out],
+            "nope.pth: LoRA file not found",
+        ),
+        "pickle with code": (["--base", tiny_base, "--lora", evil, "--output", out], "evil.pth: refused to load"),
+        "weights count": (
+            ["--base", tiny_base, "--lora", lora, "--weight", "1", "--weight", "2", "--output", out],
+            "1 --lora but 2 --weight",
+        ),
+        "output inside base": (
+            ["--base", tiny_base, "--lora", lora, "--output", os.path.join(tiny_base, "m")],
+            "inside its folder",
+        ),
+        "non-empty output": (
+            ["--base", tiny_base, "--lora", lora, "--output", str(nonempty)],
+            "not empty; pass --overwrite",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["truncated shard", "missing lora", "pickle with code", "weights count",
-                                  "output inside base", "non-empty output"])
+@pytest.mark.parametrize(
+    "case",
+    ["truncated shard", "missing lora", "pickle with code", "weights count", "output inside base", "non-empty output"],
+)
 def test_bad_input_is_one_line_nonzero_and_publishes_nothing(tiny_base, tiny_factors, tmp_path, case):
     lora = str(tmp_path / "l.pth")
     write_lora(lora, tiny_factors)
@@ -95,6 +124,7 @@ def test_bad_input_is_one_line_nonzero_and_publishes_nothing(tiny_base, tiny_fac
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("distmerge: error: ")
     import re
+
     assert re.search(pattern, lines[0]), lines[0]
     assert not os.path.exists(tmp_path / "out")
     assert not os.path.exists("/tmp/distmerge-pwned")
@@ -105,6 +135,18 @@ def test_usage_errors_exit_2_and_help_lists_options():
     assert run_cli("merge", "--base", "x").returncode == 2
     h = run_cli("merge", "--help")
     assert h.returncode == 0
-    for opt in ("--lora", "--weight", "--alpha", "--dtype", "--max-shard-size", "--skip-unmatched",
-                "--overwrite", "--address", "--num-workers", "--device", "--report", "--save_dir"):
+    for opt in (
+        "--lora",
+        "--weight",
+        "--alpha",
+        "--dtype",
+        "--max-shard-size",
+        "--skip-unmatched",
+        "--overwrite",
+        "--address",
+        "--num-workers",
+        "--device",
+        "--report",
+        "--save_dir",
+    ):
         assert opt in h.stdout, opt

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from distmerge.cli import main
-from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
+from distmerge.app.cli import main
+from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 
 from .conftest import snapshot
 
@@ -68,23 +68,32 @@ def _spoil(path: str, how: str) -> None:
 ordinary = st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 3))
 absurd = st.sampled_from([0.0, math.nan, math.inf, -math.inf, 1e39, -1e39, 1e-40])
 numbers = st.one_of(ordinary, ordinary, ordinary, absurd)  # mostly runs that should succeed
-cases = st.fixed_dictionaries({
-    "base": st.sampled_from(["F32", "BF16"]),
-    "loras": st.lists(st.tuples(st.sampled_from(LAYOUTS), st.sampled_from(SPOILS[:1] * 4 + SPOILS[1:])),
-                      min_size=1, max_size=2),
-    "weights": st.one_of(st.none(), st.lists(numbers, min_size=1, max_size=2)),  # one too many: usage
-    "alpha": st.one_of(st.none(), st.none(), numbers),
-    "dtype": st.sampled_from([None, "keep", "bf16", "fp16", "fp32"]),
-    "shard": st.sampled_from([None, None, "40KB", "1GB", "0", "lots"]),
-    "unit": st.sampled_from([None, None, "8KB", "0"]),
-    "workers": st.sampled_from([None, None, 1, 2, 0, -1]),
-    "skip": st.booleans(),
-    "output": st.sampled_from(["folder", "folder", "file", "file", "nonempty", "inside-base", "nonempty-overwrite"]),
-})
+cases = st.fixed_dictionaries(
+    {
+        "base": st.sampled_from(["F32", "BF16"]),
+        "loras": st.lists(
+            st.tuples(st.sampled_from(LAYOUTS), st.sampled_from(SPOILS[:1] * 4 + SPOILS[1:])), min_size=1, max_size=2
+        ),
+        "weights": st.one_of(st.none(), st.lists(numbers, min_size=1, max_size=2)),  # one too many: usage
+        "alpha": st.one_of(st.none(), st.none(), numbers),
+        "dtype": st.sampled_from([None, "keep", "bf16", "fp16", "fp32"]),
+        "shard": st.sampled_from([None, None, "40KB", "1GB", "0", "lots"]),
+        "unit": st.sampled_from([None, None, "8KB", "0"]),
+        "workers": st.sampled_from([None, None, 1, 2, 0, -1]),
+        "skip": st.booleans(),
+        "output": st.sampled_from(
+            ["folder", "folder", "file", "file", "nonempty", "inside-base", "nonempty-overwrite"]
+        ),
+    }
+)
 
 
-SENSIBLE = {"shard": [None, "40KB", "1GB"], "unit": [None, "8KB"], "workers": [None, 1, 2],
-            "output": ["folder", "file", "nonempty-overwrite"]}
+SENSIBLE = {
+    "shard": [None, "40KB", "1GB"],
+    "unit": [None, "8KB"],
+    "workers": [None, 1, 2],
+    "output": ["folder", "file", "nonempty-overwrite"],
+}
 
 
 @st.composite
@@ -110,8 +119,13 @@ def _args(world, case, out: str) -> list[str]:
         args += ["--lora", loras[layout, spoil]]
     for w in case["weights"] or ():
         args.append(f"--weight={w!r}")  # `--weight -inf` would read as an option
-    for flag, key in (("--alpha", "alpha"), ("--dtype", "dtype"), ("--max-shard-size", "shard"),
-                      ("--unit-size", "unit"), ("--num-workers", "workers")):
+    for flag, key in (
+        ("--alpha", "alpha"),
+        ("--dtype", "dtype"),
+        ("--max-shard-size", "shard"),
+        ("--unit-size", "unit"),
+        ("--num-workers", "workers"),
+    ):
         if case[key] is not None:
             args.append(f"{flag}={case[key]}")
     if case["skip"]:
@@ -154,8 +168,12 @@ def _verify(case, args: list[str], out: str) -> int:
 _counter = iter(range(10**6))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=matched())
 def test_any_options_give_a_verified_output_or_one_clean_error(ray_local, world, case, capsys):
     root, bases, loras = world

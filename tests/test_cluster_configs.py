@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from distmerge.jobfile import load_job
+from distmerge.app.jobfile import load_job
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster_configs")
 RAY_UP = ["ray-cluster-gpu.yaml", "single-node.yaml"]
@@ -110,21 +110,28 @@ def test_rayjob_runs_distmerge_on_a_shared_rwx_volume():
     job_file = spec["entrypoint"].split()[2]
 
     def shared_mount(template: dict) -> str:
-        claims = {n: v["persistentVolumeClaim"]["claimName"] for n, v in _volumes(template).items()
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            n: v["persistentVolumeClaim"]["claimName"]
+            for n, v in _volumes(template).items()
+            if "persistentVolumeClaim" in v
+        }
         assert claims, "no persistentVolumeClaim volume"
         for name, claim in claims.items():
             assert claim in pvcs, f"PVC {claim} is not defined"
             assert "ReadWriteMany" in pvcs[claim]["spec"]["accessModes"]
-        paths = {m["mountPath"] for c in _containers(template) for m in c.get("volumeMounts", [])
-                 if m["name"] in claims}
+        paths = {
+            m["mountPath"] for c in _containers(template) for m in c.get("volumeMounts", []) if m["name"] in claims
+        }
         assert len(paths) == 1, paths
         return paths.pop()
 
     def has_dshm(template: dict) -> bool:
         vols = _volumes(template)
-        return any(m["mountPath"] == "/dev/shm" and vols[m["name"]].get("emptyDir", {}).get("medium") == "Memory"
-                   for c in _containers(template) for m in c.get("volumeMounts", []))
+        return any(
+            m["mountPath"] == "/dev/shm" and vols[m["name"]].get("emptyDir", {}).get("medium") == "Memory"
+            for c in _containers(template)
+            for m in c.get("volumeMounts", [])
+        )
 
     head_path = shared_mount(head)
     assert job_file.startswith(head_path + "/")  # the job file is on the shared volume

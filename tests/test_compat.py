@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distmerge.compat import load_state_dict_from_safetensors, merge_lora_into_state_dict
+from distmerge.app.compat import load_state_dict_from_safetensors, merge_lora_into_state_dict
 from distmerge.errors import MatchError
 
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
@@ -53,8 +53,7 @@ def test_merge_bf16_default_against_reference(base_sd, tiny_factors, layout):
 
     targets = {m + ".weight" for m in tiny_factors}
     assert len(targets) == 20
-    ref = reference_merge({k: base_sd[k] for k in targets}, lora_terms(tiny_factors, 0.7),
-                          out_dtype=torch.bfloat16)
+    ref = reference_merge({k: base_sd[k] for k in targets}, lora_terms(tiny_factors, 0.7), out_dtype=torch.bfloat16)
     assert_close_to_reference({k: out[k] for k in targets}, ref)  # every pair merged
     assert set(out) == set(base_sd)
     for k in set(base_sd) - targets:  # untouched tensors come back as they are
@@ -86,10 +85,14 @@ def test_merge_honours_alpha_tensors(base_sd, tiny_factors):
 
 
 def test_merge_hand_computed():
-    base = {"blocks.0.ffn.0.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
-            "blocks.0.ffn.0.bias": torch.tensor([9.0, 9.0])}
-    lora = {"blocks.0.ffn.0.lora_A.weight": torch.tensor([[1.0, 2.0]]),
-            "blocks.0.ffn.0.lora_B.weight": torch.tensor([[1.0], [3.0]])}  # B@A = [[1,2],[3,6]]
+    base = {
+        "blocks.0.ffn.0.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "blocks.0.ffn.0.bias": torch.tensor([9.0, 9.0]),
+    }
+    lora = {
+        "blocks.0.ffn.0.lora_A.weight": torch.tensor([[1.0, 2.0]]),
+        "blocks.0.ffn.0.lora_B.weight": torch.tensor([[1.0], [3.0]]),
+    }  # B@A = [[1,2],[3,6]]
     out = merge_lora_into_state_dict(base, lora, alpha=2.0, dtype=None)
     assert out["blocks.0.ffn.0.weight"].tolist() == [[3.0, 6.0], [9.0, 16.0]]
     assert out["blocks.0.ffn.0.bias"] is base["blocks.0.ffn.0.bias"]
@@ -115,12 +118,17 @@ def test_untouched_tensor_of_any_dtype_passes_through():
     assert out["freqs"] is base["freqs"]
 
 
-@pytest.mark.parametrize("extra", [
-    {"diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight": torch.zeros(4, 64),
-     "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": torch.zeros(64, 4)},
-    {"diffusion_model.blocks.0.ffn.0.lora_A.weight.extra": torch.zeros(1)},
-    {"diffusion_model.time_embedding.0.lora_A.weight": torch.zeros(4, 16)},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight": torch.zeros(4, 64),
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": torch.zeros(64, 4),
+        },
+        {"diffusion_model.blocks.0.ffn.0.lora_A.weight.extra": torch.zeros(1)},
+        {"diffusion_model.time_embedding.0.lora_A.weight": torch.zeros(4, 16)},
+    ],
+)
 def test_unmatched_keys_raise(base_sd, tiny_factors, extra):
     lora = {**_lora(tiny_factors, "diffusion_model"), **extra}
     with pytest.raises(MatchError) as ei:
@@ -129,8 +137,10 @@ def test_unmatched_keys_raise(base_sd, tiny_factors, extra):
 
 
 def test_shape_mismatch_raises(base_sd):
-    lora = {"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 63),
-            "blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4)}
+    lora = {
+        "blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 63),
+        "blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4),
+    }
     with pytest.raises(MatchError, match="blocks.0.self_attn.q.weight"):
         merge_lora_into_state_dict(base_sd, lora)
 
@@ -151,8 +161,11 @@ def test_load_folder(tiny_base):
 
 def test_load_single_file(tmp_path):
     p = str(tmp_path / "one.safetensors")
-    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64),
-               "c": torch.tensor([0.5], dtype=torch.bfloat16)}
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.tensor([1, 2], dtype=torch.int64),
+        "c": torch.tensor([0.5], dtype=torch.bfloat16),
+    }
     save_file(tensors, p)
     sd = load_state_dict_from_safetensors(p)
     assert set(sd) == set(tensors)

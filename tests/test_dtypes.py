@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distmerge.dtypes import DTYPES, code_of, is_float, itemsize, to_torch
 from distmerge.errors import FormatError
-from distmerge.header import read_header
-from distmerge.writer import write_safetensors
+from distmerge.inputs.dtypes import is_float, itemsize
+from distmerge.inputs.header import read_header
+from distmerge.inputs.torch_dtypes import DTYPES, code_of, to_torch
+from distmerge.tasks.writer import write_safetensors
 
 
 def _sample(code: str) -> torch.Tensor:
@@ -76,9 +77,11 @@ def test_float_codes_are_floats():
 
 
 def test_unknown_dtype_rejected_by_read_header(tmp_path):
-    header = {"__metadata__": {"format": "pt"},
-              "good": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "weird.key": {"dtype": "Q4_K", "shape": [2], "data_offsets": [8, 10]}}
+    header = {
+        "__metadata__": {"format": "pt"},
+        "good": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "weird.key": {"dtype": "Q4_K", "shape": [2], "data_offsets": [8, 10]},
+    }
     raw = json.dumps(header).encode()
     path = tmp_path / "q4.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 10)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import distmerge
-from distmerge.synth import WanConfig, make_factors, write_lora, write_wan_base
+from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 
-from .helpers import load_checkpoint, lora_terms, reference_merge, assert_close_to_reference
+from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
 MEDIUM = WanConfig(dim=256, ffn=704, blocks=8, in_dim=16, text_dim=256, freq_dim=64, dtype="F32")
 SLOW = dict(num_workers=1, unit_size="1MB")
@@ -110,9 +110,14 @@ def test_killed_worker_is_retried_and_output_is_bitwise_identical(ray_local, med
 
 def _cli(args: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "distmerge", "merge", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distmerge", "merge", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_ctrl_c_cancels_cleans_up_and_exits_130(medium, tmp_path):
@@ -136,9 +141,13 @@ def test_ctrl_c_through_a_dead_pipe_still_exits_130(medium, tmp_path):
     out = str(tmp_path / "out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r, w = os.pipe()  # one pipe for both streams, as `2>&1 |` makes it
-    p = subprocess.Popen([sys.executable, "-m", "distmerge", "merge", "--base", base, "--lora", lora,
-                          "--output", out, *SLOW_CLI[:-1]], env=env, stdout=w, stderr=w,
-                         start_new_session=True)  # without -q: the progress lines go to the pipe too
+    p = subprocess.Popen(
+        [sys.executable, "-m", "distmerge", "merge", "--base", base, "--lora", lora, "--output", out, *SLOW_CLI[:-1]],
+        env=env,
+        stdout=w,
+        stderr=w,
+        start_new_session=True,
+    )  # without -q: the progress lines go to the pipe too
     os.close(w)
     reader = threading.Thread(target=lambda: os.read(r, 1 << 20), daemon=True)
     reader.start()
@@ -227,5 +236,6 @@ def test_the_undisturbed_reference_is_itself_correct(ray_local, medium, referenc
     folder.mkdir()
     for name, data in reference_output.items():
         (folder / name).write_bytes(data)
-    assert_close_to_reference(load_checkpoint(str(folder)),
-                              reference_merge(load_checkpoint(base), lora_terms(factors, 1.0)))
+    assert_close_to_reference(
+        load_checkpoint(str(folder)), reference_merge(load_checkpoint(base), lora_terms(factors, 1.0))
+    )

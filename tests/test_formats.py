@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import distmerge
+from distmerge.app.synth import BLOCK_LINEARS
 from distmerge.errors import FormatError, MatchError
-from distmerge.synth import BLOCK_LINEARS
 
 from .helpers import TINY, assert_close_to_reference, load_checkpoint, reference_merge
 
@@ -27,6 +27,7 @@ D = TINY.dim  # 64
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
 
 class _Rng:
     def __init__(self, seed: int) -> None:
@@ -74,6 +75,7 @@ LINEARS = [f"blocks.{n}.{m}" for n in range(TINY.blocks) for m in BLOCK_LINEARS]
 
 # --------------------------------------------------------------------------------------------- 1. ROLL / DiffSynth
 
+
 @pytest.mark.parametrize("layout", ["roll", "diffsynth"])
 def test_roll_and_diffsynth_keys_scale_one(ray_local, tiny_base, base_sd, tmp_path, layout):
     rng = _Rng(11)
@@ -95,6 +97,7 @@ def test_roll_and_diffsynth_keys_scale_one(ray_local, tiny_base, base_sd, tmp_pa
 
 # --------------------------------------------------------------------------------------------- 2. Seko
 
+
 def test_wan22_lightning_seko_alpha_over_rank(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(22)
     r, alpha = 64, 8.0  # the published Seko files: rank 64, α 8 ⇒ c = 0.125
@@ -114,6 +117,7 @@ def test_wan22_lightning_seko_alpha_over_rank(ray_local, tiny_base, base_sd, tmp
 
 
 # --------------------------------------------------------------------------------------------- 3. lightx2v
+
 
 def test_lightx2v_extracted_lora_and_full_diffs(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(33)
@@ -155,15 +159,18 @@ def test_lightx2v_extracted_lora_and_full_diffs(ray_local, tiny_base, base_sd, t
 
 # --------------------------------------------------------------------------------------------- 4. kohya / Fun / LoCon
 
+
 def test_kohya_underscore_fun_and_conv3d_locon(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(44)
     sd, terms = {}, {}
     # (file module name, base module, alpha or None)
-    linear = [("lora_unet_blocks_0_self_attn_q", "blocks.0.self_attn.q", 2.0),
-              ("lora_unet_blocks_1_ffn_0", "blocks.1.ffn.0", 1.0),
-              ("lora_unet_blocks_0_cross_attn_o", "blocks.0.cross_attn.o", None),  # α missing ⇒ α = dim
-              ("lora_unet_time_embedding_0", "time_embedding.0", 6.0),
-              ("lora_unet__blocks_1_cross_attn_k", "blocks.1.cross_attn.k", 8.0)]  # Wan "Fun" double _
+    linear = [
+        ("lora_unet_blocks_0_self_attn_q", "blocks.0.self_attn.q", 2.0),
+        ("lora_unet_blocks_1_ffn_0", "blocks.1.ffn.0", 1.0),
+        ("lora_unet_blocks_0_cross_attn_o", "blocks.0.cross_attn.o", None),  # α missing ⇒ α = dim
+        ("lora_unet_time_embedding_0", "time_embedding.0", 6.0),
+        ("lora_unet__blocks_1_cross_attn_k", "blocks.1.cross_attn.k", 8.0),
+    ]  # Wan "Fun" double _
     for name, m, alpha in linear:
         out_f, in_f = _shape(base_sd, m)
         down, up = rng(4, in_f), rng(out_f, 4)
@@ -193,13 +200,15 @@ def test_kohya_underscore_fun_and_conv3d_locon(ray_local, tiny_base, base_sd, tm
 
 # --------------------------------------------------------------------------------------------- 5. diffusers
 
-DIFFUSERS = [("blocks.0.attn1.to_q", "blocks.0.self_attn.q"),
-             ("blocks.0.attn1.to_out.0", "blocks.0.self_attn.o"),
-             ("blocks.0.attn2.to_k", "blocks.0.cross_attn.k"),
-             ("blocks.1.ffn.net.0.proj", "blocks.1.ffn.0"),
-             ("blocks.1.ffn.net.2", "blocks.1.ffn.2"),
-             ("proj_out", "head.head"),
-             ("condition_embedder.time_embedder.linear_1", "time_embedding.0")]
+DIFFUSERS = [
+    ("blocks.0.attn1.to_q", "blocks.0.self_attn.q"),
+    ("blocks.0.attn1.to_out.0", "blocks.0.self_attn.o"),
+    ("blocks.0.attn2.to_k", "blocks.0.cross_attn.k"),
+    ("blocks.1.ffn.net.0.proj", "blocks.1.ffn.0"),
+    ("blocks.1.ffn.net.2", "blocks.1.ffn.2"),
+    ("proj_out", "head.head"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+]
 
 
 @pytest.mark.parametrize("with_metadata", [True, False], ids=["metadata-a-over-r", "no-metadata-c1"])
@@ -231,6 +240,7 @@ def test_diffusers_names_and_metadata_scale(ray_local, tiny_base, base_sd, tmp_p
 
 # --------------------------------------------------------------------------------------------- 6. LoHa / LoKr
 
+
 def test_loha_diffusion_model_prefix(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(66)
     sd, terms = {}, {}
@@ -239,8 +249,15 @@ def test_loha_diffusion_model_prefix(ray_local, tiny_base, base_sd, tmp_path):
         w1a, w1b = rng(out_f, r, std=0.2), rng(r, in_f, std=0.2)
         w2a, w2b = rng(out_f, r, std=0.2), rng(r, in_f, std=0.2)
         p = f"diffusion_model.{m}"
-        sd.update({f"{p}.hada_w1_a": w1a, f"{p}.hada_w1_b": w1b, f"{p}.hada_w2_a": w2a, f"{p}.hada_w2_b": w2b,
-                   f"{p}.alpha": torch.tensor(alpha)})
+        sd.update(
+            {
+                f"{p}.hada_w1_a": w1a,
+                f"{p}.hada_w1_b": w1b,
+                f"{p}.hada_w2_a": w2a,
+                f"{p}.hada_w2_b": w2b,
+                f"{p}.alpha": torch.tensor(alpha),
+            }
+        )
         dw = (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())
         _add(terms, m + ".weight", alpha / w1b.shape[0], dw)
     path = _save(tmp_path / "loha.safetensors", sd)
@@ -257,14 +274,24 @@ def test_lokr_lycoris_prefix_decomposed_and_full(ray_local, tiny_base, base_sd, 
     # blocks.0.ffn.0 [96, 64] = kron([4, 4], [24, 16]); w2 decomposed with dim 2 ⇒ scale α/2
     w1 = rng(4, 4, std=0.3)
     w2a, w2b = rng(24, 2, std=0.3), rng(2, 16, std=0.3)
-    sd.update({"lycoris_blocks_0_ffn_0.lokr_w1": w1, "lycoris_blocks_0_ffn_0.lokr_w2_a": w2a,
-               "lycoris_blocks_0_ffn_0.lokr_w2_b": w2b, "lycoris_blocks_0_ffn_0.alpha": torch.tensor(1.0)})
-    _add(terms, "blocks.0.ffn.0.weight", 1.0 / w2b.shape[0],
-         torch.kron(w1.double(), w2a.double() @ w2b.double()))
+    sd.update(
+        {
+            "lycoris_blocks_0_ffn_0.lokr_w1": w1,
+            "lycoris_blocks_0_ffn_0.lokr_w2_a": w2a,
+            "lycoris_blocks_0_ffn_0.lokr_w2_b": w2b,
+            "lycoris_blocks_0_ffn_0.alpha": torch.tensor(1.0),
+        }
+    )
+    _add(terms, "blocks.0.ffn.0.weight", 1.0 / w2b.shape[0], torch.kron(w1.double(), w2a.double() @ w2b.double()))
     # blocks.1.self_attn.v [64, 64] = kron([8, 4], [8, 16]) with both factors full ⇒ scale 1 (α ignored)
     f1, f2 = rng(8, 4, std=0.3), rng(8, 16, std=0.3)
-    sd.update({"lycoris_blocks_1_self_attn_v.lokr_w1": f1, "lycoris_blocks_1_self_attn_v.lokr_w2": f2,
-               "lycoris_blocks_1_self_attn_v.alpha": torch.tensor(5.0)})
+    sd.update(
+        {
+            "lycoris_blocks_1_self_attn_v.lokr_w1": f1,
+            "lycoris_blocks_1_self_attn_v.lokr_w2": f2,
+            "lycoris_blocks_1_self_attn_v.alpha": torch.tensor(5.0),
+        }
+    )
     _add(terms, "blocks.1.self_attn.v.weight", 1.0, torch.kron(f1.double(), f2.double()))
     path = _save(tmp_path / "lokr.safetensors", sd)
     rep, out = _merge(tiny_base, [path], tmp_path / "out")
@@ -275,6 +302,7 @@ def test_lokr_lycoris_prefix_decomposed_and_full(ray_local, tiny_base, base_sd, 
 
 
 # --------------------------------------------------------------------------------------------- 7. two weighted LoRAs
+
 
 def test_two_weighted_loras_into_bf16_one_rounding(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(77)
@@ -303,6 +331,7 @@ def test_two_weighted_loras_into_bf16_one_rounding(ray_local, tiny_base, base_sd
 
 
 # --------------------------------------------------------------------------------------------- 8. Wan2.1-I2V keys
+
 
 def test_wan21_i2v_keys_unmatched_on_wan22(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(88)
@@ -338,14 +367,18 @@ def test_wan21_i2v_keys_unmatched_on_wan22(ray_local, tiny_base, base_sd, tmp_pa
 
 # --------------------------------------------------------------------------------------------- 9. unsupported
 
-@pytest.mark.parametrize("family,keys", [
-    ("OFT", {"oft_blocks": (4, 16, 16), "alpha": ()}),
-    ("GLoRA", {"a1.weight": (4, D), "a2.weight": (D, 4), "b1.weight": (4, D), "b2.weight": (D, 4), "alpha": ()}),
-], ids=["oft", "glora"])
+
+@pytest.mark.parametrize(
+    "family,keys",
+    [
+        ("OFT", {"oft_blocks": (4, 16, 16), "alpha": ()}),
+        ("GLoRA", {"a1.weight": (4, D), "a2.weight": (D, 4), "b1.weight": (4, D), "b2.weight": (D, 4), "alpha": ()}),
+    ],
+    ids=["oft", "glora"],
+)
 def test_unsupported_families_are_format_errors(ray_local, tiny_base, tmp_path, family, keys):
     rng = _Rng(99)
-    sd = {f"diffusion_model.blocks.0.self_attn.q.{k}": (rng(*s) if s else torch.tensor(1.0))
-          for k, s in keys.items()}
+    sd = {f"diffusion_model.blocks.0.self_attn.q.{k}": (rng(*s) if s else torch.tensor(1.0)) for k, s in keys.items()}
     # a valid LoRA on another module must not make the file acceptable
     sd["diffusion_model.blocks.0.self_attn.k.lora_down.weight"] = rng(4, D)
     sd["diffusion_model.blocks.0.self_attn.k.lora_up.weight"] = rng(D, 4)
@@ -362,13 +395,15 @@ def test_quantized_base_target_is_match_error(ray_local, tmp_path, qdtype):
     rng = _Rng(98)
     base = tmp_path / "qbase"
     base.mkdir()
-    w = (rng(D, D, std=20.0).clamp(-127, 127).to(torch.int8) if qdtype == torch.int8
-         else rng(D, D).to(qdtype))
-    save_file({"blocks.0.self_attn.q.weight": w, "blocks.0.self_attn.q.bias": rng(D)},
-              str(base / "model.safetensors"))
-    path = _save(tmp_path / "l.safetensors", {
-        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": rng(4, D),
-        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rng(D, 4)})
+    w = rng(D, D, std=20.0).clamp(-127, 127).to(torch.int8) if qdtype == torch.int8 else rng(D, D).to(qdtype)
+    save_file({"blocks.0.self_attn.q.weight": w, "blocks.0.self_attn.q.bias": rng(D)}, str(base / "model.safetensors"))
+    path = _save(
+        tmp_path / "l.safetensors",
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": rng(4, D),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rng(D, 4),
+        },
+    )
     with pytest.raises(MatchError, match=r"blocks\.0\.self_attn\.q\.weight.*quantized"):
         distmerge.merge(str(base), [path], str(tmp_path / "out"))
     with pytest.raises(MatchError, match="quantized"):
@@ -377,6 +412,7 @@ def test_quantized_base_target_is_match_error(ray_local, tmp_path, qdtype):
 
 
 # --------------------------------------------------------------------------------------------- 10. replacement
+
 
 def test_set_weight_and_full_base_key_replace_exactly(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(100)
@@ -403,6 +439,7 @@ def test_set_weight_and_full_base_key_replace_exactly(ray_local, tiny_base, base
 
 # --------------------------------------------------------------------------------------------- 11. LyCORIS DoRA
 
+
 def test_lycoris_dora_scale_rows(ray_local, tiny_base, base_sd, tmp_path):
     rng = _Rng(111)
     sd, terms = {}, {}
@@ -412,12 +449,22 @@ def test_lycoris_dora_scale_rows(ray_local, tiny_base, base_sd, tmp_path):
     dora_scale = (w.norm(dim=1, keepdim=True) * (1 + 0.2 * rng(D, 1, std=1.0).double())).float()
     assert dora_scale.shape == (D, 1)
     p = f"diffusion_model.{m}"
-    sd.update({f"{p}.lora_down.weight": down, f"{p}.lora_up.weight": up,
-               f"{p}.alpha": torch.tensor(alpha), f"{p}.dora_scale": dora_scale})
+    sd.update(
+        {
+            f"{p}.lora_down.weight": down,
+            f"{p}.lora_up.weight": up,
+            f"{p}.alpha": torch.tensor(alpha),
+            f"{p}.dora_scale": dora_scale,
+        }
+    )
     # a plain LoRA next to it is not rescaled
     d2, u2 = rng(r, D), rng(D, r)
-    sd.update({"diffusion_model.blocks.1.self_attn.q.lora_down.weight": d2,
-               "diffusion_model.blocks.1.self_attn.q.lora_up.weight": u2})
+    sd.update(
+        {
+            "diffusion_model.blocks.1.self_attn.q.lora_down.weight": d2,
+            "diffusion_model.blocks.1.self_attn.q.lora_up.weight": u2,
+        }
+    )
     _add(terms, "blocks.1.self_attn.q.weight", 1.0, _lora_dw(d2, u2))
     wc = w + (alpha / r) * _lora_dw(down, up)
     w_new = wc * (dora_scale.double() / wc.norm(dim=1, keepdim=True))
@@ -428,5 +475,6 @@ def test_lycoris_dora_scale_rows(ray_local, tiny_base, base_sd, tmp_path):
     assert rep.pairs_merged == 2 and rep.unmatched == []
     assert_close_to_reference(out, reference_merge(base_sd, terms))
     # the merged rows carry the DoRA magnitudes
-    torch.testing.assert_close(out[m + ".weight"].double().norm(dim=1), dora_scale.double().reshape(-1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out[m + ".weight"].double().norm(dim=1), dora_scale.double().reshape(-1), rtol=1e-5, atol=1e-6
+    )

@@ -14,15 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 import distmerge
-from distmerge.checkpoint import open_base
+from distmerge.app.synth import BLOCK_LINEARS, make_factors, write_lora, write_wan_base
+from distmerge.app.verify import verify
 from distmerge.errors import PlanError, ShardWriteError
-from distmerge.fp8 import fresh_scale, quantize, scaled_layout
-from distmerge.header import TensorInfo
-from distmerge.mergemath import NonFiniteError
-from distmerge.plan import make_plan
-from distmerge.synth import BLOCK_LINEARS, make_factors, write_lora, write_wan_base
-from distmerge.verify import verify
-from distmerge.writer import layout_shard
+from distmerge.inputs.checkpoint import open_base
+from distmerge.inputs.header import TensorInfo
+from distmerge.plan.fp8 import scaled_layout
+from distmerge.plan.layout import layout_shard
+from distmerge.plan.merge_plan import make_plan
+from distmerge.tasks.fp8 import fresh_scale, quantize
+from distmerge.tasks.mergemath import NonFiniteError
 
 from .helpers import TINY, load_checkpoint
 
@@ -34,6 +35,7 @@ MERGED = [m for m in LINEARS if m.startswith("blocks.0.") or ".ffn." in m]
 
 
 # --------------------------------------------------------------------------------------------- pure math
+
 
 def test_quantize_hand_computed_e4m3fn():
     # amax 7 -> scale 7/448 = 1/64; codes = w * 64: 70.4 -> 72 (steps of 8 in [64, 128)), 68 ties to
@@ -87,9 +89,15 @@ def test_quantize_inplace_and_out_buffer():
 
 # --------------------------------------------------------------------------------------------- layout / plan
 
+
 def test_layout_attach_keeps_pairs_adjacent_and_aligned():
-    entries = [("a.scale_weight", "F32", ()), ("b", "F32", (3,)), ("n", "BF16", (3,)),
-               ("a.weight", "F8_E4M3", (4, 2)), ("m", "F8_E4M3", (3,))]
+    entries = [
+        ("a.scale_weight", "F32", ()),
+        ("b", "F32", (3,)),
+        ("n", "BF16", (3,)),
+        ("a.weight", "F8_E4M3", (4, 2)),
+        ("m", "F8_E4M3", (3,)),
+    ]
     plain = layout_shard(entries)
     lay = layout_shard(entries, attach={"a.scale_weight": "a.weight"})
     order = [e.key for e in lay.entries]
@@ -103,7 +111,7 @@ def test_layout_attach_keeps_pairs_adjacent_and_aligned():
 
 
 def _info(key: str, code: str, shape: tuple[int, ...]) -> TensorInfo:
-    from distmerge.dtypes import itemsize
+    from distmerge.inputs.dtypes import itemsize
 
     n = 1
     for d in shape:
@@ -112,22 +120,33 @@ def _info(key: str, code: str, shape: tuple[int, ...]) -> TensorInfo:
 
 
 def test_scaled_layout_detection_and_refusals():
-    base = {t.key: t for t in [
-        _info("scaled_fp8", "F8_E4M3", (0,)),
-        _info("blocks.0.q.weight", "F8_E4M3", (4, 4)), _info("blocks.0.q.scale_weight", "F32", ()),
-        _info("blocks.0.q.scale_input", "F32", ()),
-        _info("blocks.0.k.weight", "F8_E4M3", (4, 4)), _info("blocks.0.k.weight_scale", "F32", ()),
-        _info("blocks.0.v.weight", "F8_E4M3", (4, 4)),  # no scale: refused if merged
-        _info("blocks.0.norm3.weight", "BF16", (4,)),
-    ]}
+    base = {
+        t.key: t
+        for t in [
+            _info("scaled_fp8", "F8_E4M3", (0,)),
+            _info("blocks.0.q.weight", "F8_E4M3", (4, 4)),
+            _info("blocks.0.q.scale_weight", "F32", ()),
+            _info("blocks.0.q.scale_input", "F32", ()),
+            _info("blocks.0.k.weight", "F8_E4M3", (4, 4)),
+            _info("blocks.0.k.weight_scale", "F32", ()),
+            _info("blocks.0.v.weight", "F8_E4M3", (4, 4)),  # no scale: refused if merged
+            _info("blocks.0.norm3.weight", "BF16", (4,)),
+        ]
+    }
     lay = scaled_layout(base, None, path="b")
     assert lay.marker == "scaled_fp8"
-    assert lay.scales == {"blocks.0.q.weight": "blocks.0.q.scale_weight", "blocks.0.k.weight": "blocks.0.k.weight_scale"}
+    assert lay.scales == {
+        "blocks.0.q.weight": "blocks.0.q.scale_weight",
+        "blocks.0.k.weight": "blocks.0.k.weight_scale",
+    }
     assert lay.new_scales == {} and lay.new_marker is None
     lay.check_merge("blocks.0.q.weight", base)
     lay.check_merge("blocks.0.norm3.weight", base)
-    with pytest.raises(PlanError, match=r"'blocks\.0\.v\.weight' is F8_E4M3 .*marker 'scaled_fp8'.*"
-                                        r"no 'blocks\.0\.v\.scale_weight'"):
+    with pytest.raises(
+        PlanError,
+        match=r"'blocks\.0\.v\.weight' is F8_E4M3 .*marker 'scaled_fp8'.*"
+        r"no 'blocks\.0\.v\.scale_weight'",
+    ):
         lay.check_merge("blocks.0.v.weight", base)
     with pytest.raises(PlanError, match=r"--dtype bf16 would need its weights dequantized"):
         scaled_layout(base, "BF16", path="b")
@@ -137,26 +156,33 @@ def test_scaled_layout_detection_and_refusals():
 
 
 def test_scaled_layout_dtype_fp8_picks_block_linears_and_marker_prefix():
-    keys = [("model.diffusion_model.patch_embedding.weight", "BF16", (8, 4, 1, 2, 2)),
-            ("model.diffusion_model.text_embedding.0.weight", "BF16", (8, 4)),
-            ("model.diffusion_model.blocks.0.self_attn.q.weight", "BF16", (8, 8)),
-            ("model.diffusion_model.blocks.0.self_attn.q.bias", "BF16", (8,)),
-            ("model.diffusion_model.blocks.0.self_attn.norm_q.weight", "BF16", (8,)),
-            ("model.diffusion_model.blocks.0.modulation", "F32", (1, 6, 8)),
-            ("model.diffusion_model.blocks.0.ffn.0.weight", "F32", (12, 8)),
-            ("model.diffusion_model.head.head.weight", "BF16", (4, 8))]
+    keys = [
+        ("model.diffusion_model.patch_embedding.weight", "BF16", (8, 4, 1, 2, 2)),
+        ("model.diffusion_model.text_embedding.0.weight", "BF16", (8, 4)),
+        ("model.diffusion_model.blocks.0.self_attn.q.weight", "BF16", (8, 8)),
+        ("model.diffusion_model.blocks.0.self_attn.q.bias", "BF16", (8,)),
+        ("model.diffusion_model.blocks.0.self_attn.norm_q.weight", "BF16", (8,)),
+        ("model.diffusion_model.blocks.0.modulation", "F32", (1, 6, 8)),
+        ("model.diffusion_model.blocks.0.ffn.0.weight", "F32", (12, 8)),
+        ("model.diffusion_model.head.head.weight", "BF16", (4, 8)),
+    ]
     base = {k: _info(k, c, s) for k, c, s in keys}
     lay = scaled_layout(base, "F8_E4M3", path="b")
     p = "model.diffusion_model."
-    assert lay.new_scales == {p + "blocks.0.self_attn.q.weight": p + "blocks.0.self_attn.q.scale_weight",
-                              p + "blocks.0.ffn.0.weight": p + "blocks.0.ffn.0.scale_weight"}
+    assert lay.new_scales == {
+        p + "blocks.0.self_attn.q.weight": p + "blocks.0.self_attn.q.scale_weight",
+        p + "blocks.0.ffn.0.weight": p + "blocks.0.ffn.0.scale_weight",
+    }
     assert lay.new_marker == p + "scaled_fp8"
     assert lay.new_tensors()[p + "scaled_fp8"] == ("F8_E4M3", (0,))
     assert {k: lay.out_code(k, c) for k, c, _ in keys if lay.out_code(k, c) != c} == {
-        p + "blocks.0.self_attn.q.weight": "F8_E4M3", p + "blocks.0.ffn.0.weight": "F8_E4M3"}
+        p + "blocks.0.self_attn.q.weight": "F8_E4M3",
+        p + "blocks.0.ffn.0.weight": "F8_E4M3",
+    }
 
 
 # --------------------------------------------------------------------------------------------- helpers (e2e)
+
 
 def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -168,8 +194,9 @@ def _requant(w32: torch.Tensor, dt: torch.dtype = E4M3) -> tuple[torch.Tensor, t
     return (w32 / s).clamp(-FMAX[dt], FMAX[dt]).to(dt), s
 
 
-def _scaled_base(src: dict[str, torch.Tensor], folder, *, suffix: str = ".scale_weight",
-                 drop_scale: str | None = None) -> dict[str, torch.Tensor]:
+def _scaled_base(
+    src: dict[str, torch.Tensor], folder, *, suffix: str = ".scale_weight", drop_scale: str | None = None
+) -> dict[str, torch.Tensor]:
     """A ComfyUI-style scaled-fp8 single file from the tiny fp32 Wan base: the 20 block linears in
     e4m3fn with float32 scalar scales (and a ``scale_input`` on the self-attention q), the rest bf16,
     a bare ``scaled_fp8`` marker."""
@@ -222,6 +249,7 @@ def _dw(factors, m: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- e2e: scaled
 
+
 @pytest.mark.ray
 @pytest.mark.parametrize("suffix", [".scale_weight", ".weight_scale"])
 def test_merge_into_scaled_fp8_base(ray_local, fp32_sd, lora, tmp_path, suffix):
@@ -272,8 +300,11 @@ def test_verify_catches_a_wrong_scale(ray_local, fp32_sd, lora, tmp_path):
 def test_missing_scale_is_refused(ray_local, fp32_sd, lora, tmp_path):
     path, _ = lora
     _scaled_base(fp32_sd, tmp_path / "base", drop_scale="blocks.0.cross_attn.v.weight")
-    with pytest.raises(PlanError, match=r"wan_fp8_scaled\.safetensors: 'blocks\.0\.cross_attn\.v\.weight' is "
-                                        r"F8_E4M3 .*no 'blocks\.0\.cross_attn\.v\.scale_weight'"):
+    with pytest.raises(
+        PlanError,
+        match=r"wan_fp8_scaled\.safetensors: 'blocks\.0\.cross_attn\.v\.weight' is "
+        r"F8_E4M3 .*no 'blocks\.0\.cross_attn\.v\.scale_weight'",
+    ):
         distmerge.merge(str(tmp_path / "base"), [path], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
@@ -287,6 +318,7 @@ def test_scaled_base_with_non_fp8_dtype_is_refused(ray_local, fp32_sd, lora, tmp
 
 
 # --------------------------------------------------------------------------------------------- e2e: plain fp8
+
 
 @pytest.mark.ray
 def test_merge_into_plain_fp8_base(ray_local, fp32_sd, lora, tmp_path):
@@ -314,15 +346,24 @@ def test_plain_fp8_overflow_is_an_error(ray_local, fp32_sd, tmp_path):
     os.makedirs(tmp_path / "base")
     save_file(base, str(tmp_path / "base" / "model.safetensors"))
     big = str(tmp_path / "big.safetensors")
-    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.full((1, TINY.dim), 30.0),
-               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.full((TINY.dim, 1), 30.0)}, big)
-    with pytest.raises(ShardWriteError, match=r"'blocks\.0\.self_attn\.q\.weight' overflows F8_E4M3.*beyond the "
-                                              r"largest torch\.float8_e4m3fn value 448"):
+    save_file(
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.full((1, TINY.dim), 30.0),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.full((TINY.dim, 1), 30.0),
+        },
+        big,
+    )
+    with pytest.raises(
+        ShardWriteError,
+        match=r"'blocks\.0\.self_attn\.q\.weight' overflows F8_E4M3.*beyond the "
+        r"largest torch\.float8_e4m3fn value 448",
+    ):
         distmerge.merge(str(tmp_path / "base"), [big], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 
 # --------------------------------------------------------------------------------------------- e2e: --dtype fp8
+
 
 @pytest.mark.ray
 @pytest.mark.parametrize("dtype,dt,rel", [("fp8_e4m3fn", E4M3, 2.0**-4), ("fp8_e5m2", E5M2, 2.0**-3)])
@@ -340,8 +381,15 @@ def test_dtype_fp8_writes_a_scaled_checkpoint(ray_local, lora, tmp_path, dtype, 
     assert out["scaled_fp8"].dtype == dt and out["scaled_fp8"].shape == (0,)
     stayed = {k for k, v in out.items() if v.dtype == torch.bfloat16}
     assert stayed == set(base) - {m + ".weight" for m in LINEARS}  # norms, biases, modulation, embeddings, head
-    assert {"patch_embedding.weight", "blocks.0.modulation", "blocks.0.norm3.weight", "text_embedding.0.weight",
-            "time_projection.1.weight", "head.head.weight", "blocks.1.ffn.2.bias"} <= stayed
+    assert {
+        "patch_embedding.weight",
+        "blocks.0.modulation",
+        "blocks.0.norm3.weight",
+        "text_embedding.0.weight",
+        "time_projection.1.weight",
+        "head.head.weight",
+        "blocks.1.ffn.2.bias",
+    } <= stayed
     for k in stayed:
         assert _raw(out[k]) == _raw(base[k]), k
     loaded = _comfy_load(out)
@@ -360,7 +408,7 @@ def test_dtype_fp8_writes_a_scaled_checkpoint(ray_local, lora, tmp_path, dtype, 
 
 def test_dtype_fp8_plan_keeps_pairs_in_one_unit(tiny_base, lora):
     path, _ = lora
-    from distmerge.api import collect_deltas
+    from distmerge.app.api import collect_deltas
 
     base = open_base(tiny_base)
     deltas = collect_deltas(base, [(path, 1.0)]).deltas
@@ -372,7 +420,7 @@ def test_dtype_fp8_plan_keeps_pairs_in_one_unit(tiny_base, lora):
                 follower = u.tensors[i + 1]
                 assert follower.key == t.scale_key and follower.derived_from == t.key
                 assert follower.out_offset == t.out_offset + t.out_nbytes and follower.out_offset % 4 == 0
-                assert t.whole and (t.action == "merge") == (t.key[:-len(".weight")] in MERGED)
+                assert t.whole and (t.action == "merge") == (t.key[: -len(".weight")] in MERGED)
                 n = t.out_nbytes  # fp8: one byte per element; fp32 source, float64-sized accumulator
                 assert u.memory >= 2 * 4 * n + 8 * n + 4 * n
     assert plan.weight_map["scaled_fp8"] == plan.shards[-1].name

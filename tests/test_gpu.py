@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import distmerge
-from distmerge import mergemath
-from distmerge.synth import write_lora
+from distmerge.app.synth import write_lora
+from distmerge.tasks import mergemath
 
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
@@ -32,8 +32,7 @@ def test_end_to_end_on_gpu(tiny_base, tiny_factors, tmp_path):
         ray.shutdown()
     lora = str(tmp_path / "l.pth")
     write_lora(lora, tiny_factors)
-    rep = distmerge.merge(tiny_base, [lora], str(tmp_path / "out"), device="cuda", dtype="bf16",
-                          num_cpus=2)
+    rep = distmerge.merge(tiny_base, [lora], str(tmp_path / "out"), device="cuda", dtype="bf16", num_cpus=2)
     assert {u.device for u in rep.units} == {"cuda"}
     ref = reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0), out_dtype=torch.bfloat16)
     assert_close_to_reference(load_checkpoint(str(tmp_path / "out")), ref)

@@ -10,14 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distmerge.errors import FormatError
-from distmerge.header import MAX_HEADER_BYTES, parse_header_bytes, read_header
+from distmerge.inputs.header import MAX_HEADER_BYTES, parse_header_bytes, read_header
 
 
 def _file(path, header: object, data_len: int, *, raw: bytes | None = None) -> str:
     """Write ``u64 len`` + JSON(header) + ``data_len`` bytes by hand; return the path as str."""
     body = raw if raw is not None else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(body)) + body + bytes(range(256)) * (data_len // 256)
-                     + bytes(data_len % 256))
+    path.write_bytes(
+        struct.pack("<Q", len(body)) + body + bytes(range(256)) * (data_len // 256) + bytes(data_len % 256)
+    )
     return str(path)
 
 
@@ -31,9 +32,11 @@ def _expect(path: str, *fragments: str) -> str:
     return msg
 
 
-GOOD = {"__metadata__": {"format": "pt"},
-        "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
-        "b": {"dtype": "F16", "shape": [3], "data_offsets": [24, 30]}}
+GOOD = {
+    "__metadata__": {"format": "pt"},
+    "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+    "b": {"dtype": "F16", "shape": [3], "data_offsets": [24, 30]},
+}
 
 
 def test_valid_file_absolute_offsets(tmp_path):
@@ -52,8 +55,10 @@ def test_valid_file_absolute_offsets(tmp_path):
 
 
 def test_offsets_sorted_regardless_of_json_order(tmp_path):
-    hdr = {"late": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]},
-           "early": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}
+    hdr = {
+        "late": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]},
+        "early": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+    }
     path = _file(tmp_path / "o.safetensors", hdr, 8)
     h = read_header(path)
     assert list(h.tensors) == ["early", "late"]
@@ -166,20 +171,26 @@ def test_span_does_not_match_numel_times_itemsize(tmp_path):
 
 
 def test_overlapping_offsets(tmp_path):
-    hdr = {"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
-           "over": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}
+    hdr = {
+        "a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+        "over": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]},
+    }
     _expect(_file(tmp_path / "ov.safetensors", hdr, 12), "'over'", "overlap")
 
 
 def test_identical_offsets_overlap(tmp_path):
-    hdr = {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
-           "b": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}
+    hdr = {
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        "b": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+    }
     _expect(_file(tmp_path / "same.safetensors", hdr, 8), "overlap")
 
 
 def test_gap_between_tensors(tmp_path):
-    hdr = {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
-           "after.gap": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]}}
+    hdr = {
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        "after.gap": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]},
+    }
     _expect(_file(tmp_path / "gap.safetensors", hdr, 10), "'after.gap'", "gap")
 
 
@@ -233,10 +244,10 @@ def test_fuzz_random_bytes_only_format_error(raw, size):
         assert end == size
 
 
-_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True),
-                       st.text(max_size=6))
-_json_val = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=4)
-                         | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=10)
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True), st.text(max_size=6))
+_json_val = st.recursive(
+    _json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=10
+)
 
 
 @st.composite
@@ -263,8 +274,11 @@ def test_fuzz_mutated_headers_only_format_error(raw, extra):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=200), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                     max_size=4), cut=st.integers(0, 400))
+@given(
+    data=st.binary(max_size=200),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 400),
+)
 def test_fuzz_read_header_on_corrupted_files(tmp_path, data, flips, cut):
     blob = bytearray(struct.pack("<Q", len(_VALID_RAW)) + _VALID_RAW + bytes(30))
     for pos, val in flips:

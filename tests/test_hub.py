@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from distmerge.checkpoint import open_base
-from distmerge.cli import main
+from distmerge.app.cli import main
+from distmerge.app.synth import write_lora
 from distmerge.errors import FormatError
-from distmerge.hub import local_path, resolve
-from distmerge.lorafile import open_lora
-from distmerge.synth import write_lora
+from distmerge.inputs.checkpoint import open_base
+from distmerge.inputs.hub import local_path, resolve
+from distmerge.inputs.lorafile import open_lora
 
 WAN = "Wan-AI/Wan2.2-I2V-A14B"
 LIGHTNING = "lightx2v/Wan2.2-Lightning"
@@ -26,8 +26,9 @@ COMMIT = "a" * 40
 OLD_COMMIT = "b" * 40
 
 
-def cache_repo(cache: str, repo_id: str, files: dict[str, str], *, commit: str = COMMIT,
-               ref: str | None = "main") -> str:
+def cache_repo(
+    cache: str, repo_id: str, files: dict[str, str], *, commit: str = COMMIT, ref: str | None = "main"
+) -> str:
     """Put ``files`` (path in repo -> local file) into ``cache`` as ``hf download`` does; returns the snapshot.
 
     Blobs are named by their sha256 under ``blobs/``; the snapshot holds relative links to them;
@@ -57,6 +58,7 @@ def folder_files(folder: str, under: str) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any connection attempt (by huggingface_hub or anything else) fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args!r}")
 
@@ -113,8 +115,11 @@ def test_revision_picks_that_snapshot(cache, lora_src, tmp_path):
     cache_repo(cache, LIGHTNING, {LORA_FILE: lora_src})
     cache_repo(cache, LIGHTNING, {LORA_FILE: str(old)}, commit=OLD_COMMIT, ref="v1")
     assert resolve(f"{LIGHTNING}/{LORA_FILE}").commit == COMMIT
-    for spelled in (f"hf://{LIGHTNING}@v1/{LORA_FILE}", f"{LIGHTNING}@v1/{LORA_FILE}",
-                    f"hf://{LIGHTNING}@{OLD_COMMIT}/{LORA_FILE}"):
+    for spelled in (
+        f"hf://{LIGHTNING}@v1/{LORA_FILE}",
+        f"{LIGHTNING}@v1/{LORA_FILE}",
+        f"hf://{LIGHTNING}@{OLD_COMMIT}/{LORA_FILE}",
+    ):
         r = resolve(spelled)
         assert r.commit == OLD_COMMIT and os.path.getsize(r.local) == 0, spelled
     with pytest.raises(FormatError) as e:
@@ -137,8 +142,10 @@ def test_not_cached_names_the_download_command(cache):
     with pytest.raises(FormatError) as e:
         open_base(f"{WAN}/high_noise_model")
     msg = str(e.value)
-    assert msg == (f"{WAN}/high_noise_model: not a local path and not in the Hugging Face cache "
-                   f"({cache}); download it first: hf download {WAN} --include 'high_noise_model/*'")
+    assert msg == (
+        f"{WAN}/high_noise_model: not a local path and not in the Hugging Face cache "
+        f"({cache}); download it first: hf download {WAN} --include 'high_noise_model/*'"
+    )
     with pytest.raises(FormatError, match=rf"download it first: hf download {LIGHTNING} {LORA_FILE}$"):
         open_lora(f"{LIGHTNING}/{LORA_FILE}")
 
@@ -148,10 +155,10 @@ def test_sub_path_missing_from_the_snapshot(cache, wan_folder):
     with pytest.raises(FormatError) as e:
         open_base(f"{WAN}/low_noise_model")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{WAN}/low_noise_model: expected 'low_noise_model' in "
-                                              f"the cached snapshot {snapshot}")
-    assert msg.endswith(f"no such file or folder; download it first: hf download {WAN} "
-                        "--include 'low_noise_model/*'")
+    assert "\n" not in msg and msg.startswith(
+        f"{WAN}/low_noise_model: expected 'low_noise_model' in the cached snapshot {snapshot}"
+    )
+    assert msg.endswith(f"no such file or folder; download it first: hf download {WAN} --include 'low_noise_model/*'")
 
 
 def test_partial_download_is_named_by_the_base_checks(cache, wan_folder, lora_src):
@@ -207,8 +214,20 @@ def test_cache_location_follows_hf_home(tmp_path, monkeypatch, lora_src):
     assert local_path(f"{LIGHTNING}/{LORA_FILE}") == os.path.join(snapshot, LORA_FILE)
 
 
-@pytest.mark.parametrize("spelled", ["/abs/Wan-AI/x", "./Wan-AI/x", "../Wan-AI/x", "~/Wan-AI/x",
-                                     "C:/models/x", "one-name", "a--b/repo", "-a/repo", "owner/repo@"])
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        "/abs/Wan-AI/x",
+        "./Wan-AI/x",
+        "../Wan-AI/x",
+        "~/Wan-AI/x",
+        "C:/models/x",
+        "one-name",
+        "a--b/repo",
+        "-a/repo",
+        "owner/repo@",
+    ],
+)
 def test_not_references_keep_the_not_found_errors(cache, spelled):
     assert resolve(spelled).reference is None
     with pytest.raises(FormatError, match="base checkpoint not found"):
@@ -233,9 +252,10 @@ def test_missing_huggingface_hub_is_one_line(cache, monkeypatch):
 
 
 def test_local_paths_never_import_huggingface_hub(wan_folder, lora_src):
-    code = ("import sys; from distmerge.checkpoint import open_base; from distmerge.lorafile import "
-            f"open_lora; open_base({wan_folder!r}); open_lora({lora_src!r}); "
-            "assert 'huggingface_hub' not in sys.modules, 'imported'")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       check=False)
+    code = (
+        "import sys; from distmerge.inputs.checkpoint import open_base; from distmerge.inputs.lorafile import "
+        f"open_lora; open_base({wan_folder!r}); open_lora({lora_src!r}); "
+        "assert 'huggingface_hub' not in sys.modules, 'imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr

@@ -10,9 +10,9 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from distmerge.inspect import format_description, inspect_lora
-from distmerge.synth import write_lora
-from distmerge.writer import write_safetensors
+from distmerge.app.inspect import format_description, inspect_lora
+from distmerge.app.synth import write_lora
+from distmerge.tasks.writer import write_safetensors
 
 
 def test_describes_seko_groups_with_alpha_and_scale(tiny_base, tiny_factors, tmp_path):
@@ -21,9 +21,21 @@ def test_describes_seko_groups_with_alpha_and_scale(tiny_base, tiny_factors, tmp
     d = inspect_lora(path, tiny_base)
     assert d.layout == "diffusion_model" and d.deltas == len(tiny_factors) and d.ok
     groups = {g["group"]: g for g in d.groups}
-    assert set(groups) == {f"blocks.N.{m}" for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                                                    "cross_attn.q", "cross_attn.k", "cross_attn.v",
-                                                    "cross_attn.o", "ffn.0", "ffn.2")}
+    assert set(groups) == {
+        f"blocks.N.{m}"
+        for m in (
+            "self_attn.q",
+            "self_attn.k",
+            "self_attn.v",
+            "self_attn.o",
+            "cross_attn.q",
+            "cross_attn.k",
+            "cross_attn.v",
+            "cross_attn.o",
+            "ffn.0",
+            "ffn.2",
+        )
+    }
     q = groups["blocks.N.self_attn.q"]
     assert (q["modules"], q["rank"], q["alpha"], q["scale"]) == (2, 4, 2.0, 0.5)
     assert d.matched_targets == len(tiny_factors) and d.unmatched == []
@@ -33,10 +45,15 @@ def test_describes_seko_groups_with_alpha_and_scale(tiny_base, tiny_factors, tmp
 
 def test_reports_unmatched_and_bad_shapes_against_the_base(tiny_base, tmp_path):
     path = str(tmp_path / "i2v.safetensors")
-    save_file({"diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight": torch.zeros(4, 64),
-               "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": torch.zeros(64, 4),
-               "diffusion_model.blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 63),
-               "diffusion_model.blocks.0.ffn.0.lora_B.weight": torch.zeros(96, 4)}, path)
+    save_file(
+        {
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight": torch.zeros(4, 64),
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": torch.zeros(64, 4),
+            "diffusion_model.blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 63),
+            "diffusion_model.blocks.0.ffn.0.lora_B.weight": torch.zeros(96, 4),
+        },
+        path,
+    )
     d = inspect_lora(path, tiny_base)
     assert not d.ok
     assert d.error and "blocks.0.ffn.0.weight" in d.error
@@ -48,10 +65,19 @@ def test_cli_text_json_and_exit_codes(tiny_base, tiny_factors, tmp_path):
     good = str(tmp_path / "diffusion_module.pth")
     write_lora(good, tiny_factors)
     bad = str(tmp_path / "bad.safetensors")
-    save_file({"diffusion_model.img_emb.proj.1.lora_A.weight": torch.zeros(2, 8),
-               "diffusion_model.img_emb.proj.1.lora_B.weight": torch.zeros(8, 2)}, bad)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "distmerge", "inspect", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+    save_file(
+        {
+            "diffusion_model.img_emb.proj.1.lora_A.weight": torch.zeros(2, 8),
+            "diffusion_model.img_emb.proj.1.lora_B.weight": torch.zeros(8, 2),
+        },
+        bad,
+    )
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "distmerge", "inspect", *a],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     r = run("--lora", good, "--base", tiny_base)
     assert r.returncode == 0 and "layout: roll" in r.stdout and "20 target tensors matched" in r.stdout
     r = run("--lora", good, "--lora", bad, "--base", tiny_base, "--json")
@@ -65,5 +91,6 @@ def test_zero_dim_tensors_are_written(tmp_path):
     path = str(tmp_path / "s.safetensors")
     write_safetensors(path, {"alpha": torch.tensor(8.0), "w": torch.ones(2)})
     from safetensors.torch import load_file
+
     out = load_file(path)
     assert out["alpha"].item() == 8.0 and out["alpha"].shape == () and os.path.getsize(path) > 12

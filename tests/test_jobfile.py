@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
+from distmerge.app.jobfile import Job, add_run_parser, cmd_run, load_job, parse_job, run_job
+from distmerge.app.synth import make_factors, write_lora
 from distmerge.errors import DistmergeError, FormatError, PlanError
-from distmerge.jobfile import Job, add_run_parser, cmd_run, load_job, parse_job, run_job
-from distmerge.synth import make_factors, write_lora
 
 from .helpers import TINY, assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
@@ -53,7 +53,8 @@ GOOD = """
 
 # (yaml, marker of the line the error must point at, field path in the message, message part)
 BAD = {
-    "wrong_type": ("""
+    "wrong_type": (
+        """
         merges:
           - name: one
             base: base
@@ -65,28 +66,48 @@ BAD = {
               - path: a.pth
                 weight: high
             output: out2
-        """, "weight: high", "merges[1].loras[0].weight", "valid number"),
-    "unknown_key": ("""
+        """,
+        "weight: high",
+        "merges[1].loras[0].weight",
+        "valid number",
+    ),
+    "unknown_key": (
+        """
         defaults:
           dtype: bf16
           alpah: 0.5
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
-        """, "alpah", "defaults.alpah", "Extra inputs are not permitted"),
-    "unknown_key_in_merge": ("""
+        """,
+        "alpah",
+        "defaults.alpah",
+        "Extra inputs are not permitted",
+    ),
+    "unknown_key_in_merge": (
+        """
         merges:
           - name: one
             base: base
             lora: [a.pth]
             loras: [a.pth]
             output: out1
-        """, "lora: [a.pth]", "merges[0].lora", "Extra inputs"),
-    "unknown_top_level": ("""
+        """,
+        "lora: [a.pth]",
+        "merges[0].lora",
+        "Extra inputs",
+    ),
+    "unknown_top_level": (
+        """
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
         rayy: {address: auto}
-        """, "rayy", "rayy", "Extra inputs"),
-    "missing_field": ("""
+        """,
+        "rayy",
+        "rayy",
+        "Extra inputs",
+    ),
+    "missing_field": (
+        """
         ray: {device: cpu}
         merges:
           - name: one
@@ -96,55 +117,100 @@ BAD = {
             base: base
             loras: [a.pth]
             output: out2
-        """, "name: one", "merges[0].output", "Field required"),
-    "missing_merges": ("""
+        """,
+        "name: one",
+        "merges[0].output",
+        "Field required",
+    ),
+    "missing_merges": (
+        """
         defaults: {dtype: bf16}
-        """, "defaults", "merges", "Field required"),
-    "empty_merges": ("""
+        """,
+        "defaults",
+        "merges",
+        "Field required",
+    ),
+    "empty_merges": (
+        """
         ray: {device: cpu}
         merges: []
-        """, "merges: []", "merges", "at least 1"),
-    "empty_loras": ("""
+        """,
+        "merges: []",
+        "merges",
+        "at least 1",
+    ),
+    "empty_loras": (
+        """
         merges:
           - name: one
             base: base
             loras: []
             output: out1
-        """, "loras: []", "merges[0].loras", "at least 1"),
-    "bad_dtype": ("""
+        """,
+        "loras: []",
+        "merges[0].loras",
+        "at least 1",
+    ),
+    "bad_dtype": (
+        """
         merges:
           - name: one
             base: base
             loras: [a.pth]
             output: out1
             dtype: int8
-        """, "dtype: int8", "merges[0].dtype", "'keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn' or 'fp8_e5m2'"),
-    "bad_device": ("""
+        """,
+        "dtype: int8",
+        "merges[0].dtype",
+        "'keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn' or 'fp8_e5m2'",
+    ),
+    "bad_device": (
+        """
         ray:
           address: null
           device: tpu
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
-        """, "device: tpu", "ray.device", "'auto', 'cpu' or 'cuda'"),
-    "bad_size": ("""
+        """,
+        "device: tpu",
+        "ray.device",
+        "'auto', 'cpu' or 'cuda'",
+    ),
+    "bad_size": (
+        """
         defaults:
           max_shard_size: 5XB
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
-        """, "5XB", "defaults.max_shard_size", "cannot parse size '5XB'"),
-    "negative_retries": ("""
+        """,
+        "5XB",
+        "defaults.max_shard_size",
+        "cannot parse size '5XB'",
+    ),
+    "negative_retries": (
+        """
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1,
              max_retries: -1}
-        """, "max_retries: -1", "merges[0].max_retries", "greater than or equal to 0"),
-    "nan_weight": ("""
+        """,
+        "max_retries: -1",
+        "merges[0].max_retries",
+        "greater than or equal to 0",
+    ),
+    "nan_weight": (
+        """
         merges:
           - name: one
             base: base
             loras: [{path: a.pth, weight: .nan}]
             output: out1
-        """, "weight: .nan", "merges[0].loras[0].weight", "finite"),
-    "duplicate_names": ("""
+        """,
+        "weight: .nan",
+        "merges[0].loras[0].weight",
+        "finite",
+    ),
+    "duplicate_names": (
+        """
         merges:
           - name: expert
             base: base
@@ -154,44 +220,73 @@ BAD = {
             base: base
             loras: [a.pth]
             output: out2
-        """, "# second", "merges[1].name", "duplicate merge name 'expert'"),
-    "duplicate_outputs_after_resolution": ("""
+        """,
+        "# second",
+        "merges[1].name",
+        "duplicate merge name 'expert'",
+    ),
+    "duplicate_outputs_after_resolution": (
+        """
         merges:
           - {name: one, base: base, loras: [a.pth], output: out}
           - name: two
             base: base
             loras: [a.pth]
             output: ./sub/../out
-        """, "output: ./sub/../out", "merges[1].output", "same output as merges[0]"),
-    "output_is_another_base": ("""
+        """,
+        "output: ./sub/../out",
+        "merges[1].output",
+        "same output as merges[0]",
+    ),
+    "output_is_another_base": (
+        """
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
           - name: two
             base: other
             loras: [a.pth]
             output: base/merged
-        """, "output: base/merged", "merges[1].output", "is the base of merges[0]"),
-    "output_is_a_lora": ("""
+        """,
+        "output: base/merged",
+        "merges[1].output",
+        "is the base of merges[0]",
+    ),
+    "output_is_a_lora": (
+        """
         merges:
           - {name: one, base: base, loras: [a.pth], output: out1}
           - {name: two, base: base, loras: [out1], output: out2}
-        """, "name: one", "merges[0].output", "overlaps the LoRA"),
-    "duplicate_yaml_key": ("""
+        """,
+        "name: one",
+        "merges[0].output",
+        "overlaps the LoRA",
+    ),
+    "duplicate_yaml_key": (
+        """
         merges:
           - name: one
             base: base
             loras: [a.pth]
             output: out1
             output: out2
-        """, "output: out2", "merges[0].output", "duplicate key"),
-    "lora_not_a_string_or_mapping": ("""
+        """,
+        "output: out2",
+        "merges[0].output",
+        "duplicate key",
+    ),
+    "lora_not_a_string_or_mapping": (
+        """
         merges:
           - name: one
             base: base
             loras:
               - 42
             output: out1
-        """, "- 42", "merges[0].loras[0]", "valid dictionary"),
+        """,
+        "- 42",
+        "merges[0].loras[0]",
+        "valid dictionary",
+    ),
 }
 
 
@@ -230,7 +325,9 @@ def test_not_yaml_and_not_a_mapping_and_missing_file(tmp_path):
 def test_relative_paths_resolve_against_the_job_file_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the cwd must not matter
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    path = _write(tmp_path / "jobs" / "sub" / "job.yaml", """
+    path = _write(
+        tmp_path / "jobs" / "sub" / "job.yaml",
+        """
         merges:
           - name: one
             base: ../../models/base
@@ -240,13 +337,17 @@ def test_relative_paths_resolve_against_the_job_file_folder(tmp_path, monkeypatc
               - ~/c.pth
             output: out/one
             report: one.json
-        """)
+        """,
+    )
     os.chdir(tmp_path / "jobs")
     m = load_job(os.path.relpath(path)).merges[0]
     here = str(tmp_path / "jobs" / "sub")
     assert m.base == str(tmp_path / "models" / "base")
     assert [(lo.path, lo.weight) for lo in m.loras] == [
-        (os.path.join(here, "a.pth"), 1.0), ("/abs/b.safetensors", 0.25), (str(tmp_path / "home" / "c.pth"), 1.0)]
+        (os.path.join(here, "a.pth"), 1.0),
+        ("/abs/b.safetensors", 0.25),
+        (str(tmp_path / "home" / "c.pth"), 1.0),
+    ]
     assert m.output == os.path.join(here, "out", "one")
     assert m.report == os.path.join(here, "one.json")
 
@@ -270,8 +371,9 @@ def test_defaults_and_per_merge_overrides():
 
 
 def test_job_is_frozen_select_and_with_ray():
-    job = parse_job(textwrap.dedent(GOOD) + "  - {name: two, base: base, loras: [a.pth], output: out2}\n",
-                    base_dir="/j")
+    job = parse_job(
+        textwrap.dedent(GOOD) + "  - {name: two, base: base, loras: [a.pth], output: out2}\n", base_dir="/j"
+    )
     with pytest.raises(Exception):
         job.merges[0].alpha = 3.0  # type: ignore[misc]
     assert [m.name for m in job.select(["two"]).merges] == ["two"]
@@ -300,6 +402,7 @@ def test_check_prints_the_merges_without_running(tmp_path, capsys, tiny_base, ti
 
 # --- running (Ray) -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def two_loras(tmp_path, tiny_factors):
     other = make_factors(TINY, rank=2, seed=11, dtype=torch.float32)
@@ -312,7 +415,9 @@ def two_loras(tmp_path, tiny_factors):
 @pytest.mark.ray
 def test_two_merges_run_in_one_session(ray_local, tiny_base, two_loras, tmp_path):
     a, b = two_loras
-    path = _write(tmp_path / "job.yaml", f"""
+    path = _write(
+        tmp_path / "job.yaml",
+        f"""
         ray: {{num_workers: 2, device: cpu}}
         defaults: {{alpha: 0.5, max_shard_size: 400KB}}
         merges:
@@ -330,18 +435,26 @@ def test_two_merges_run_in_one_session(ray_local, tiny_base, two_loras, tmp_path
             output: merged/low_noise_model
             dtype: bf16
             alpha: 1.0
-        """)
+        """,
+    )
     os.makedirs(tmp_path / "merged")
     events: list = []
     calls: list = []
-    reports = run_job(load_job(path), progress=lambda *a: calls.append(a),
-                      on_start=lambda i, m: events.append(("start", i, m.name)),
-                      on_done=lambda i, m, r: events.append(("done", i, m.name, r.output)))
+    reports = run_job(
+        load_job(path),
+        progress=lambda *a: calls.append(a),
+        on_start=lambda i, m: events.append(("start", i, m.name)),
+        on_done=lambda i, m, r: events.append(("done", i, m.name, r.output)),
+    )
     assert ray_local.is_initialized()  # the caller's session is reused and left running
     assert len(reports) == 2 and all(r.ray["mode"] == "existing" for r in reports)
     hi, lo = str(tmp_path / "merged" / "high_noise_model"), str(tmp_path / "merged" / "low_noise_model")
-    assert events == [("start", 0, "high_noise_model"), ("done", 0, "high_noise_model", hi),
-                      ("start", 1, "low_noise_model"), ("done", 1, "low_noise_model", lo)]
+    assert events == [
+        ("start", 0, "high_noise_model"),
+        ("done", 0, "high_noise_model", hi),
+        ("start", 1, "low_noise_model"),
+        ("done", 1, "low_noise_model", lo),
+    ]
     assert calls and calls[-1][0] == calls[-1][1]  # progress reached the end
     base = load_checkpoint(tiny_base)
     assert_close_to_reference(load_checkpoint(hi), reference_merge(base, lora_terms(a, 0.5)))
@@ -364,12 +477,15 @@ def test_failing_merge_is_named_and_stops_the_job(ray_local, tiny_base, two_lora
     up[0, 0] = float("nan")
     bad["blocks.1.ffn.0"] = (down, up)
     write_lora(str(tmp_path / "loras" / "nan.pth"), bad)
-    path = _write(tmp_path / "job.yaml", f"""
+    path = _write(
+        tmp_path / "job.yaml",
+        f"""
         merges:
           - {{name: first, base: {tiny_base}, loras: [loras/a.pth], output: out1}}
           - {{name: broken, base: {tiny_base}, loras: [loras/nan.pth], output: out2}}
           - {{name: third, base: {tiny_base}, loras: [loras/a.pth], output: out3}}
-        """)
+        """,
+    )
     done: list = []
     with pytest.raises(DistmergeError) as ei:
         run_job(load_job(path), on_done=lambda i, m, r: done.append(m.name))
@@ -383,15 +499,17 @@ def test_failing_merge_is_named_and_stops_the_job(ray_local, tiny_base, two_lora
     assert ray_local.is_initialized()
 
 
-def test_a_bad_lora_in_a_later_merge_stops_the_job_before_the_first(tiny_base, two_loras, tmp_path,
-                                                                    monkeypatch):
+def test_a_bad_lora_in_a_later_merge_stops_the_job_before_the_first(tiny_base, two_loras, tmp_path, monkeypatch):
     with open(tmp_path / "loras" / "corrupt.safetensors", "wb") as f:
         f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    path = _write(tmp_path / "job.yaml", f"""
+    path = _write(
+        tmp_path / "job.yaml",
+        f"""
         merges:
           - {{name: first, base: {tiny_base}, loras: [loras/a.pth], output: out1}}
           - {{name: broken, base: {tiny_base}, loras: [loras/corrupt.safetensors], output: out2}}
-        """)
+        """,
+    )
     import distmerge.cluster
 
     def no_ray(self):
@@ -405,11 +523,14 @@ def test_a_bad_lora_in_a_later_merge_stops_the_job_before_the_first(tiny_base, t
 
 @pytest.mark.ray
 def test_cmd_run_prints_one_summary_per_merge(ray_local, tiny_base, two_loras, tmp_path, capsys):
-    path = _write(tmp_path / "job.yaml", f"""
+    path = _write(
+        tmp_path / "job.yaml",
+        f"""
         merges:
           - {{name: one, base: {tiny_base}, loras: [loras/a.pth], output: o1}}
           - {{name: two, base: {tiny_base}, loras: [loras/b.safetensors], output: o2.safetensors}}
-        """)
+        """,
+    )
     args = _run_parser().parse_args(["run", path, "--only", "two", "--num-workers", "1"])
     assert cmd_run(args, None) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -418,11 +539,14 @@ def test_cmd_run_prints_one_summary_per_merge(ray_local, tiny_base, two_loras, t
 
 
 def test_missing_inputs_are_found_before_any_merge_runs(tiny_base, tmp_path, monkeypatch):
-    path = _write(tmp_path / "job.yaml", f"""
+    path = _write(
+        tmp_path / "job.yaml",
+        f"""
         merges:
           - {{name: first, base: {tiny_base}, loras: [{tiny_base}/config.json], output: out1}}
           - {{name: second, base: {tiny_base}, loras: [missing.pth], output: out2}}
-        """)
+        """,
+    )
     import distmerge.cluster
 
     def no_ray(self):

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from distmerge import lock as lockmod
+from distmerge.app.synth import write_lora
 from distmerge.errors import OutputError
-from distmerge.lock import OutputLock, lock_path, read_holder
-from distmerge.synth import write_lora
+from distmerge.output import lock as lockmod
+from distmerge.output.lock import OutputLock, lock_path, read_holder
 
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
@@ -47,9 +47,12 @@ def test_second_lock_is_refused_naming_pid_and_host_then_free(tmp_path):
         assert not os.path.exists(out)  # only the lock file beside it: the output is not created
         msg = _refusal(out)
         assert msg.startswith(f"{out}: another distmerge run (pid {os.getpid()} on host {HOST}, since ")
-        assert re.fullmatch(rf"{re.escape(out)}: another distmerge run \(pid {os.getpid()} on host {re.escape(HOST)}, "
-                            r"since \d\d:\d\d:\d\d\) is writing this output; wait for it to finish or choose "
-                            r"another --output", msg), msg
+        assert re.fullmatch(
+            rf"{re.escape(out)}: another distmerge run \(pid {os.getpid()} on host {re.escape(HOST)}, "
+            r"since \d\d:\d\d:\d\d\) is writing this output; wait for it to finish or choose "
+            r"another --output",
+            msg,
+        ), msg
         holder = read_holder(out)
         assert holder is not None and holder.pid == os.getpid() and holder.host == HOST
     assert not held.locked
@@ -88,7 +91,7 @@ def test_two_spellings_of_one_output_share_one_lock(tmp_path, monkeypatch):
 
 _HOLD = """
 import subprocess, sys
-from distmerge.lock import OutputLock
+from distmerge.output.lock import OutputLock
 lock = OutputLock(sys.argv[1]).__enter__()
 if len(sys.argv) > 2:  # start a daemon that outlives us, as Ray's do, handing it every fd it may take
     print(subprocess.Popen(["sleep", "120"], close_fds=False, start_new_session=True).pid, flush=True)
@@ -99,8 +102,9 @@ sys.stdin.read()
 
 def test_lock_of_a_killed_run_is_free_at_once(tmp_path):
     out = str(tmp_path / "merged")
-    child = subprocess.Popen([sys.executable, "-c", _HOLD, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None and child.stdout.readline() == "locked\n"
         msg = _refusal(out)
@@ -114,8 +118,15 @@ def test_lock_of_a_killed_run_is_free_at_once(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage\x00\n", b'{"pid": 999999999, "host": "gone", "started": 0}\n',
-                                     json.dumps({"pid": 2**22 + 12345, "host": HOST, "started": 1.0}).encode()])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"garbage\x00\n",
+        b'{"pid": 999999999, "host": "gone", "started": 0}\n',
+        json.dumps({"pid": 2**22 + 12345, "host": HOST, "started": 1.0}).encode(),
+    ],
+)
 def test_leftover_lock_file_without_holder_is_taken_over(tmp_path, content):
     out = str(tmp_path / "merged")
     with open(lock_path(out), "wb") as f:
@@ -134,8 +145,10 @@ def test_refusal_is_one_line_when_the_holder_wrote_no_details(tmp_path, monkeypa
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, but empty (e.g. a holder still writing)
         msg = _refusal(out)
-        assert msg == (f"{out}: another distmerge run (holding {lock_path(out)}) is writing this output; "
-                       "wait for it to finish or choose another --output")
+        assert msg == (
+            f"{out}: another distmerge run (holding {lock_path(out)}) is writing this output; "
+            "wait for it to finish or choose another --output"
+        )
     finally:
         os.close(fd)
 
@@ -235,8 +248,9 @@ def test_unlink_race_refused_while_the_holder_was_removing_it(tmp_path, monkeypa
 def test_lock_is_not_inherited_by_processes_the_holder_starts(tmp_path):
     """Ray's daemons, started by the driver, outlive a killed driver: they must not keep the lock."""
     out = str(tmp_path / "merged")
-    child = subprocess.Popen([sys.executable, "-c", _HOLD, out, "spawn"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, out, "spawn"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     daemon = None
     try:
         assert child.stdout is not None
@@ -325,8 +339,9 @@ def _race(base: str, lora: str, out: str, weights: tuple[float, float], folder: 
     for i, w in enumerate(weights):
         err = os.path.join(folder, f"stderr-{i}.txt")
         with open(err, "w") as f:
-            cmd = _cli("merge", "--base", base, "--lora", lora, "--weight", repr(w), "--output", out,
-                       "--num-cpus", "1", "-q")
+            cmd = _cli(
+                "merge", "--base", base, "--lora", lora, "--weight", repr(w), "--output", out, "--num-cpus", "1", "-q"
+            )
             runs.append(_Run(w, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env), err))
     by_pid = {r.proc.pid: r for r in runs}
     frozen: _Run | None = None
@@ -374,9 +389,12 @@ def test_two_cli_merges_raced_into_one_output_one_refused_one_verified(tiny_base
     (loser,) = [r for r in runs if r.proc.returncode == 1]
     lines = loser.stderr.strip().splitlines()
     assert len(lines) == 1, report
-    assert re.fullmatch(rf"distmerge: error: {re.escape(out)}: another distmerge run \(pid {winner.proc.pid} on host "
-                        rf"{re.escape(HOST)}, since \d\d:\d\d:\d\d\) is writing this output; wait for it to "
-                        r"finish or choose another --output", lines[0]), report
+    assert re.fullmatch(
+        rf"distmerge: error: {re.escape(out)}: another distmerge run \(pid {winner.proc.pid} on host "
+        rf"{re.escape(HOST)}, since \d\d:\d\d:\d\d\) is writing this output; wait for it to "
+        r"finish or choose another --output",
+        lines[0],
+    ), report
     # the published output is exactly the winner's merge, and nothing else is left around it
     assert not any(n.endswith((".distmerge-part", ".distmerge-lock")) for n in os.listdir(out)), os.listdir(out)
     assert not os.path.exists(lock_path(out))
@@ -388,8 +406,24 @@ def test_two_cli_merges_raced_into_one_output_one_refused_one_verified(tiny_base
     loser_ref = reference_merge(base, lora_terms(tiny_factors, loser.weight))
     assert any(not torch.allclose(merged[k], loser_ref[k]) for k in loser_ref)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    verify = subprocess.run(_cli("verify", "--base", tiny_base, "--lora", lora, "--weight", repr(winner.weight),
-                                 "--merged", out, "--num-cpus", "1"),
-                            check=False, capture_output=True, text=True, env=env,
-                            timeout=TIMEOUT_S)
+    verify = subprocess.run(
+        _cli(
+            "verify",
+            "--base",
+            tiny_base,
+            "--lora",
+            lora,
+            "--weight",
+            repr(winner.weight),
+            "--merged",
+            out,
+            "--num-cpus",
+            "1",
+        ),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT_S,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distmerge.checkpoint import open_base
+from distmerge.app.synth import write_lora
 from distmerge.errors import FormatError, MatchError
-from distmerge.lora import delta_shape_error, normalize
-from distmerge.lorafile import LoraFile, TensorMeta, open_lora
-from distmerge.synth import write_lora
+from distmerge.formats.normalize import normalize
+from distmerge.formats.shapes import delta_shape_error
+from distmerge.inputs.checkpoint import open_base
+from distmerge.inputs.lorafile import LoraFile, TensorMeta, open_lora
 
 M = TensorMeta
 
@@ -59,20 +60,31 @@ def pair(a_key, b_key, r=4, inp=8, out=8):
 
 LAYOUT_CASES = [
     ("roll", pair(f"base_model.model.{Q}.lora_A.default.weight", f"base_model.model.{Q}.lora_B.default.weight")),
-    ("roll", pair(f"pipe.dit.base_model.model.{Q}.lora_A.default.weight",
-                  f"pipe.dit.base_model.model.{Q}.lora_B.default.weight")),
-    ("roll", pair(f"pipe.dit2.base_model.model.{Q}.lora_A.default.weight",
-                  f"pipe.dit2.base_model.model.{Q}.lora_B.default.weight")),
+    (
+        "roll",
+        pair(
+            f"pipe.dit.base_model.model.{Q}.lora_A.default.weight",
+            f"pipe.dit.base_model.model.{Q}.lora_B.default.weight",
+        ),
+    ),
+    (
+        "roll",
+        pair(
+            f"pipe.dit2.base_model.model.{Q}.lora_A.default.weight",
+            f"pipe.dit2.base_model.model.{Q}.lora_B.default.weight",
+        ),
+    ),
     ("peft", pair(f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lora_B.weight")),
     ("diffsynth", pair(f"{Q}.lora_A.default.weight", f"{Q}.lora_B.default.weight")),
     ("diffsynth", pair(f"pipe.dit.{Q}.lora_A.default.weight", f"pipe.dit.{Q}.lora_B.default.weight")),
     ("diffusion_model", pair(f"diffusion_model.{Q}.lora_down.weight", f"diffusion_model.{Q}.lora_up.weight")),
     ("diffusion_model", pair(f"diffusion_model.{Q}.lora_A.weight", f"diffusion_model.{Q}.lora_B.weight")),
-    ("diffusion_model", pair(f"model.diffusion_model.{Q}.lora_A.weight",
-                             f"model.diffusion_model.{Q}.lora_B.weight")),
+    ("diffusion_model", pair(f"model.diffusion_model.{Q}.lora_A.weight", f"model.diffusion_model.{Q}.lora_B.weight")),
     ("kohya", pair("lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight")),
-    ("kohya", pair("lora_unet__blocks_0_self_attn_q.lora_down.weight",
-                   "lora_unet__blocks_0_self_attn_q.lora_up.weight")),
+    (
+        "kohya",
+        pair("lora_unet__blocks_0_self_attn_q.lora_down.weight", "lora_unet__blocks_0_self_attn_q.lora_up.weight"),
+    ),
     ("plain", pair(f"{Q}.lora_A.weight", f"{Q}.lora_B.weight")),
     ("plain", pair(f"{Q}.lora.down.weight", f"{Q}.lora.up.weight")),
     ("plain", pair(f"{Q}_lora.down.weight", f"{Q}_lora.up.weight")),
@@ -102,15 +114,27 @@ def test_layout_without_alpha(layout, keys):
     assert d.source == "mem.safetensors"
 
 
-@pytest.mark.parametrize("layout,keys,alpha_key", [
-    ("diffusion_model", pair(f"diffusion_model.{Q}.lora_down.weight", f"diffusion_model.{Q}.lora_up.weight"),
-     f"diffusion_model.{Q}.alpha"),
-    ("kohya", pair("lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight"),
-     "lora_unet_blocks_0_self_attn_q.alpha"),
-    ("kohya", pair("lora_unet__blocks_0_self_attn_q.lora_down.weight",
-                   "lora_unet__blocks_0_self_attn_q.lora_up.weight"), "lora_unet__blocks_0_self_attn_q.alpha"),
-    ("plain", pair(f"{Q}.lora_A.weight", f"{Q}.lora_B.weight"), f"{Q}.alpha"),
-])
+@pytest.mark.parametrize(
+    "layout,keys,alpha_key",
+    [
+        (
+            "diffusion_model",
+            pair(f"diffusion_model.{Q}.lora_down.weight", f"diffusion_model.{Q}.lora_up.weight"),
+            f"diffusion_model.{Q}.alpha",
+        ),
+        (
+            "kohya",
+            pair("lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_0_self_attn_q.lora_up.weight"),
+            "lora_unet_blocks_0_self_attn_q.alpha",
+        ),
+        (
+            "kohya",
+            pair("lora_unet__blocks_0_self_attn_q.lora_down.weight", "lora_unet__blocks_0_self_attn_q.lora_up.weight"),
+            "lora_unet__blocks_0_self_attn_q.alpha",
+        ),
+        ("plain", pair(f"{Q}.lora_A.weight", f"{Q}.lora_B.weight"), f"{Q}.alpha"),
+    ],
+)
 def test_layout_with_alpha(layout, keys, alpha_key):
     n = normalize(lora(keys, alphas={alpha_key: 2.0}), BASE, strength=3.0)
     assert n.layout == layout and n.unmatched == []
@@ -123,29 +147,31 @@ def test_layout_with_alpha(layout, keys, alpha_key):
 def test_kohya_resolves_underscored_module_names_through_base():
     base = dict(BASE)
     base["blocks.0.ffn.0.weight"] = M("F32", (16, 8))
-    keys = {**pair("lora_unet_blocks_0_ffn_0.lora_down.weight", "lora_unet_blocks_0_ffn_0.lora_up.weight",
-                   out=16),
-            **pair("lora_unet_blocks_0_cross_attn_k.lora_down.weight",
-                   "lora_unet_blocks_0_cross_attn_k.lora_up.weight")}
+    keys = {
+        **pair("lora_unet_blocks_0_ffn_0.lora_down.weight", "lora_unet_blocks_0_ffn_0.lora_up.weight", out=16),
+        **pair("lora_unet_blocks_0_cross_attn_k.lora_down.weight", "lora_unet_blocks_0_cross_attn_k.lora_up.weight"),
+    }
     n = normalize(lora(keys), base)
     assert n.layout == "kohya" and n.unmatched == []
     assert sorted(d.target for d in n.deltas) == ["blocks.0.cross_attn.k.weight", "blocks.0.ffn.0.weight"]
 
 
 def test_conv_lora_on_patch_embedding():
-    keys = {"diffusion_model.patch_embedding.lora_down.weight": (2, 4, 1, 2, 2),
-            "diffusion_model.patch_embedding.lora_up.weight": (8, 2, 1, 1, 1)}
+    keys = {
+        "diffusion_model.patch_embedding.lora_down.weight": (2, 4, 1, 2, 2),
+        "diffusion_model.patch_embedding.lora_up.weight": (8, 2, 1, 1, 1),
+    }
     (d,) = normalize(lora(keys), BASE).deltas
     assert d.target == "patch_embedding.weight" and d.rank == 2
 
 
 # ----------------------------------------------------------------------------------------- diffs
 
+
 @pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
 def test_diff_targets(prefix):
     module = Q
-    keys = {f"{prefix}{module}.diff": (8, 8), f"{prefix}{module}.diff_b": (8,),
-            f"{prefix}blocks.0.diff_m": (1, 6, 8)}
+    keys = {f"{prefix}{module}.diff": (8, 8), f"{prefix}{module}.diff_b": (8,), f"{prefix}blocks.0.diff_m": (1, 6, 8)}
     n = normalize(lora(keys), BASE, strength=0.5)
     assert n.unmatched == []
     got = {d.target: (d.kind, [f.key for f in d.factors], d.scale, d.coef) for d in n.deltas}
@@ -158,16 +184,21 @@ def test_diff_targets(prefix):
 
 
 def test_kohya_diffs_resolve_through_base():
-    keys = {"lora_unet_blocks_0_self_attn_q.diff": (8, 8), "lora_unet_blocks_0_self_attn_q.diff_b": (8,),
-            "lora_unet_blocks_0.diff_m": (1, 6, 8)}
+    keys = {
+        "lora_unet_blocks_0_self_attn_q.diff": (8, 8),
+        "lora_unet_blocks_0_self_attn_q.diff_b": (8,),
+        "lora_unet_blocks_0.diff_m": (1, 6, 8),
+    }
     n = normalize(lora(keys), BASE)
     assert n.layout == "kohya" and n.unmatched == []
     assert sorted(d.target for d in n.deltas) == sorted([f"{Q}.weight", f"{Q}.bias", "blocks.0.modulation"])
 
 
 def test_diff_and_lora_on_same_module_with_alpha():
-    keys = {**pair(f"diffusion_model.{Q}.lora_down.weight", f"diffusion_model.{Q}.lora_up.weight", r=2),
-            f"diffusion_model.{Q}.diff_b": (8,)}
+    keys = {
+        **pair(f"diffusion_model.{Q}.lora_down.weight", f"diffusion_model.{Q}.lora_up.weight", r=2),
+        f"diffusion_model.{Q}.diff_b": (8,),
+    }
     n = normalize(lora(keys, alphas={f"diffusion_model.{Q}.alpha": 1.0}), BASE)
     got = {d.target: (d.kind, d.scale) for d in n.deltas}
     assert got == {f"{Q}.weight": ("lora", 0.5), f"{Q}.bias": ("diff", 1.0)}  # alpha only scales the pair
@@ -181,6 +212,7 @@ def test_diff_shape_mismatch():
 
 
 # ------------------------------------------------------------------------------------- unmatched
+
 
 def test_a_without_b():
     n = normalize(lora({f"diffusion_model.{Q}.lora_down.weight": (4, 8)}), BASE)
@@ -202,8 +234,10 @@ def test_alpha_without_factors():
 
 
 def test_unknown_suffix():
-    keys = {**pair(f"diffusion_model.{Q}.lora_A.weight", f"diffusion_model.{Q}.lora_B.weight"),
-            f"diffusion_model.{Q}.weird_thing": (3,)}
+    keys = {
+        **pair(f"diffusion_model.{Q}.lora_A.weight", f"diffusion_model.{Q}.lora_B.weight"),
+        f"diffusion_model.{Q}.weird_thing": (3,),
+    }
     n = normalize(lora(keys), BASE)
     assert len(n.deltas) == 1
     (u,) = n.unmatched
@@ -211,13 +245,19 @@ def test_unknown_suffix():
 
 
 def test_no_base_tensor_wan21_k_img():
-    keys = {**pair(f"diffusion_model.{Q}.lora_A.weight", f"diffusion_model.{Q}.lora_B.weight"),
-            **pair("diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight",
-                   "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight")}
+    keys = {
+        **pair(f"diffusion_model.{Q}.lora_A.weight", f"diffusion_model.{Q}.lora_B.weight"),
+        **pair(
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight",
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight",
+        ),
+    }
     n = normalize(lora(keys), BASE)
     assert [d.target for d in n.deltas] == [f"{Q}.weight"]
-    assert sorted(u.key for u in n.unmatched) == ["diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight",
-                                                  "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight"]
+    assert sorted(u.key for u in n.unmatched) == [
+        "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight",
+        "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight",
+    ]
     assert all("no base tensor 'blocks.0.cross_attn.k_img.weight'" in u.reason for u in n.unmatched)
 
 
@@ -242,6 +282,7 @@ def test_empty_lora():
 
 
 # ---------------------------------------------------------------------------------- match errors
+
 
 def test_rank_mismatch():
     keys = {f"diffusion_model.{Q}.lora_A.weight": (4, 8), f"diffusion_model.{Q}.lora_B.weight": (8, 2)}
@@ -269,8 +310,14 @@ def test_non_float_target():
 
 
 def test_non_float_factor():
-    lf = LoraFile("m.safetensors", "safetensors", {f"diffusion_model.{Q}.lora_A.weight": M("I8", (4, 8)),
-                                                   f"diffusion_model.{Q}.lora_B.weight": M("BF16", (8, 4))})
+    lf = LoraFile(
+        "m.safetensors",
+        "safetensors",
+        {
+            f"diffusion_model.{Q}.lora_A.weight": M("I8", (4, 8)),
+            f"diffusion_model.{Q}.lora_B.weight": M("BF16", (8, 4)),
+        },
+    )
     with pytest.raises(MatchError, match="I8"):
         normalize(lf, BASE)
 
@@ -292,21 +339,33 @@ def _dse(kind, shapes, w):
     return delta_shape_error(kind, shapes, w)
 
 
-@pytest.mark.parametrize("kind,shapes,w,expected", [
-    ("lora", ((4, 16), (8, 4)), (8, 16), None),
-    ("lora", ((4, 16), (8, 2)), (8, 16), "A has rank 4 but B has rank 2"),
-    ("lora", ((4, 16), (6, 4)), (8, 16), "B @ A gives (6, 16) but base needs (8, 16) for shape (8, 16)"),
-    ("lora", ((4, 12), (8, 4)), (8, 16), "B @ A gives (8, 12) but base needs (8, 16) for shape (8, 16)"),
-    ("lora", ((4,), (8, 4)), (8, 16), "factors must be at least 2-D, found A (4,) and B (8, 4)"),
-    ("lora", ((2, 3, 3, 3), (4, 2, 1, 1)), (4, 3, 3, 3), None),
-    ("lora", ((2, 27), (4, 2)), (4, 3, 3, 3), None),
-    ("lora", ((2, 4, 1, 2, 2), (8, 2, 1, 1, 1)), (8, 4, 1, 2, 2), None),
-    ("lora", ((2, 3, 1, 1), (4, 3, 1, 1)), (4, 3, 1, 1),
-     "B (4, 3, 1, 1) does not match A's rank 2 (expected (4, 2, 1, …))"),
-    ("lora", ((2, 3, 1, 1), (4, 2, 1, 1)), (4, 3, 3, 3), "B @ A gives (4, 3) but base needs (4, 27) for shape (4, 3, 3, 3)"),
-    ("diff", ((8, 16),), (8, 16), None),
-    ("diff", ((8,),), (8, 16), "delta has shape (8,), base needs (8, 16)"),
-])
+@pytest.mark.parametrize(
+    "kind,shapes,w,expected",
+    [
+        ("lora", ((4, 16), (8, 4)), (8, 16), None),
+        ("lora", ((4, 16), (8, 2)), (8, 16), "A has rank 4 but B has rank 2"),
+        ("lora", ((4, 16), (6, 4)), (8, 16), "B @ A gives (6, 16) but base needs (8, 16) for shape (8, 16)"),
+        ("lora", ((4, 12), (8, 4)), (8, 16), "B @ A gives (8, 12) but base needs (8, 16) for shape (8, 16)"),
+        ("lora", ((4,), (8, 4)), (8, 16), "factors must be at least 2-D, found A (4,) and B (8, 4)"),
+        ("lora", ((2, 3, 3, 3), (4, 2, 1, 1)), (4, 3, 3, 3), None),
+        ("lora", ((2, 27), (4, 2)), (4, 3, 3, 3), None),
+        ("lora", ((2, 4, 1, 2, 2), (8, 2, 1, 1, 1)), (8, 4, 1, 2, 2), None),
+        (
+            "lora",
+            ((2, 3, 1, 1), (4, 3, 1, 1)),
+            (4, 3, 1, 1),
+            "B (4, 3, 1, 1) does not match A's rank 2 (expected (4, 2, 1, …))",
+        ),
+        (
+            "lora",
+            ((2, 3, 1, 1), (4, 2, 1, 1)),
+            (4, 3, 3, 3),
+            "B @ A gives (4, 3) but base needs (4, 27) for shape (4, 3, 3, 3)",
+        ),
+        ("diff", ((8, 16),), (8, 16), None),
+        ("diff", ((8,),), (8, 16), "delta has shape (8,), base needs (8, 16)"),
+    ],
+)
 def test_delta_shape_error(kind, shapes, w, expected):
     got = _dse(kind, shapes, w)
     if expected is None or expected.startswith(("A has rank", "delta has shape")):
@@ -317,12 +376,16 @@ def test_delta_shape_error(kind, shapes, w, expected):
 
 # ------------------------------------------------------------------------------------ real files
 
-@pytest.mark.parametrize("layout,name,alpha,detected,kind", [
-    ("roll", "diffusion_module.pth", None, "roll", "pickle"),
-    ("diffsynth", "ds.safetensors", None, "diffsynth", "safetensors"),
-    ("diffusion_model", "dm.safetensors", 8.0, "diffusion_model", "safetensors"),
-    ("seko", "seko.safetensors", 2.0, "diffusion_model", "safetensors"),
-])
+
+@pytest.mark.parametrize(
+    "layout,name,alpha,detected,kind",
+    [
+        ("roll", "diffusion_module.pth", None, "roll", "pickle"),
+        ("diffsynth", "ds.safetensors", None, "diffsynth", "safetensors"),
+        ("diffusion_model", "dm.safetensors", 8.0, "diffusion_model", "safetensors"),
+        ("seko", "seko.safetensors", 2.0, "diffusion_model", "safetensors"),
+    ],
+)
 def test_real_files(tmp_path, tiny_base, tiny_factors, layout, name, alpha, detected, kind):
     path = str(tmp_path / name)
     sd = write_lora(path, tiny_factors, layout=layout, alpha=alpha)
@@ -368,6 +431,7 @@ def test_open_lora_missing_and_unknown_type(tmp_path):
 
 # ------------------------------------------------------------------------------------ pickle safety
 
+
 class _Payload:
     """Unpickling this would run a shell command creating the marker file."""
 
@@ -382,8 +446,11 @@ class _Payload:
 def test_pickle_with_code_is_refused(tmp_path, zipfile):
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.pth"
-    torch.save({"x.lora_A.weight": torch.ones(2, 2), "evil": _Payload(str(marker))}, str(path),
-               _use_new_zipfile_serialization=zipfile)
+    torch.save(
+        {"x.lora_A.weight": torch.ones(2, 2), "evil": _Payload(str(marker))},
+        str(path),
+        _use_new_zipfile_serialization=zipfile,
+    )
     assert not marker.exists()
     with pytest.raises(FormatError) as ei:
         open_lora(path)

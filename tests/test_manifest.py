@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from distmerge import output
-from distmerge.manifest import Manifest
+from distmerge.output import publish as output
+from distmerge.output.manifest import Manifest
 
 
 def test_save_is_atomic_and_never_fsyncs_while_publishing_writes_do(tmp_path, monkeypatch):

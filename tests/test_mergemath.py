@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distmerge.mergemath import Term, compute_dtype, lora_delta, merge_tensor
+from distmerge.tasks.mergemath import Term, compute_dtype, lora_delta, merge_tensor
 
 from .helpers import assert_close_to_reference, reference_merge
 
@@ -15,8 +15,8 @@ T = torch.tensor
 
 def test_rank1_lora():
     w = T([[1.0, 2.0], [3.0, 4.0]])
-    a = T([[1.0, 2.0]])          # [r=1, in=2]
-    b = T([[1.0], [3.0]])        # [out=2, r=1]  -> B@A = [[1, 2], [3, 6]]
+    a = T([[1.0, 2.0]])  # [r=1, in=2]
+    b = T([[1.0], [3.0]])  # [out=2, r=1]  -> B@A = [[1, 2], [3, 6]]
     out = merge_tensor(w, [Term("lora", 2.0, (a, b))])
     assert out.dtype == torch.float32
     assert out.tolist() == [[3.0, 6.0], [9.0, 16.0]]
@@ -25,7 +25,7 @@ def test_rank1_lora():
 
 def test_two_terms_summed():
     w = torch.zeros(2, 3)
-    t1 = Term("lora", 1.0, (T([[1.0, 0.0, 1.0]]), T([[1.0], [2.0]])))   # [[1,0,1],[2,0,2]]
+    t1 = Term("lora", 1.0, (T([[1.0, 0.0, 1.0]]), T([[1.0], [2.0]])))  # [[1,0,1],[2,0,2]]
     t2 = Term("lora", 0.5, (T([[0.0, 1.0, 0.0]]), T([[3.0], [-1.0]])))  # [[0,3,0],[0,-1,0]]
     assert merge_tensor(w, [t1, t2]).tolist() == [[1.0, 1.5, 1.0], [2.0, -0.5, 2.0]]
 
@@ -40,7 +40,7 @@ def test_rank2_negative_coef():
 def test_rank2_2x3():
     w = T([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     a = T([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])  # [2, 3]
-    b = T([[1.0, 1.0], [2.0, -1.0]])            # [2, 2]
+    b = T([[1.0, 1.0], [2.0, -1.0]])  # [2, 2]
     # B@A = [[1, 3, -1], [2, 3, 1]]; coef -0.5 -> [[-0.5, -1.5, 0.5], [-1, -1.5, -0.5]]
     out = merge_tensor(w, [Term("lora", -0.5, (a, b))])
     assert out.tolist() == [[0.5, -0.5, 1.5], [-1.0, -1.5, -0.5]]
@@ -59,8 +59,9 @@ def test_diff_terms():
 
 def test_lora_and_diff_mixed():
     w = torch.zeros(2, 2)
-    out = merge_tensor(w, [Term("lora", 1.0, (T([[1.0, 1.0]]), T([[1.0], [1.0]]))),
-                           Term("diff", 1.0, (T([[1.0, 0.0], [0.0, 1.0]]),))])
+    out = merge_tensor(
+        w, [Term("lora", 1.0, (T([[1.0, 1.0]]), T([[1.0], [1.0]]))), Term("diff", 1.0, (T([[1.0, 0.0], [0.0, 1.0]]),))]
+    )
     assert out.tolist() == [[2.0, 1.0], [1.0, 2.0]]
 
 
@@ -78,6 +79,7 @@ def test_unknown_kind():
 
 # --------------------------------------------------------------------------------------- rounding
 
+
 def test_bf16_rounded_once_literal():
     # bf16 ulp at 1.0 is 2**-7. Three deltas of 2**-9 each: rounding after every term would stay
     # at 1.0 each time; the float32 sum 1.5 * 2**-8 is above half an ulp, so rounding once gives 1 + 2**-7.
@@ -93,8 +95,8 @@ def test_bf16_rounded_once_literal():
 
 
 def test_out_dtype_rounds_once_from_fp32():
-    w = T([[1.0, 3.0]])                   # fp32 base, bf16 output
-    d = T([[2.0**-8 + 2.0**-12, 0.0]])    # just above half an ulp of bf16 at 1.0
+    w = T([[1.0, 3.0]])  # fp32 base, bf16 output
+    d = T([[2.0**-8 + 2.0**-12, 0.0]])  # just above half an ulp of bf16 at 1.0
     out = merge_tensor(w, [Term("diff", 1.0, (d,))], out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert out.float().tolist() == [[1.0 + 2.0**-7, 3.0]]
@@ -120,10 +122,11 @@ def test_random_against_float64_reference(dtype):
 
 # ------------------------------------------------------------------------------------ convolutions
 
+
 def test_conv1x1_literal():
     w = torch.zeros(2, 2, 1, 1)
-    a = T([1.0, 2.0]).reshape(1, 2, 1, 1)    # [r=1, in=2, 1, 1]
-    b = T([3.0, -1.0]).reshape(2, 1, 1, 1)   # [out=2, r=1, 1, 1]
+    a = T([1.0, 2.0]).reshape(1, 2, 1, 1)  # [r=1, in=2, 1, 1]
+    b = T([3.0, -1.0]).reshape(2, 1, 1, 1)  # [out=2, r=1, 1, 1]
     out = merge_tensor(w, [Term("lora", 1.0, (a, b))])
     assert out.shape == (2, 2, 1, 1)
     assert out.flatten(1).tolist() == [[3.0, 6.0], [-1.0, -2.0]]
@@ -138,8 +141,8 @@ def _rand(*shape, seed):
 def test_conv2d_merged_kernel_equals_composition(kernel, padding):
     out_c, in_c, r = 5, 3, 2
     w = _rand(out_c, in_c, *kernel, seed=1)
-    a = _rand(r, in_c, *kernel, seed=2)       # LoRA down: a conv with W's kernel
-    b = _rand(out_c, r, 1, 1, seed=3)         # LoRA up: a 1x1 conv
+    a = _rand(r, in_c, *kernel, seed=2)  # LoRA down: a conv with W's kernel
+    b = _rand(out_c, r, 1, 1, seed=3)  # LoRA up: a 1x1 conv
     x = _rand(2, in_c, 7, 6, seed=4)
     coef = 0.75
     merged = merge_tensor(w, [Term("lora", coef, (a, b))])
@@ -149,13 +152,14 @@ def test_conv2d_merged_kernel_equals_composition(kernel, padding):
     torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
     # and the delta alone
     delta = lora_delta(a, b, w.shape, dtype=torch.float64)
-    torch.testing.assert_close(F.conv2d(x, delta, padding=padding),
-                               F.conv2d(F.conv2d(x, a, padding=padding), b), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        F.conv2d(x, delta, padding=padding), F.conv2d(F.conv2d(x, a, padding=padding), b), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_conv3d_wan_patch_embedding():
     out_c, in_c, r = 6, 4, 3
-    w = _rand(out_c, in_c, 1, 2, 2, seed=5)   # Wan patch_embedding [dim, in_dim, 1, 2, 2]
+    w = _rand(out_c, in_c, 1, 2, 2, seed=5)  # Wan patch_embedding [dim, in_dim, 1, 2, 2]
     a = _rand(r, in_c, 1, 2, 2, seed=6)
     b = _rand(out_c, r, 1, 1, 1, seed=7)
     x = _rand(1, in_c, 3, 8, 6, seed=8)
@@ -176,11 +180,11 @@ def test_conv_fp32_with_2d_factors():
     m4 = merge_tensor(w, [Term("lora", 1.0, (a4, b4))])
     m2 = merge_tensor(w, [Term("lora", 1.0, (a4.flatten(1), b4.flatten(1)))])
     assert torch.equal(m4, m2)
-    torch.testing.assert_close(F.conv2d(x, m4), F.conv2d(x, w) + F.conv2d(F.conv2d(x, a4), b4),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.conv2d(x, m4), F.conv2d(x, w) + F.conv2d(F.conv2d(x, a4), b4), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- dtype / alias
+
 
 def test_inplace_does_not_alias_when_dtype_differs():
     w = T([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
@@ -223,7 +227,7 @@ def test_float64_base_computed_in_float64():
         assert compute_dtype(dt) == torch.float32
     w = torch.ones(1, 1, dtype=torch.float64)
     a = T([[1e-6]], dtype=torch.float64)
-    b = T([[1e-6]], dtype=torch.float64)   # B@A = 1e-12: lost in float32 (ulp 1.2e-7), kept in float64
+    b = T([[1e-6]], dtype=torch.float64)  # B@A = 1e-12: lost in float32 (ulp 1.2e-7), kept in float64
     out = merge_tensor(w, [Term("lora", 1.0, (a, b))])
     assert out.dtype == torch.float64
     assert out.item() == 1.0 + 1e-12

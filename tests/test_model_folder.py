@@ -59,8 +59,10 @@ pytestmark = pytest.mark.ray
 SENTENCE = "hello merged world, the model loads!"
 CHAT = [{"role": "system", "content": "the merged model"}, {"role": "user", "content": "hello world"}]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 MODEL_CARD = "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# tiny-qwen2\n\nA test model.\n"
 LICENSE = "Apache License\nVersion 2.0, January 2004\nhttp://www.apache.org/licenses/\n"
 SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
@@ -79,21 +81,39 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["hello world", "the merged model loads", "hello merged world",
-                            "user assistant system"] * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(
+        ["hello world", "the merged model loads", "hello merged world", "user assistant system"] * 3, trainer
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
 def _qwen(tok: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -140,8 +160,15 @@ def case(tmp_path_factory) -> Case:
     assert not os.path.exists(os.path.join(c.single, INDEX))
     c.sharded_names = sorted(n for n in os.listdir(c.sharded) if SHARD.fullmatch(n))
     assert len(c.sharded_names) >= 3 and os.path.isfile(os.path.join(c.sharded, INDEX)), os.listdir(c.sharded)
-    c.folder_files = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                      "chat_template.jinja", "README.md", "LICENSE"}
+    c.folder_files = {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "README.md",
+        "LICENSE",
+    }
     for base in (c.single, c.sharded):
         present = {n for n in os.listdir(base) if not n.endswith((".safetensors", ".index.json"))}
         assert present == c.folder_files, present ^ c.folder_files  # what transformers 5 writes
@@ -227,8 +254,7 @@ def _same_path(recorded: str, given: str) -> bool:
     return os.path.realpath(recorded) == os.path.realpath(given)
 
 
-def _check_recipe(recipe: dict, *, base: str, lora: str, weight: float, alpha: float,
-                  dtypes: set) -> None:
+def _check_recipe(recipe: dict, *, base: str, lora: str, weight: float, alpha: float, dtypes: set) -> None:
     assert recipe["distmerge_version"] == distmerge.__version__, recipe
     assert _same_path(recipe["base"]["path"], base), (recipe["base"], base)
     assert len(recipe["loras"]) == 1, recipe["loras"]
@@ -272,12 +298,16 @@ def _check_loads(case: Case, base: str, out: str, *, atol: float = 1e-5, **load_
 # ------------------------------------------------------------------ the tests
 
 
-@pytest.mark.parametrize("kind, weight, alpha, shard_size", [
-    ("single", 1.0, 1.0, "5GB"),      # model.safetensors base -> one shard + index
-    ("sharded", 0.5, 2.0, "20KB"),    # 5-shard base -> several output shards; 0.5 · 2 = PEFT's scale
-])
-def test_merged_folder_opens_with_transformers_and_matches_peft(case, tmp_path, ray_local,
-                                                                kind, weight, alpha, shard_size):
+@pytest.mark.parametrize(
+    "kind, weight, alpha, shard_size",
+    [
+        ("single", 1.0, 1.0, "5GB"),  # model.safetensors base -> one shard + index
+        ("sharded", 0.5, 2.0, "20KB"),  # 5-shard base -> several output shards; 0.5 · 2 = PEFT's scale
+    ],
+)
+def test_merged_folder_opens_with_transformers_and_matches_peft(
+    case, tmp_path, ray_local, kind, weight, alpha, shard_size
+):
     base = case.single if kind == "single" else case.sharded
     before = _tree(base)
     out = str(tmp_path / "merged")
@@ -290,8 +320,7 @@ def test_merged_folder_opens_with_transformers_and_matches_peft(case, tmp_path, 
     with open(os.path.join(out, INDEX)) as f:
         assert set(json.load(f)["weight_map"].values()) == set(shards)
     _check_copies(base, out, case.folder_files)
-    _check_recipe(_recipe(out), base=base, lora=case.adapter, weight=weight, alpha=alpha,
-                  dtypes={None, "keep"})
+    _check_recipe(_recipe(out), base=base, lora=case.adapter, weight=weight, alpha=alpha, dtypes={None, "keep"})
     _check_loads(case, base, out)
     assert _tree(base) == before  # the base is never written
 
@@ -315,13 +344,11 @@ def test_overwrite_replaces_copied_files_and_keeps_the_users(case, tmp_path, ray
     assert set(os.listdir(out)) == expected, set(os.listdir(out)) ^ expected
     _check_copies(case.single, out, case.folder_files)
     assert _read(os.path.join(out, "notes.txt")) == b"mine"
-    _check_recipe(_recipe(out), base=case.single, lora=case.adapter, weight=0.25, alpha=4.0,
-                  dtypes={None, "keep"})
+    _check_recipe(_recipe(out), base=case.single, lora=case.adapter, weight=0.25, alpha=4.0, dtypes={None, "keep"})
     _check_loads(case, case.single, out)
 
 
-@pytest.mark.parametrize("bad, error", [("shape", MatchError), ("key", MatchError),
-                                        ("nonfinite", DistmergeError)])
+@pytest.mark.parametrize("bad, error", [("shape", MatchError), ("key", MatchError), ("nonfinite", DistmergeError)])
 @pytest.mark.parametrize("state", ["absent", "earlier"])
 def test_failed_merge_publishes_nothing(case, tmp_path, ray_local, bad, error, state):
     """Shape and key problems fail while planning, a non-finite merged value inside a task (after
@@ -355,8 +382,7 @@ def test_single_file_output_copies_nothing(case, tmp_path, ray_local):
     names = ["merged.safetensors", "merged.safetensors.crc32", f"merged.safetensors.{RECIPE}"]
     assert sorted(os.listdir(out_dir)) == names, os.listdir(out_dir)
     with open(out + "." + RECIPE, encoding="utf-8") as f:
-        _check_recipe(json.load(f), base=case.sharded, lora=case.adapter, weight=0.5, alpha=2.0,
-                      dtypes={None, "keep"})
+        _check_recipe(json.load(f), base=case.sharded, lora=case.adapter, weight=0.5, alpha=2.0, dtypes={None, "keep"})
     got = load_file(str(out_dir / "merged.safetensors"))
     assert set(got) == set(case.ref_state)
     for k, v in case.ref_state.items():
@@ -371,8 +397,7 @@ def test_single_file_base_copies_nothing(case, tmp_path, ray_local):
     distmerge.merge(base_file, [case.adapter], out)
     shards = _shards(out)
     assert set(os.listdir(out)) == set(shards) | {INDEX, RECIPE}, os.listdir(out)
-    _check_recipe(_recipe(out), base=base_file, lora=case.adapter, weight=1.0, alpha=1.0,
-                  dtypes={None, "keep"})
+    _check_recipe(_recipe(out), base=base_file, lora=case.adapter, weight=1.0, alpha=1.0, dtypes={None, "keep"})
 
 
 def _busy_base(case: Case, tmp_path) -> tuple[str, set[str], set[str]]:
@@ -464,8 +489,14 @@ def test_bf16_merge_loads_and_says_its_dtype(case, tmp_path, ray_local):
     shards = _shards(out)
     assert set(os.listdir(out)) == case.folder_files | set(shards) | {INDEX, RECIPE}
     _check_copies(case.single, out, case.folder_files - {"config.json"})
-    _check_recipe(_recipe(out), base=case.single, lora=case.adapter, weight=1.0, alpha=1.0,
-                  dtypes={"bf16", "bfloat16", "torch.bfloat16"})
+    _check_recipe(
+        _recipe(out),
+        base=case.single,
+        lora=case.adapter,
+        weight=1.0,
+        alpha=1.0,
+        dtypes={"bf16", "bfloat16", "torch.bfloat16"},
+    )
     base_cfg = json.loads(_read(os.path.join(case.single, "config.json")))
     out_cfg = json.loads(_read(os.path.join(out, "config.json")))
     assert base_cfg["dtype"] == "float32" and out_cfg == {**base_cfg, "dtype": "bfloat16"}
@@ -474,8 +505,9 @@ def test_bf16_merge_loads_and_says_its_dtype(case, tmp_path, ray_local):
         tensors.update(load_file(os.path.join(out, s)))
     assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
     for k, v in case.ref_state.items():  # one rounding of PEFT's fp32 merge, within 1 bf16 ulp
-        torch.testing.assert_close(tensors[k].float(), v.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            tensors[k].float(), v.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     sd = model.state_dict()

@@ -14,21 +14,22 @@ import ray
 from ray.cluster_utils import Cluster
 
 import distmerge
+from distmerge.app.synth import write_lora
 from distmerge.errors import ClusterError
-from distmerge.synth import write_lora
 
 pytestmark = pytest.mark.ray
 
-FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
-               "health_check_failure_threshold": 3}
+FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 3}
 
 
 @pytest.fixture(scope="module")
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH,
-                                                      "object_store_memory": 80 << 20})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH, "object_store_memory": 80 << 20},
+    )
     for _ in range(2):
         c.add_node(num_cpus=1, object_store_memory=80 << 20)
     c.wait_for_nodes()
@@ -57,8 +58,15 @@ def _files(folder: str) -> dict[str, bytes]:
 
 def test_units_spread_over_nodes_and_bytes_equal_single_node(cluster, tiny_base, single_node_output, tmp_path):
     lora, expected = single_node_output
-    rep = distmerge.merge(tiny_base, [lora], str(tmp_path / "out"), address=cluster.address,
-                          max_shard_size="150KB", unit_size="20KB", report=str(tmp_path / "r.json"))
+    rep = distmerge.merge(
+        tiny_base,
+        [lora],
+        str(tmp_path / "out"),
+        address=cluster.address,
+        max_shard_size="150KB",
+        unit_size="20KB",
+        report=str(tmp_path / "r.json"),
+    )
     assert rep.ray["mode"].startswith("joined")
     nodes = {u.node_id for u in rep.units}
     assert len(nodes) >= 2, nodes
@@ -84,8 +92,9 @@ def test_ray_address_env_joins_and_default_stays_local(cluster, tiny_base, singl
 def test_node_without_shared_paths_fails_the_probe(cluster, tiny_base, single_node_output, tmp_path):
     lora, _ = single_node_output
     out = str(tmp_path / "out")
-    node = cluster.add_node(num_cpus=1, object_store_memory=80 << 20,
-                            env_vars={"DISTMERGE_PROBE_UNSHARED": str(tmp_path)})
+    node = cluster.add_node(
+        num_cpus=1, object_store_memory=80 << 20, env_vars={"DISTMERGE_PROBE_UNSHARED": str(tmp_path)}
+    )
     cluster.wait_for_nodes()
     try:
         with pytest.raises(ClusterError, match=rf"node {node.node_id[:12]} .* cannot see {out}.*shared"):
@@ -105,8 +114,9 @@ def test_node_lost_mid_run_finishes_on_the_others(cluster, tiny_base, single_nod
 
     def run() -> None:
         try:
-            box["rep"] = distmerge.merge(tiny_base, [lora], out, address=cluster.address,
-                                         max_shard_size="150KB", unit_size="4KB", num_workers=3)
+            box["rep"] = distmerge.merge(
+                tiny_base, [lora], out, address=cluster.address, max_shard_size="150KB", unit_size="4KB", num_workers=3
+            )
         except BaseException as e:
             box["err"] = e
 

@@ -10,29 +10,39 @@ from __future__ import annotations
 
 import pytest
 
-from distmerge.header import TensorInfo
-from distmerge.keymap import DIFFUSERS_WAN, diffusers_to_wan, wan_to_diffusers
-from distmerge.lora import normalize
-from distmerge.lorafile import LoraFile, TensorMeta
-from distmerge.naming import BaseNames, detect_naming
+from distmerge.formats.keymap import DIFFUSERS_WAN, diffusers_to_wan, wan_to_diffusers
+from distmerge.formats.naming import BaseNames, detect_naming
+from distmerge.formats.normalize import normalize
+from distmerge.inputs.header import TensorInfo
+from distmerge.inputs.lorafile import LoraFile, TensorMeta
 
 D = 8
 #: canonical (original Wan) key -> shape of a tiny 1-block Wan DiT
 WAN = {
-    "blocks.0.self_attn.q.weight": (D, D), "blocks.0.self_attn.q.bias": (D,),
-    "blocks.0.self_attn.o.weight": (D, D), "blocks.0.cross_attn.k.weight": (D, D),
-    "blocks.0.ffn.0.weight": (2 * D, D), "blocks.0.ffn.2.weight": (D, 2 * D),
-    "blocks.0.norm3.weight": (D,), "blocks.0.modulation": (1, 6, D),
-    "head.head.weight": (4, D), "head.modulation": (1, 2, D), "time_embedding.0.weight": (D, 4),
+    "blocks.0.self_attn.q.weight": (D, D),
+    "blocks.0.self_attn.q.bias": (D,),
+    "blocks.0.self_attn.o.weight": (D, D),
+    "blocks.0.cross_attn.k.weight": (D, D),
+    "blocks.0.ffn.0.weight": (2 * D, D),
+    "blocks.0.ffn.2.weight": (D, 2 * D),
+    "blocks.0.norm3.weight": (D,),
+    "blocks.0.modulation": (1, 6, D),
+    "head.head.weight": (4, D),
+    "head.modulation": (1, 2, D),
+    "time_embedding.0.weight": (D, 4),
 }
 #: the same model in diffusers names
 DIFFUSERS = {
-    "blocks.0.self_attn.q.weight": "blocks.0.attn1.to_q.weight", "blocks.0.self_attn.q.bias": "blocks.0.attn1.to_q.bias",
+    "blocks.0.self_attn.q.weight": "blocks.0.attn1.to_q.weight",
+    "blocks.0.self_attn.q.bias": "blocks.0.attn1.to_q.bias",
     "blocks.0.self_attn.o.weight": "blocks.0.attn1.to_out.0.weight",
     "blocks.0.cross_attn.k.weight": "blocks.0.attn2.to_k.weight",
-    "blocks.0.ffn.0.weight": "blocks.0.ffn.net.0.proj.weight", "blocks.0.ffn.2.weight": "blocks.0.ffn.net.2.weight",
-    "blocks.0.norm3.weight": "blocks.0.norm2.weight", "blocks.0.modulation": "blocks.0.scale_shift_table",
-    "head.head.weight": "proj_out.weight", "head.modulation": "scale_shift_table",
+    "blocks.0.ffn.0.weight": "blocks.0.ffn.net.0.proj.weight",
+    "blocks.0.ffn.2.weight": "blocks.0.ffn.net.2.weight",
+    "blocks.0.norm3.weight": "blocks.0.norm2.weight",
+    "blocks.0.modulation": "blocks.0.scale_shift_table",
+    "head.head.weight": "proj_out.weight",
+    "head.modulation": "scale_shift_table",
     "time_embedding.0.weight": "condition_embedder.time_embedder.linear_1.weight",
 }
 NAMINGS = {
@@ -52,8 +62,9 @@ def _lora(keys: dict[str, tuple[int, ...]], path: str = "lora.safetensors") -> L
     return LoraFile(path, "safetensors", {k: TensorMeta("F32", s) for k, s in keys.items()})
 
 
-def _pair(module: str, shape: tuple[int, int], down: str = "lora_A", up: str = "lora_B", r: int = 2,
-          suffix: str = ".weight") -> dict[str, tuple[int, ...]]:
+def _pair(
+    module: str, shape: tuple[int, int], down: str = "lora_A", up: str = "lora_B", r: int = 2, suffix: str = ".weight"
+) -> dict[str, tuple[int, ...]]:
     out_f, in_f = shape
     return {f"{module}.{down}{suffix}": (r, in_f), f"{module}.{up}{suffix}": (out_f, r)}
 
@@ -61,25 +72,45 @@ def _pair(module: str, shape: tuple[int, int], down: str = "lora_A", up: str = "
 #: one LoRA per layout, each targeting q, the ffn output, the head and (where it can) a bias and a
 #: modulation; -> the canonical keys it must land on
 LAYOUTS = {
-    "roll": ({**_pair("base_model.model.blocks.0.self_attn.q", (D, D), suffix=".default.weight"),
-              **_pair("base_model.model.blocks.0.ffn.2", (D, 2 * D), suffix=".default.weight")},
-             ["blocks.0.self_attn.q.weight", "blocks.0.ffn.2.weight"]),
-    "diffusion_model": ({**_pair("diffusion_model.blocks.0.self_attn.q", (D, D), "lora_down", "lora_up"),
-                         "diffusion_model.blocks.0.self_attn.q.diff_b": (D,),
-                         "diffusion_model.blocks.0.diff_m": (1, 6, D),
-                         "diffusion_model.head.diff_m": (1, 2, D),
-                         **_pair("diffusion_model.head.head", (4, D), "lora_down", "lora_up")},
-                        ["blocks.0.self_attn.q.weight", "blocks.0.self_attn.q.bias", "blocks.0.modulation",
-                         "head.modulation", "head.head.weight"]),
-    "kohya": ({**_pair("lora_unet_blocks_0_cross_attn_k", (D, D), "lora_down", "lora_up"),
-               **_pair("lora_unet_blocks_0_ffn_0", (2 * D, D), "lora_down", "lora_up")},
-              ["blocks.0.cross_attn.k.weight", "blocks.0.ffn.0.weight"]),
-    "diffusers": ({**_pair("transformer.blocks.0.attn1.to_out.0", (D, D)),
-                   **_pair("transformer.proj_out", (4, D)),
-                   "transformer.blocks.0.norm2.diff": (D,),
-                   **_pair("transformer.condition_embedder.time_embedder.linear_1", (D, 4))},
-                  ["blocks.0.self_attn.o.weight", "head.head.weight", "blocks.0.norm3.weight",
-                   "time_embedding.0.weight"]),
+    "roll": (
+        {
+            **_pair("base_model.model.blocks.0.self_attn.q", (D, D), suffix=".default.weight"),
+            **_pair("base_model.model.blocks.0.ffn.2", (D, 2 * D), suffix=".default.weight"),
+        },
+        ["blocks.0.self_attn.q.weight", "blocks.0.ffn.2.weight"],
+    ),
+    "diffusion_model": (
+        {
+            **_pair("diffusion_model.blocks.0.self_attn.q", (D, D), "lora_down", "lora_up"),
+            "diffusion_model.blocks.0.self_attn.q.diff_b": (D,),
+            "diffusion_model.blocks.0.diff_m": (1, 6, D),
+            "diffusion_model.head.diff_m": (1, 2, D),
+            **_pair("diffusion_model.head.head", (4, D), "lora_down", "lora_up"),
+        },
+        [
+            "blocks.0.self_attn.q.weight",
+            "blocks.0.self_attn.q.bias",
+            "blocks.0.modulation",
+            "head.modulation",
+            "head.head.weight",
+        ],
+    ),
+    "kohya": (
+        {
+            **_pair("lora_unet_blocks_0_cross_attn_k", (D, D), "lora_down", "lora_up"),
+            **_pair("lora_unet_blocks_0_ffn_0", (2 * D, D), "lora_down", "lora_up"),
+        },
+        ["blocks.0.cross_attn.k.weight", "blocks.0.ffn.0.weight"],
+    ),
+    "diffusers": (
+        {
+            **_pair("transformer.blocks.0.attn1.to_out.0", (D, D)),
+            **_pair("transformer.proj_out", (4, D)),
+            "transformer.blocks.0.norm2.diff": (D,),
+            **_pair("transformer.condition_embedder.time_embedder.linear_1", (D, 4)),
+        },
+        ["blocks.0.self_attn.o.weight", "head.head.weight", "blocks.0.norm3.weight", "time_embedding.0.weight"],
+    ),
     # PEFT adapter trained on a diffusers transformer (diffusers names behind base_model.model.)
     "peft": ({**_pair("base_model.model.blocks.0.attn2.to_k", (D, D))}, ["blocks.0.cross_attn.k.weight"]),
 }
@@ -123,8 +154,10 @@ def test_full_replacement_lands_in_base_naming():
 
 
 def test_llm_keys_pass_through():
-    base = {k: TensorInfo(k, "F32", (D, D), "m.safetensors", 0, 4) for k in
-            ("model.layers.0.self_attn.q_proj.weight", "proj_out.weight")}
+    base = {
+        k: TensorInfo(k, "F32", (D, D), "m.safetensors", 0, 4)
+        for k in ("model.layers.0.self_attn.q_proj.weight", "proj_out.weight")
+    }
     names = BaseNames(base)
     assert names.naming.name == "hf"
     assert names.find("model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"

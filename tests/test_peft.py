@@ -27,19 +27,34 @@ from .helpers import load_checkpoint
 pytestmark = pytest.mark.ray
 
 
-
 def _llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, **overrides)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **overrides,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def _gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -116,37 +131,53 @@ LLAMA_CASES = {
     # (a) plain LoRA, α != r  (c = 12/4 = 3)
     "plain": (dict(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"]), {}, _QV),
     # (b) per-module rank and alpha: q_proj r=2 (α=12 → c=6), v_proj r=4 α=16 (c=4)
-    "rank_alpha_pattern": (dict(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"],
-                                rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16}), {}, _QV),
+    "rank_alpha_pattern": (
+        dict(
+            r=4,
+            lora_alpha=12,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"v_proj": 16},
+        ),
+        {},
+        _QV,
+    ),
     # (c) rsLoRA: c = α/√r
     "rslora": (dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], use_rslora=True), {}, _QV),
     # (d) DoRA: W' = m/‖W+cBA‖_row · (W+cBA)
     "dora": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), {}, _QV),
     # (g) lora_bias: b' = b + c·lora_B.bias (needs a base bias: attention_bias=True)
-    "lora_bias": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
-                  dict(attention_bias=True),
-                  _QV | _layers("model.layers.{}.self_attn.q_proj.bias")
-                  | _layers("model.layers.{}.self_attn.v_proj.bias")),
+    "lora_bias": (
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
+        dict(attention_bias=True),
+        _QV | _layers("model.layers.{}.self_attn.q_proj.bias") | _layers("model.layers.{}.self_attn.v_proj.bias"),
+    ),
     # (h) an embedding target: lora_embedding_A [r, vocab], lora_embedding_B [dim, r], ΔW = (BA)ᵀ;
     # PEFT also saves ``embed_tokens.base_layer.weight`` whole (save_embedding_layers turns itself on)
-    "embedding": (dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]), {},
-                  {"model.embed_tokens.weight"}),
+    "embedding": (dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]), {}, {"model.embed_tokens.weight"}),
     # (i) modules_to_save: lm_head saved whole → a full replacement (plus LoRA elsewhere)
-    "modules_to_save": (dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]), {},
-                        _layers("model.layers.{}.self_attn.q_proj.weight") | {"lm_head.weight"}),
+    "modules_to_save": (
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        {},
+        _layers("model.layers.{}.self_attn.q_proj.weight") | {"lm_head.weight"},
+    ),
 }
 
 #: adapter keys each case must produce (so a PEFT change that alters the layout is noticed)
 LLAMA_KEYS = {
-    "plain": ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-              "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"],
+    "plain": [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight",
+    ],
     "rank_alpha_pattern": ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
     "rslora": ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
     "dora": ["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"],
     "lora_bias": ["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"],
-    "embedding": ["base_model.model.model.embed_tokens.base_layer.weight",
-                  "base_model.model.model.embed_tokens.lora_embedding_A",
-                  "base_model.model.model.embed_tokens.lora_embedding_B"],
+    "embedding": [
+        "base_model.model.model.embed_tokens.base_layer.weight",
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+        "base_model.model.model.embed_tokens.lora_embedding_B",
+    ],
     "modules_to_save": ["base_model.model.lm_head.weight"],
 }
 
@@ -191,9 +222,7 @@ def test_gpt2_fan_in_fan_out_matches_peft_merge(tmp_path, ray_local):
     assert keys["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"] == (96, 4)
     with open(os.path.join(ad_dir, "adapter_config.json")) as f:
         assert json.load(f)["fan_in_fan_out"] is True
-    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path,
-                       changed=_layers("transformer.h.{}.attn.c_attn.weight"))
-
+    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path, changed=_layers("transformer.h.{}.attn.c_attn.weight"))
 
 
 def test_gpt2_fan_in_fan_out_dora_matches_peft_merge(tmp_path, ray_local):
@@ -201,18 +230,15 @@ def test_gpt2_fan_in_fan_out_dora_matches_peft_merge(tmp_path, ray_local):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)
     base_dir, base, ad_dir, ref = _make_adapter(_gpt2(), cfg, tmp_path)
     assert _adapter_keys(ad_dir)["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"] == (96,)
-    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path,
-                       changed=_layers("transformer.h.{}.attn.c_attn.weight"))
+    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path, changed=_layers("transformer.h.{}.attn.c_attn.weight"))
 
 
 def test_gpt2_fan_in_fan_out_dora_square_matches_peft_merge(tmp_path, ray_local):
     """The same on a square Conv1D, where the wrong axis has the right length and nothing raises."""
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_proj"], fan_in_fan_out=True,
-                     use_dora=True)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_proj"], fan_in_fan_out=True, use_dora=True)
     base_dir, base, ad_dir, ref = _make_adapter(_gpt2(), cfg, tmp_path)
     assert base["transformer.h.0.attn.c_proj.weight"].shape == (32, 32)
-    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path,
-                       changed=_layers("transformer.h.{}.attn.c_proj.weight"))
+    _merge_and_compare(base_dir, base, ad_dir, ref, tmp_path, changed=_layers("transformer.h.{}.attn.c_proj.weight"))
 
 
 def test_config_rank_disagrees_with_weights(tmp_path, ray_local):

@@ -10,8 +10,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import distmerge
+from distmerge.app.synth import write_lora
 from distmerge.cluster import DispatchSettings, Slot, placement_slots, task_options
-from distmerge.synth import write_lora
 
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
@@ -24,8 +24,14 @@ def roll_like():
     GPU and every CPU, with a ROLL-style actor inside it."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-             object_store_memory=80 << 20, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        object_store_memory=80 << 20,
+        log_to_driver=False,
+    )
     pg = placement_group([{"GPU": 1, "CPU": 2}])
     ray.get(pg.ready())
 
@@ -56,12 +62,15 @@ def test_plain_tasks_would_wait_forever(roll_like):
 def test_merge_runs_inside_the_groups_and_leaves_the_session(roll_like, tiny_base, tiny_factors, tmp_path):
     lora = str(tmp_path / "l.pth")
     write_lora(lora, tiny_factors)
-    rep = distmerge.merge(tiny_base, [lora], str(tmp_path / "out"), placement_groups=roll_like,
-                          device="cpu", unit_size="40KB")
+    rep = distmerge.merge(
+        tiny_base, [lora], str(tmp_path / "out"), placement_groups=roll_like, device="cpu", unit_size="40KB"
+    )
     assert rep.ray["mode"] == "existing" and ray.is_initialized()
     assert rep.ray["workers"] == 2 and len(rep.units) > 2
-    assert_close_to_reference(load_checkpoint(str(tmp_path / "out")),
-                              reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0)))
+    assert_close_to_reference(
+        load_checkpoint(str(tmp_path / "out")),
+        reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0)),
+    )
 
 
 def test_gpu_seats_pin_one_device_each(roll_like):
@@ -70,8 +79,10 @@ def test_gpu_seats_pin_one_device_each(roll_like):
     assert slots == (Slot(pg, 0, 0),)
     opts = task_options(DispatchSettings(device="cuda", workers=1, gpus_per_task=1.0), slots[0])
     assert opts["num_gpus"] == 0.01 and opts["num_cpus"] == 0.01
-    assert opts["runtime_env"]["env_vars"] == {"CUDA_VISIBLE_DEVICES": "0",
-                                               "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+    assert opts["runtime_env"]["env_vars"] == {
+        "CUDA_VISIBLE_DEVICES": "0",
+        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+    }
     strategy = opts["scheduling_strategy"]
     assert strategy.placement_group is pg and strategy.placement_group_bundle_index == 0
 

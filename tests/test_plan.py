@@ -9,29 +9,43 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distmerge.checkpoint import open_base
+from distmerge.app.synth import wan_shapes
 from distmerge.errors import PlanError
-from distmerge.header import parse_header_bytes
-from distmerge.lora import Delta, FactorRef
-from distmerge.plan import make_plan, parse_size, partition_units, split_by_size
-from distmerge.synth import wan_shapes
+from distmerge.formats.normalize import Delta, FactorRef
+from distmerge.inputs.checkpoint import open_base
+from distmerge.inputs.header import parse_header_bytes
+from distmerge.plan.merge_plan import make_plan, parse_size, partition_units, split_by_size
 
 from .helpers import TINY
 
-
 # ------------------------------------------------------------------------------------- parse_size
 
-@pytest.mark.parametrize("text,expected", [
-    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5MiB", 3 * 2**19),
-    (1024, 1024), ("1024", 1024), ("10kb", 10_000), ("3KiB", 3072), (" 7 gb ", 7 * 10**9),
-    ("1TB", 10**12), ("2b", 2), ("4G", 4 * 10**9), ("4Gi", 4 * 2**30),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1.5MiB", 3 * 2**19),
+        (1024, 1024),
+        ("1024", 1024),
+        ("10kb", 10_000),
+        ("3KiB", 3072),
+        (" 7 gb ", 7 * 10**9),
+        ("1TB", 10**12),
+        ("2b", 2),
+        ("4G", 4 * 10**9),
+        ("4Gi", 4 * 2**30),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "GB", "five GB", "5 XB", "5GBB", "-5GB", "5.GB", "1e9", "0", 0, -3,
-                                 "0MB", "5 G B"])
+@pytest.mark.parametrize(
+    "bad", ["", "GB", "five GB", "5 XB", "5GBB", "-5GB", "5.GB", "1e9", "0", 0, -3, "0MB", "5 G B"]
+)
 def test_parse_size_rejects(bad):
     with pytest.raises(PlanError) as ei:
         parse_size(bad)
@@ -40,40 +54,49 @@ def test_parse_size_rejects(bad):
 
 # ---------------------------------------------------------------------------------- split_by_size
 
+
 def test_split_by_size_greedy_example():
     sizes = [("a", 6), ("b", 6), ("c", 2), ("d", 6), ("e", 2), ("f", 2)]
     assert split_by_size(sizes, 8) == [["a"], ["b", "c"], ["d", "e"], ["f"]]
 
 
-@pytest.mark.parametrize("sizes,limit,expected", [
-    ([("a", 3), ("big", 20), ("c", 3)], 10, [["a"], ["big"], ["c"]]),
-    ([("a", 3), ("b", 3), ("big", 20)], 10, [["a", "b"], ["big"]]),
-    ([("big", 20), ("a", 3), ("b", 3)], 10, [["big"], ["a", "b"]]),
-    ([("a", 5), ("b", 5), ("c", 5)], 10, [["a", "b"], ["c"]]),
-    ([("a", 1), ("b", 1), ("c", 1)], 100, [["a", "b", "c"]]),
-    ([("a", 0), ("b", 10), ("c", 0)], 10, [["a", "b", "c"]]),
-    ([], 10, []),
-])
+@pytest.mark.parametrize(
+    "sizes,limit,expected",
+    [
+        ([("a", 3), ("big", 20), ("c", 3)], 10, [["a"], ["big"], ["c"]]),
+        ([("a", 3), ("b", 3), ("big", 20)], 10, [["a", "b"], ["big"]]),
+        ([("big", 20), ("a", 3), ("b", 3)], 10, [["big"], ["a", "b"]]),
+        ([("a", 5), ("b", 5), ("c", 5)], 10, [["a", "b"], ["c"]]),
+        ([("a", 1), ("b", 1), ("c", 1)], 100, [["a", "b", "c"]]),
+        ([("a", 0), ("b", 10), ("c", 0)], 10, [["a", "b", "c"]]),
+        ([], 10, []),
+    ],
+)
 def test_split_by_size_cases(sizes, limit, expected):
     assert split_by_size(sizes, limit) == expected
 
 
 # -------------------------------------------------------------------------------- partition_units
 
-@pytest.mark.parametrize("sizes,target,expected", [
-    ([5, 5, 5, 5, 30, 5], 10, [(0, 2), (2, 4), (4, 5), (5, 6)]),
-    ([], 10, []),
-    ([100], 10, [(0, 1)]),
-    ([1, 1, 1, 1], 2, [(0, 2), (2, 4)]),
-    ([1, 1, 1, 1], 100, [(0, 4)]),
-    ([3, 3, 3], 1, [(0, 1), (1, 2), (2, 3)]),
-    ([2, 9, 2], 10, [(0, 1), (1, 2), (2, 3)]),
-])
+
+@pytest.mark.parametrize(
+    "sizes,target,expected",
+    [
+        ([5, 5, 5, 5, 30, 5], 10, [(0, 2), (2, 4), (4, 5), (5, 6)]),
+        ([], 10, []),
+        ([100], 10, [(0, 1)]),
+        ([1, 1, 1, 1], 2, [(0, 2), (2, 4)]),
+        ([1, 1, 1, 1], 100, [(0, 4)]),
+        ([3, 3, 3], 1, [(0, 1), (1, 2), (2, 3)]),
+        ([2, 9, 2], 10, [(0, 1), (1, 2), (2, 3)]),
+    ],
+)
 def test_partition_units(sizes, target, expected):
     assert partition_units(sizes, target) == expected
 
 
 # -------------------------------------------------------------------------------------- make_plan
+
 
 def _deltas(base, keys=("blocks.0.self_attn.q.weight", "blocks.1.ffn.2.weight")) -> list[Delta]:
     out = []
@@ -87,8 +110,9 @@ def _deltas(base, keys=("blocks.0.self_attn.q.weight", "blocks.1.ffn.2.weight"))
 
 def _fingerprint(plan):
     """What must not depend on the number of workers: shard files and every tensor's placement."""
-    placed = sorted((t.key, u.shard, t.out_offset, t.out_nbytes, t.out_dtype, t.src_offset)
-                    for u in plan.units for t in u.tensors)
+    placed = sorted(
+        (t.key, u.shard, t.out_offset, t.out_nbytes, t.out_dtype, t.src_offset) for u in plan.units for t in u.tensors
+    )
     return [(s.name, s.header, s.size, s.keys) for s in plan.shards], placed
 
 
@@ -109,7 +133,8 @@ def test_plan_shard_names_and_weight_map(base):
     assert n > 1
     assert plan.stem == "diffusion_pytorch_model" and not plan.single_file
     assert [s.name for s in plan.shards] == [
-        f"diffusion_pytorch_model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        f"diffusion_pytorch_model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)
+    ]
     assert all(re.fullmatch(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors", s.name) for s in plan.shards)
     wm = plan.weight_map
     assert set(wm) == set(base.tensors)
@@ -168,11 +193,19 @@ def test_plan_headers_describe_offsets(base):
         assert list(h.tensors) == list(s.keys)
         for k, info in h.tensors.items():
             p = planned[k]
-            assert (info.offset, info.nbytes, info.dtype, info.shape) == \
-                (p.out_offset, p.out_nbytes, p.out_dtype, p.shape)
+            assert (info.offset, info.nbytes, info.dtype, info.shape) == (
+                p.out_offset,
+                p.out_nbytes,
+                p.out_dtype,
+                p.shape,
+            )
             src = base.tensors[k]
-            assert (p.src_path, p.src_offset, p.src_nbytes, p.src_dtype) == \
-                (src.path, src.offset, src.nbytes, src.dtype)
+            assert (p.src_path, p.src_offset, p.src_nbytes, p.src_dtype) == (
+                src.path,
+                src.offset,
+                src.nbytes,
+                src.dtype,
+            )
 
 
 def test_units_grow_with_workers_and_layout_does_not_change(base):
@@ -194,11 +227,14 @@ def test_unit_size_override(base):
     assert _fingerprint(small) == _fingerprint(big)
 
 
-@pytest.mark.parametrize("kw,target", [
-    ({"workers": 2, "unit_size": 20_000}, 20_000),
-    ({"workers": 2, "unit_size": 1}, 1),
-    ({"workers": 2, "units_per_worker": 4}, None),
-])
+@pytest.mark.parametrize(
+    "kw,target",
+    [
+        ({"workers": 2, "unit_size": 20_000}, 20_000),
+        ({"workers": 2, "unit_size": 1}, 1),
+        ({"workers": 2, "units_per_worker": 4}, None),
+    ],
+)
 def test_byte_balance(base, kw, target):
     plan = make_plan(base, [], max_shard_size="300KB", **kw)
     if target is None:
@@ -247,16 +283,27 @@ def test_delta_with_unknown_target(base):
 
 def test_out_dtype_converts_float_tensors_only(tmp_path):
     p = tmp_path / "mixed.safetensors"
-    save_file({"f32": torch.zeros(3, 5), "f16": torch.zeros(7, dtype=torch.float16),
-               "f64": torch.zeros(2, dtype=torch.float64), "i64": torch.zeros(3, dtype=torch.int64),
-               "mask": torch.zeros(5, dtype=torch.bool), "u8": torch.zeros(9, dtype=torch.uint8)}, str(p))
+    save_file(
+        {
+            "f32": torch.zeros(3, 5),
+            "f16": torch.zeros(7, dtype=torch.float16),
+            "f64": torch.zeros(2, dtype=torch.float64),
+            "i64": torch.zeros(3, dtype=torch.int64),
+            "mask": torch.zeros(5, dtype=torch.bool),
+            "u8": torch.zeros(9, dtype=torch.uint8),
+        },
+        str(p),
+    )
     base = open_base(str(p))
     plan = make_plan(base, [], out_dtype="BF16")
     got = {t.key: (t.src_dtype, t.out_dtype, t.out_nbytes, t.action) for u in plan.units for t in u.tensors}
     assert got == {
-        "f32": ("F32", "BF16", 30, "convert"), "f16": ("F16", "BF16", 14, "convert"),
-        "f64": ("F64", "BF16", 4, "convert"), "i64": ("I64", "I64", 24, "copy"),
-        "mask": ("BOOL", "BOOL", 5, "copy"), "u8": ("U8", "U8", 9, "copy"),
+        "f32": ("F32", "BF16", 30, "convert"),
+        "f16": ("F16", "BF16", 14, "convert"),
+        "f64": ("F64", "BF16", 4, "convert"),
+        "i64": ("I64", "I64", 24, "copy"),
+        "mask": ("BOOL", "BOOL", 5, "copy"),
+        "u8": ("U8", "U8", 9, "copy"),
     }
     assert plan.total_size == 30 + 14 + 4 + 24 + 5 + 9
     h = parse_header_bytes("x", plan.shards[0].header[8:], plan.shards[0].size)

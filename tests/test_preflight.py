@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import distmerge
-from distmerge.cli import main
+from distmerge.app.cli import main
+from distmerge.app.preflight import check_free_space, validate_options
+from distmerge.app.synth import write_lora
 from distmerge.errors import FormatError, OutputError, PlanError, UsageError
-from distmerge.preflight import check_free_space, validate_options
-from distmerge.synth import write_lora
 
 from .conftest import snapshot
 
@@ -41,18 +41,21 @@ def _cli(capsys, args: list[str]) -> tuple[int, str]:
     return code, err
 
 
-@pytest.mark.parametrize("flags, said", [
-    (["--alpha", "nan"], "--alpha nan is not a finite number"),
-    (["--weight", "nan"], "--weight nan is not a finite number"),
-    (["--weight", "inf"], "--weight inf is not a finite number"),
-    (["--alpha", "1e39"], "--alpha 1e+39 overflows float32"),
-    (["--alpha", "1e30", "--weight", "1e10"], "x --alpha 1e+40 overflows float32"),
-    (["--weight", "1", "--weight", "2"], "got 1 --lora but 2 --weight"),
-    (["--num-workers", "0"], "--num-workers must be an integer >= 1"),
-    (["--max-retries", "-1"], "--max-retries must be an integer >= 0"),
-    (["--unit-size", "0"], "--unit-size: size must be positive"),
-    (["--max-shard-size", "lots"], "--max-shard-size: cannot parse size"),
-])
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--alpha", "nan"], "--alpha nan is not a finite number"),
+        (["--weight", "nan"], "--weight nan is not a finite number"),
+        (["--weight", "inf"], "--weight inf is not a finite number"),
+        (["--alpha", "1e39"], "--alpha 1e+39 overflows float32"),
+        (["--alpha", "1e30", "--weight", "1e10"], "x --alpha 1e+40 overflows float32"),
+        (["--weight", "1", "--weight", "2"], "got 1 --lora but 2 --weight"),
+        (["--num-workers", "0"], "--num-workers must be an integer >= 1"),
+        (["--max-retries", "-1"], "--max-retries must be an integer >= 0"),
+        (["--unit-size", "0"], "--unit-size: size must be positive"),
+        (["--max-shard-size", "lots"], "--max-shard-size: cannot parse size"),
+    ],
+)
 def test_bad_numbers_are_usage_errors_before_ray(inputs, tmp_path, capsys, flags, said):
     base, lora = inputs
     before = snapshot(os.path.dirname(lora)) | snapshot(base)
@@ -123,8 +126,9 @@ def test_fp8_refusal_comes_before_ray(tiny_base, tiny_factors, tmp_path):
     write_lora(str(tmp_path / "l.pth"), tiny_factors)
     assert load_file(str(tmp_path / "wan_fp8_scaled.safetensors"))[q].dtype == torch.float8_e4m3fn
     with pytest.raises(PlanError, match="--dtype bf16"):
-        distmerge.merge(str(tmp_path / "wan_fp8_scaled.safetensors"), [str(tmp_path / "l.pth")],
-                        str(tmp_path / "out"), dtype="bf16")
+        distmerge.merge(
+            str(tmp_path / "wan_fp8_scaled.safetensors"), [str(tmp_path / "l.pth")], str(tmp_path / "out"), dtype="bf16"
+        )
     assert _no_ray() and not os.path.exists(tmp_path / "out")
 
 
@@ -133,9 +137,9 @@ def test_free_space_is_checked_against_the_plan(inputs, tmp_path):
     is not (the figures in the message are the plan's and the disk's)."""
     import shutil
 
-    from distmerge.checkpoint import open_base
-    from distmerge.output import OutputTarget
-    from distmerge.plan import make_plan
+    from distmerge.inputs.checkpoint import open_base
+    from distmerge.output.publish import OutputTarget
+    from distmerge.plan.merge_plan import make_plan
 
     base, _ = inputs
     plan = make_plan(open_base(base), [])
@@ -153,19 +157,32 @@ def test_run_check_runs_the_preflight(inputs, tmp_path, capsys):
     whose keys do not fit the base, without starting Ray."""
     base, lora = inputs
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps({"merges": [
-        {"name": "ok", "base": base, "loras": [lora], "output": str(tmp_path / "o1")},
-        {"name": "gone", "base": base, "loras": [str(tmp_path / "missing.pth")], "output": str(tmp_path / "o2")},
-    ]}))
+    job.write_text(
+        json.dumps(
+            {
+                "merges": [
+                    {"name": "ok", "base": base, "loras": [lora], "output": str(tmp_path / "o1")},
+                    {
+                        "name": "gone",
+                        "base": base,
+                        "loras": [str(tmp_path / "missing.pth")],
+                        "output": str(tmp_path / "o2"),
+                    },
+                ]
+            }
+        )
+    )
     code, err = _cli(capsys, ["run", str(job), "--check"])
     assert code == 1 and "merge 'gone'" in err and "missing.pth" in err, err
     bad = str(tmp_path / "bad.safetensors")
     save_file({"nowhere.lora_A.weight": torch.ones(2, 4), "nowhere.lora_B.weight": torch.ones(4, 2)}, bad)
-    job.write_text(json.dumps({"merges": [{"name": "nofit", "base": base, "loras": [bad],
-                                           "output": str(tmp_path / "o3")}]}))
+    job.write_text(
+        json.dumps({"merges": [{"name": "nofit", "base": base, "loras": [bad], "output": str(tmp_path / "o3")}]})
+    )
     code, err = _cli(capsys, ["run", str(job), "--check"])
     assert code == 1 and "merge 'nofit'" in err and "cannot be placed" in err and _no_ray(), err
-    job.write_text(json.dumps({"merges": [{"name": "ok", "base": base, "loras": [lora],
-                                           "output": str(tmp_path / "o4")}]}))
+    job.write_text(
+        json.dumps({"merges": [{"name": "ok", "base": base, "loras": [lora], "output": str(tmp_path / "o4")}]})
+    )
     code, _ = _cli(capsys, ["run", str(job), "--check"])
     assert code == 0 and not os.path.exists(tmp_path / "o4")

@@ -23,7 +23,7 @@ def test_first_two_commands_are_demo_and_tests_and_ci_runs_the_test_command():
 
 
 def test_every_documented_subcommand_exists():
-    from distmerge.cli import build_parser
+    from distmerge.app.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     documented = set(re.findall(r"^distmerge (\w+)", "\n".join(_commands()), flags=re.M))

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from distmerge import unit as unit_mod
-from distmerge.api import collect_deltas
-from distmerge.checkpoint import open_base
+from distmerge.app.api import collect_deltas
+from distmerge.app.synth import write_lora
 from distmerge.errors import DistmergeError, ShardWriteError
-from distmerge.output import OutputTarget, Staging, part_path, prepare
-from distmerge.plan import make_plan
-from distmerge.synth import write_lora
+from distmerge.inputs.checkpoint import open_base
+from distmerge.output.publish import OutputTarget, Staging, part_path, prepare
+from distmerge.plan.merge_plan import make_plan
+from distmerge.tasks import unit as unit_mod
 
 from .helpers import assert_close_to_reference, direct_io_works, load_checkpoint, lora_terms, reference_merge
 
@@ -48,8 +48,9 @@ def test_chunked_streaming_matches_reference(tiny_base, tiny_factors, tmp_path, 
     out_file = str(tmp_path / "merged.safetensors")
     with open(out_file, "wb") as f:
         f.write(data[0])
-    ref = reference_merge(load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0),
-                          out_dtype=torch.bfloat16 if dtype else None)
+    ref = reference_merge(
+        load_checkpoint(tiny_base), lora_terms(tiny_factors, 1.0), out_dtype=torch.bfloat16 if dtype else None
+    )
     assert_close_to_reference(load_checkpoint(out_file), ref)
 
 
@@ -80,7 +81,7 @@ def test_unit_checksum_is_plain_crc32_in_chunks():
     import zlib
 
     data = os.urandom(3 << 20)
-    chained = unit_mod.crc32(data[1 << 20:], unit_mod.crc32(data[: 1 << 20]))
+    chained = unit_mod.crc32(data[1 << 20 :], unit_mod.crc32(data[: 1 << 20]))
     assert chained == zlib.crc32(data)
     assert unit_mod.crc32(b"") == 0
 
@@ -91,7 +92,7 @@ def test_unit_crc_covers_its_whole_output_range_and_joins_into_the_shard_crc(tin
     (``unit_crc32``) agrees with what the task reported."""
     import zlib
 
-    from distmerge.output import shard_crc32s
+    from distmerge.output.publish import shard_crc32s
 
     lora = str(tmp_path / "l.pth")
     write_lora(lora, dict(list(tiny_factors.items())[:1]))  # one pair: most tensors are plain copies
@@ -120,7 +121,7 @@ def test_pure_python_crc32_combine_matches_zlib():
     import random
     import zlib
 
-    from distmerge.checksum import crc32_combine_py
+    from distmerge.tasks.checksum import crc32_combine_py
 
     rng = random.Random(7)
     for n in (0, 1, 3, 64, 4097, 1 << 20):
@@ -131,7 +132,7 @@ def test_pure_python_crc32_combine_matches_zlib():
 def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch):
     """Merged chunks go out with O_DIRECT where the filesystem takes it; the shards are byte-for-byte
     those of page-cache writes, and the report's ``direct_bytes`` says how much went direct."""
-    from distmerge.synth import WanConfig, make_factors, write_wan_base
+    from distmerge.app.synth import WanConfig, make_factors, write_wan_base
 
     cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")  # 128-256 KB tensors
     base_dir = str(tmp_path / "base")

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import distmerge
-from distmerge.checkpoint import open_base
-from distmerge.checks import ulp_distance
-from distmerge.cli import main
-from distmerge.synth import make_factors, write_lora
-from distmerge.verify import add_verify_parser, cmd_verify, verify
+from distmerge.app.cli import main
+from distmerge.app.synth import make_factors, write_lora
+from distmerge.app.verify import add_verify_parser, cmd_verify, verify
+from distmerge.inputs.checkpoint import open_base
+from distmerge.tasks.checks import ulp_distance
 
 from .helpers import TINY, load_checkpoint, lora_terms, reference_merge
 
@@ -69,7 +69,8 @@ def _rehash(folder: str) -> None:
     """Record the current crc32 of every shard (as merge does), so only other checks can fail."""
     p, idx = _load_index(folder)
     idx["metadata"]["distmerge"]["crc32"] = {
-        n: _crc32(os.path.join(folder, n)) for n in sorted(set(idx["weight_map"].values()))}
+        n: _crc32(os.path.join(folder, n)) for n in sorted(set(idx["weight_map"].values()))
+    }
     _save_json(p, idx)
 
 
@@ -98,8 +99,7 @@ def _rewrite(folder: str, key: str, change) -> None:
     shard = idx["weight_map"][key]
     tensors = load_file(os.path.join(folder, shard))
     change(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, shard),
-              metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, shard), metadata={"format": "pt"})
     idx["weight_map"] = {k: s for k, s in idx["weight_map"].items() if s != shard or k in tensors}
     idx["weight_map"].update({k: shard for k in tensors})
     idx["metadata"]["distmerge"].pop("crc32", None)
@@ -291,10 +291,12 @@ def test_structure_damage(damaged, tiny_base, lora, damage):
     rep = verify(tiny_base, [lora], damaged)
     _assert_one_line(rep)
     assert not rep.ok
-    expected = {"missing": f"key '{UNTOUCHED_KEY}' of the base is missing",
-                "extra": "extra key 'blocks.0.bonus.weight' is not in the base",
-                "dtype": f"'{MERGED_KEY}' has dtype F16, expected F32",
-                "shape": f"'{MERGED_KEY}' has shape"}[damage]
+    expected = {
+        "missing": f"key '{UNTOUCHED_KEY}' of the base is missing",
+        "extra": "extra key 'blocks.0.bonus.weight' is not in the base",
+        "dtype": f"'{MERGED_KEY}' has dtype F16, expected F32",
+        "shape": f"'{MERGED_KEY}' has shape",
+    }[damage]
     assert expected in rep.verdict
     assert rep.checksums == "missing"
 
@@ -318,8 +320,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_cli_prints_one_line_and_returns_exit_code(damaged, tiny_base, lora, capsys):
-    args = _parser().parse_args(["verify", "--base_model_path", tiny_base, "--lora_path", lora,
-                                 "--merged", damaged, "--rows", "4", "--seed", "3", "-q"])
+    args = _parser().parse_args(
+        [
+            "verify",
+            "--base_model_path",
+            tiny_base,
+            "--lora_path",
+            lora,
+            "--merged",
+            damaged,
+            "--rows",
+            "4",
+            "--seed",
+            "3",
+            "-q",
+        ]
+    )
     assert args.rows == 4 and args.seed == 3 and args.dtype is None  # keep with --base/--lora
     assert cmd_verify(args) == 0
     out = capsys.readouterr().out
@@ -327,8 +343,9 @@ def test_cli_prints_one_line_and_returns_exit_code(damaged, tiny_base, lora, cap
     _poke(damaged, MERGED_KEY, 0, xor=0x40)
     assert cmd_verify(args) == 1
     assert capsys.readouterr().out.startswith("verify: FAILED — ")
-    bad = _parser().parse_args(["verify", "--base", tiny_base, "--lora", lora, "--weight", "1",
-                                "--weight", "2", "--merged", damaged])
+    bad = _parser().parse_args(
+        ["verify", "--base", tiny_base, "--lora", lora, "--weight", "1", "--weight", "2", "--merged", damaged]
+    )
     with pytest.raises(distmerge.DistmergeError, match="2 --weight"):
         cmd_verify(bad)
 
@@ -377,7 +394,7 @@ def test_values_passing_only_by_the_allowance_count_toward_the_worst(exact, tiny
     top = float(flat.abs().max())
     i = int(torch.where(flat == 0, top, flat.abs()).argmin())  # the smallest value: many ulp per 1e-6·max
     moved = torch.tensor([float(flat[i]) + 0.5e-6 * top], dtype=torch.float32)
-    u = int(ulp_distance(moved, flat[i:i + 1]))
+    u = int(ulp_distance(moved, flat[i : i + 1]))
     assert u > 16  # beyond the fp32 tolerance: passes only because |error| <= 1e-6 · max
     flat[i] = moved[0]
     _write_values(out, MERGED_KEY, w)
@@ -385,8 +402,10 @@ def test_values_passing_only_by_the_allowance_count_toward_the_worst(exact, tiny
     rep = verify(tiny_base, [lora], out, full=True)
     _assert_one_line(rep)
     assert rep.ok and rep.worst_ulp == u and rep.near == 1, rep.verdict
-    assert (f"worst {u} ulp ({MERGED_KEY}), 1 value passed only by the cancellation allowance "
-            "(|error| ≤ 1e-6 × the tensor's max)") in rep.verdict
+    assert (
+        f"worst {u} ulp ({MERGED_KEY}), 1 value passed only by the cancellation allowance "
+        "(|error| ≤ 1e-6 × the tensor's max)"
+    ) in rep.verdict
     assert rep.worst_rel == pytest.approx(abs(float(moved[0]) - float(ref[MERGED_KEY].view(-1)[i])) / top, rel=1e-6)
     assert f"largest error {rep.worst_rel:.2g} × the tensor's max ({MERGED_KEY})" in rep.verdict
     assert 4e-7 < rep.worst_rel < 6e-7
@@ -399,8 +418,11 @@ def test_untouched_one_ulp_flip_shows_two_different_numbers(damaged, tiny_base, 
     _poke(damaged, UNTOUCHED_KEY, 7, xor=1)
     _rehash(damaged)
     rep = verify(tiny_base, [lora], damaged)
-    m = re.search(rf"{re.escape(UNTOUCHED_KEY)} element 7: {_SHOWN} vs expected {_SHOWN} \(1 ulp, relative "
-                  r"error [0-9.e+-]+\): untouched tensor differs from the base", rep.verdict)
+    m = re.search(
+        rf"{re.escape(UNTOUCHED_KEY)} element 7: {_SHOWN} vs expected {_SHOWN} \(1 ulp, relative "
+        r"error [0-9.e+-]+\): untouched tensor differs from the base",
+        rep.verdict,
+    )
     assert m, rep.verdict
     got, got_bits, want, want_bits = m.groups()
     assert got != want and int(got_bits, 16) ^ int(want_bits, 16) == 1
@@ -414,8 +436,11 @@ def test_wrong_lora_failure_reads_sensibly(good, tiny_base, tmp_path):
     rep = verify(tiny_base, [other], good)
     _assert_one_line(rep)
     assert not rep.ok
-    m = re.fullmatch(rf"(\S+) row \d+: {_SHOWN} vs expected {_SHOWN} \((\d+) ulp, relative error (\S+); "
-                     r"(\d+) of (\d+) compared values beyond tolerance\) \(\S+\.safetensors\)", rep.failures[0])
+    m = re.fullmatch(
+        rf"(\S+) row \d+: {_SHOWN} vs expected {_SHOWN} \((\d+) ulp, relative error (\S+); "
+        r"(\d+) of (\d+) compared values beyond tolerance\) \(\S+\.safetensors\)",
+        rep.failures[0],
+    )
     assert m, rep.failures[0]
     got, want, rel = float(m.group(2)), float(m.group(4)), float(m.group(7))
     assert rel == pytest.approx(abs(got - want) / abs(want), rel=1e-2) and rel < 1e3
@@ -472,11 +497,12 @@ def test_missing_or_broken_recipe_is_a_one_line_error(recorded, tmp_path, capsys
     with open(os.path.join(out, "distmerge.json"), "w") as f:
         f.write("{}")
     _drop_recipe(out)
-    for text, expected in ((None, "records no recipe (distmerge.json is missing"),
-                           ("{", "cannot read the recorded recipe (JSONDecodeError"),
-                           ("{}", "has no valid 'base.path'"),
-                           ('{"base": {"path": "b"}, "loras": [{"path": "l", "weight": "x"}]}',
-                            "has no valid 'loras[0]'")):
+    for text, expected in (
+        (None, "records no recipe (distmerge.json is missing"),
+        ("{", "cannot read the recorded recipe (JSONDecodeError"),
+        ("{}", "has no valid 'base.path'"),
+        ('{"base": {"path": "b"}, "loras": [{"path": "l", "weight": "x"}]}', "has no valid 'loras[0]'"),
+    ):
         if text is not None:
             with open(os.path.join(out, "distmerge.json"), "w") as f:
                 f.write(text)
@@ -509,8 +535,10 @@ def test_dtype_hint_when_flags_are_given_by_hand(recorded, tiny_base, lora, tmp_
     by_hand = ["verify", "--base", tiny_base, "--lora", lora, "--weight", "0.5", "--alpha", "0.7"]
     code, out, _ = _cli([*by_hand, recorded], capsys)
     assert code == 1 and out.count("\n") == 1
-    assert ("has dtype BF16, expected F32 (the output was written with --dtype bf16: pass --dtype bf16, "
-            f"or just run 'distmerge verify {recorded}')") in out
+    assert (
+        "has dtype BF16, expected F32 (the output was written with --dtype bf16: pass --dtype bf16, "
+        f"or just run 'distmerge verify {recorded}')"
+    ) in out
     assert _cli([*by_hand, "--dtype", "bf16", recorded], capsys)[0] == 0
     copy = str(tmp_path / "norecipe")
     shutil.copytree(recorded, copy)

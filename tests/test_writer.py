@@ -11,28 +11,30 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distmerge import writer
-from distmerge.dtypes import itemsize
-from distmerge.header import read_header
-from distmerge.writer import copy_range, create_file, layout_shard, pwrite_all, write_safetensors
+from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.header import read_header
+from distmerge.plan.layout import layout_shard
+from distmerge.tasks import writer
+from distmerge.tasks.writer import copy_range, create_file, pwrite_all, write_safetensors
 
 from .helpers import direct_io_works
 
-
 # ----------------------------------------------------------------------------------- layout_shard
 
+
 def test_layout_exact_header_bytes():
-    entries = [("b", "BF16", (3,)), ("a", "F32", (2,)), ("c", "U8", (5,)), ("d", "F64", (1,)),
-               ("e", "F32", (1, 2))]
+    entries = [("b", "BF16", (3,)), ("a", "F32", (2,)), ("c", "U8", (5,)), ("d", "F64", (1,)), ("e", "F32", (1, 2))]
     lay = layout_shard(entries, metadata={"format": "pt"})
     # by hand: sorted by itemsize desc, stable (a before e); offsets accumulate
     # d: 8 bytes [0,8]; a: 8 [8,16]; e: 8 [16,24]; b: 6 [24,30]; c: 5 [30,35]
-    js = ('{"__metadata__":{"format":"pt"},'
-          '"d":{"dtype":"F64","shape":[1],"data_offsets":[0,8]},'
-          '"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},'
-          '"e":{"dtype":"F32","shape":[1,2],"data_offsets":[16,24]},'
-          '"b":{"dtype":"BF16","shape":[3],"data_offsets":[24,30]},'
-          '"c":{"dtype":"U8","shape":[5],"data_offsets":[30,35]}}').encode()
+    js = (
+        b'{"__metadata__":{"format":"pt"},'
+        b'"d":{"dtype":"F64","shape":[1],"data_offsets":[0,8]},'
+        b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},'
+        b'"e":{"dtype":"F32","shape":[1,2],"data_offsets":[16,24]},'
+        b'"b":{"dtype":"BF16","shape":[3],"data_offsets":[24,30]},'
+        b'"c":{"dtype":"U8","shape":[5],"data_offsets":[30,35]}}'
+    )
     padded = js + b" " * ((8 - (8 + len(js)) % 8) % 8)
     assert len(padded) % 8 == 0 and 0 <= len(padded) - len(js) < 8
     expected = struct.pack("<Q", len(padded)) + padded
@@ -40,31 +42,48 @@ def test_layout_exact_header_bytes():
     assert lay.data_start == len(expected)
     assert lay.size == len(expected) + 35
     assert [(e.key, e.dtype, e.shape, e.offset - lay.data_start, e.nbytes) for e in lay.entries] == [
-        ("d", "F64", (1,), 0, 8), ("a", "F32", (2,), 8, 8), ("e", "F32", (1, 2), 16, 8),
-        ("b", "BF16", (3,), 24, 6), ("c", "U8", (5,), 30, 5)]
+        ("d", "F64", (1,), 0, 8),
+        ("a", "F32", (2,), 8, 8),
+        ("e", "F32", (1, 2), 16, 8),
+        ("b", "BF16", (3,), 24, 6),
+        ("c", "U8", (5,), 30, 5),
+    ]
 
 
 def test_layout_without_metadata_has_no_metadata_key():
     lay = layout_shard([("x", "F16", (2, 2))])
     (n,) = struct.unpack("<Q", lay.header[:8])
-    assert json.loads(lay.header[8:8 + n]) == {"x": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}
+    assert json.loads(lay.header[8 : 8 + n]) == {"x": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}
     assert lay.header[8:].rstrip(b" ") == b'{"x":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]}}'
 
 
 def test_layout_docstring_example_size():
     lay = layout_shard([("b", "BF16", (3,)), ("a", "F32", (2,))], metadata={"format": "pt"})
-    js = b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},' \
-         b'"b":{"dtype":"BF16","shape":[3],"data_offsets":[8,14]}}'
+    js = (
+        b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"b":{"dtype":"BF16","shape":[3],"data_offsets":[8,14]}}'
+    )
     assert lay.header[8:].rstrip(b" ") == js
     assert lay.size == lay.data_start + 14
 
 
-@pytest.mark.parametrize("entries", [
-    [("u8", "U8", (3,)), ("f16", "F16", (5,)), ("f32", "F32", (7,)), ("f64", "F64", (3,))],
-    [("a", "U8", (1,)), ("b", "F64", (1,)), ("c", "BOOL", (3,)), ("d", "I16", (1,)), ("e", "I64", (2,)),
-     ("f", "BF16", (3,)), ("g", "F8_E4M3", (7,)), ("h", "U32", (1,))],
-    [("k" * n, "F32", (n,)) for n in range(1, 9)] + [("odd", "I8", (13,))],
-])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("u8", "U8", (3,)), ("f16", "F16", (5,)), ("f32", "F32", (7,)), ("f64", "F64", (3,))],
+        [
+            ("a", "U8", (1,)),
+            ("b", "F64", (1,)),
+            ("c", "BOOL", (3,)),
+            ("d", "I16", (1,)),
+            ("e", "I64", (2,)),
+            ("f", "BF16", (3,)),
+            ("g", "F8_E4M3", (7,)),
+            ("h", "U32", (1,)),
+        ],
+        [("k" * n, "F32", (n,)) for n in range(1, 9)] + [("odd", "I8", (13,))],
+    ],
+)
 @pytest.mark.parametrize("meta", [None, {"format": "pt"}, {"format": "pt", "x": "yy"}])
 def test_layout_alignment(entries, meta):
     lay = layout_shard(entries, metadata=meta)
@@ -90,11 +109,13 @@ def test_layout_header_is_what_read_header_reads(tmp_path):
     assert p.read_bytes()[: lay.data_start] == lay.header
     h = read_header(p)
     assert h.data_start == lay.data_start
-    assert {k: (t.dtype, t.shape, t.offset, t.nbytes) for k, t in h.tensors.items()} == \
-        {e.key: (e.dtype, e.shape, e.offset, e.nbytes) for e in lay.entries}
+    assert {k: (t.dtype, t.shape, t.offset, t.nbytes) for k, t in h.tensors.items()} == {
+        e.key: (e.dtype, e.shape, e.offset, e.nbytes) for e in lay.entries
+    }
 
 
 # ------------------------------------------------------------------------------ write_safetensors
+
 
 def _mixed() -> dict[str, torch.Tensor]:
     return {
@@ -136,8 +157,21 @@ def test_write_custom_metadata(tmp_path):
 
 def test_write_generator_with_specs(tmp_path):
     tensors = _mixed()
-    specs = [(k, {torch.bfloat16: "BF16", torch.float32: "F32", torch.bool: "BOOL", torch.float64: "F64",
-                  torch.int64: "I64", torch.int16: "I16"}[t.dtype], tuple(t.shape)) for k, t in tensors.items()]
+    specs = [
+        (
+            k,
+            {
+                torch.bfloat16: "BF16",
+                torch.float32: "F32",
+                torch.bool: "BOOL",
+                torch.float64: "F64",
+                torch.int64: "I64",
+                torch.int16: "I16",
+            }[t.dtype],
+            tuple(t.shape),
+        )
+        for k, t in tensors.items()
+    ]
     produced = []
 
     def gen():
@@ -184,6 +218,7 @@ def test_pwrite_all_handles_short_writes(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- copy_range
 
+
 @pytest.fixture
 def src_dst(tmp_path):
     payload = bytes((i * 37 + 11) % 256 for i in range(5000))
@@ -198,7 +233,7 @@ def src_dst(tmp_path):
 
 def _expected(payload: bytes, src_off: int, dst_off: int, n: int) -> bytes:
     out = bytearray(b"\xee" * 6000)
-    out[dst_off:dst_off + n] = payload[src_off:src_off + n]
+    out[dst_off : dst_off + n] = payload[src_off : src_off + n]
     return bytes(out)
 
 
@@ -326,14 +361,15 @@ def test_start_writeback_leaves_the_bytes_alone(tmp_path):
 
 # ----------------------------------------------------------------------------------- direct I/O
 
+
 def test_direct_span_takes_exactly_the_whole_blocks_inside_the_range():
-    from distmerge.writer import direct_span
+    from distmerge.tasks.writer import direct_span
 
     assert direct_span(0, 8192, 0) == (0, 8192)
-    assert direct_span(1, 8192, 1) == (4096, 8192)          # head and tail stay cached
+    assert direct_span(1, 8192, 1) == (4096, 8192)  # head and tail stay cached
     assert direct_span(4095, 4098, 4095) == (4096, 8192)
-    assert direct_span(4095, 4096, 4095) is None             # no whole block inside
-    assert direct_span(100, 10_000, 101) is None             # buffer and file not in step
+    assert direct_span(4095, 4096, 4095) is None  # no whole block inside
+    assert direct_span(100, 10_000, 101) is None  # buffer and file not in step
     assert direct_span(100, 10_000, 100 + 3 * 4096) == (4096, 8192)
     for off, n, addr in [(5000, 20000, 904), (12288, 4096, 0), (7, 100_000, 7 + 4096 * 9)]:
         start, end = direct_span(off, n, addr)
@@ -345,7 +381,7 @@ def _aligned_source(nbytes: int, offset: int) -> tuple[torch.Tensor, torch.Tenso
     """Random bytes in a buffer placed at ``offset``'s position within a 4 KiB block."""
     big = torch.randint(0, 256, (nbytes + 8192,), dtype=torch.uint8)
     shift = (offset - big.data_ptr()) % 4096
-    return big, big[shift:shift + nbytes]
+    return big, big[shift : shift + nbytes]
 
 
 @pytest.mark.parametrize("env", ["1", "0"])
@@ -393,7 +429,6 @@ def test_output_file_falls_back_when_a_direct_write_is_refused(tmp_path, monkeyp
     out.close()
     data = open(path, "rb").read()
     assert data[:8192] == bytes(src.numpy()) and data[8192:16384] == bytes(src2.numpy())
-
 
 
 def test_auto_direct_io_only_on_local_block_filesystems(tmp_path, monkeypatch):

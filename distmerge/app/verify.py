@@ -1,0 +1,931 @@
+"""``distmerge verify``: check a merged checkpoint against its base and LoRA(s), as Ray tasks.
+
+``distmerge verify OUTPUT`` re-checks an output against the recipe it records (``distmerge.json``
+in an output folder, ``<file>.distmerge.json`` beside a single-file output, or the index's
+``metadata.distmerge.recipe``): the base, the LoRAs with their weights, ``alpha`` and ``dtype``.
+``--base``/``--lora``/``--weight``/``--alpha``/``--dtype`` given by hand replace the recorded values.
+Before any work the recorded inputs must still exist, and each LoRA whose SHA-256 is recorded must
+still have it.
+
+What is checked:
+
+* structure (headers only, on the driver): the same key set, shapes and dtypes as the base (float
+  tensors in the expected output ``dtype`` when one is given); tensors in another dtype than
+  expected get a hint naming the ``--dtype`` the output was written with;
+* untouched tensors: byte-identical to the base (or to the base converted to ``dtype``);
+* merged tensors: every value finite, and a seeded random sample of rows (all rows with
+  ``full=True``) recomputed in float64 from the base and the LoRA factors, rounded once to the output
+  dtype, and compared in ulps. A value passes if it is within 1 ulp (bf16/fp16/fp8) or 16 ulp
+  (fp32/fp64) of that reference, or within ``1e-6 · max|ref|`` of it (the near-cancellation
+  allowance, where W and ΔW cancel and few bits of the result are left);
+* scaled-fp8 tensors (``fp8``): merged ones are dequantized from the base with its scale, the
+  reference is divided by the output's scale and compared in fp8 ulps (≤ 1: e4m3fn has 3 mantissa
+  bits), and the largest output code must be ±fp8_max (a fresh scale ``amax/448``); tensors
+  ``--dtype fp8_*`` quantized without deltas must equal the base quantized (bytes of weight and
+  scale);
+* checksums: when the index records ``metadata.distmerge.crc32`` or ``.sha256`` (a single-file
+  output: a ``<file>.crc32`` or ``<file>.sha256`` sidecar, ``HEX  NAME``), every shard's checksum
+  must match, which catches a changed byte outside the sampled rows too. Missing checksums are
+  noted, not a failure.
+
+The verdict reports what was seen, not what was allowed: the worst ulp distance of any compared
+value (those that passed by the allowance included), how many values needed the allowance, and the
+worst error relative to its tensor's largest value. Values in failure messages carry enough digits
+to differ and their bits in hex.
+
+The work runs as Ray tasks through ``cluster.run_calls``: one task per shard to hash, and
+byte-balanced groups of tensors to compare; each task returns small metadata only.
+
+Example (needs a merge output, so not run here):
+``verify_output("merged/low_noise_model").verdict`` re-checks an output against its recorded
+recipe; ``verify("Wan2.2/low_noise_model", ["diffusion_module.pth"], "merged/low_noise_model",
+dtype="bf16")`` checks it against inputs given by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distmerge.app.api import collect_deltas, lora_specs, resolve_dtype
+from distmerge.errors import DistmergeError, FormatError, PlanError, UsageError
+from distmerge.formats.normalize import Delta
+from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint, open_base
+from distmerge.inputs.dtypes import CLI_DTYPES
+from distmerge.inputs.hub import local_path
+from distmerge.output.companions import RECIPE_NAME
+from distmerge.plan.fp8 import ScaledLayout, scaled_layout
+from distmerge.plan.merge_plan import partition_units
+from distmerge.tasks.checks import (
+    _CHECKSUM,
+    _CHUNK,
+    _NEAR,
+    _STRUCTURE,
+    CheckGroup,
+    TensorCheck,
+    ValueStats,
+    check_group,
+)
+from distmerge.tasks.checksum import ALGORITHMS
+
+__all__ = [
+    "Recipe",
+    "RecordedLora",
+    "VerifyReport",
+    "add_verify_parser",
+    "cmd_verify",
+    "read_recipe",
+    "verify",
+    "verify_output",
+]
+
+logger = logging.getLogger("distmerge.verify")  # the name users see in -v logs
+
+Finding = tuple[int, int, str]  #: (rank, ulp, one-line message); lower ranks are more serious
+
+# ----------------------------------------------------------------------------------------------
+# Driver side
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of ``verify``: ``ok`` and the one-line ``verdict`` (what the CLI prints)."""
+
+    ok: bool
+    verdict: str
+    worst_ulp: int = 0  #: the largest ulp distance of any compared value, allowance or not
+    worst_key: str = ""
+    near: int = 0  #: values beyond the ulp tolerance that passed by the near-cancellation allowance
+    worst_rel: float = 0.0  #: the largest ``|out - ref|`` relative to its tensor's ``max|ref|``
+    worst_rel_key: str = ""
+    values: int = 0  #: values recomputed and compared
+    tensors: int = 0  #: tensors of the base
+    merged: int = 0  #: tensors with deltas (recomputed)
+    failures: list[str] = field(default_factory=list)  #: most serious first
+    checksums: str = "missing"  #: ``match``, ``missing`` or ``mismatch``
+    shards: int = 0  #: files of the merged checkpoint
+    rows_compared: int = 0
+
+    def add_stats(self, s: ValueStats) -> None:
+        """Fold one task's statistics into the report."""
+        mine = ValueStats(
+            self.values, self.worst_ulp, self.worst_key, self.near, self.worst_rel, self.worst_rel_key
+        ).merge(s)
+        self.values, self.worst_ulp, self.worst_key = mine.values, mine.worst_ulp, mine.worst_key
+        self.near, self.worst_rel, self.worst_rel_key = mine.near, mine.worst_rel, mine.worst_rel_key
+
+
+def _dtype_message(path: str, key: str, got: str, want: str) -> str:
+    return f"{path}: '{key}' has dtype {got}, expected {want}"
+
+
+def _dtype_mismatches(base: BaseCheckpoint, out: BaseCheckpoint, fp8: ScaledLayout) -> list[tuple[str, str, str, str]]:
+    """``(key, output dtype, expected dtype, base dtype)`` of every tensor in the wrong dtype."""
+    found = []
+    for k, b in base.tensors.items():
+        o = out.tensors.get(k)
+        if o is not None and o.dtype != fp8.out_code(k, b.dtype):
+            found.append((k, o.dtype, fp8.out_code(k, b.dtype), b.dtype))
+    return found
+
+
+def _structure(base: BaseCheckpoint, out: BaseCheckpoint, fp8: ScaledLayout) -> list[Finding]:
+    fails = []
+    new = fp8.new_tensors()
+    wrong = {k: (got, want) for k, got, want, _ in _dtype_mismatches(base, out, fp8)}
+    for k, b in base.tensors.items():
+        o = out.tensors.get(k)
+        if o is None:
+            fails.append((_STRUCTURE, 0, f"{out.path}: key '{k}' of the base is missing"))
+            continue
+        if o.shape != b.shape:
+            fails.append(
+                (_STRUCTURE, 0, (f"{o.path}: '{k}' has shape {list(o.shape)}, expected {list(b.shape)} as in the base"))
+            )
+        if k in wrong:
+            fails.append((_STRUCTURE, 0, _dtype_message(o.path, k, *wrong[k])))
+    for k, (code, shape) in new.items():
+        o = out.tensors.get(k)
+        if o is None:
+            fails.append(
+                (
+                    _STRUCTURE,
+                    0,
+                    (
+                        f"{out.path}: key '{k}' is missing (expected a new {code} "
+                        f"{list(shape)} for --dtype {fp8.out_dtype})"
+                    ),
+                )
+            )
+        elif (o.dtype, o.shape) != (code, shape):
+            fails.append(
+                (_STRUCTURE, 0, (f"{o.path}: '{k}' is {o.dtype} {list(o.shape)}, expected {code} {list(shape)}"))
+            )
+    for k, o in out.tensors.items():
+        if k not in base.tensors and k not in new:
+            fails.append((_STRUCTURE, 0, f"{o.path}: extra key '{k}' is not in the base"))
+    return fails
+
+
+#: safetensors code -> its ``--dtype`` spelling
+_DTYPE_FLAG = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+
+
+def _dtype_flag(code: str | None) -> str:
+    """The ``--dtype`` spelling of a safetensors code (``keep`` for None).
+
+    >>> _dtype_flag("BF16"), _dtype_flag(None), _dtype_flag("F8_E4M3")
+    ('bf16', 'keep', 'fp8_e4m3fn')
+    """
+    return "keep" if code is None else _DTYPE_FLAG.get(code, code.lower())
+
+
+def _dtype_hint(
+    mismatches: Sequence[tuple[str, str, str, str]], used: str | None, recorded: str | None, merged: str
+) -> str:
+    """What to add to a dtype mismatch: the ``--dtype`` the output was written with (``recorded``,
+    from its recipe; else guessed from the dtypes it holds). Empty when there is no mismatch, or
+    when the recorded ``--dtype`` is the one checked (``used``, a code): then the output
+    contradicts its own recipe and no flag would help.
+
+    >>> m = [("a.weight", "BF16", "F32", "F32")]
+    >>> _dtype_hint(m, None, "bf16", "out")
+    "(the output was written with --dtype bf16: pass --dtype bf16, or just run 'distmerge verify out')"
+    >>> _dtype_hint(m, None, None, "out")
+    '(the output holds BF16 where F32 was expected: was it written with --dtype bf16? then pass it)'
+    >>> _dtype_hint(m, "BF16", "bf16", "out")
+    ''
+    """
+    if not mismatches:
+        return ""
+    if recorded is not None:
+        if _code(recorded) == used:
+            return ""
+        return (
+            f"(the output was written with --dtype {recorded}: pass --dtype {recorded}, or just run "
+            f"'distmerge verify {merged}')"
+        )
+    changed = Counter(got for _, got, _, base in mismatches if got != base)
+    guess = _dtype_flag(changed.most_common(1)[0][0]) if changed else "keep"
+    got, want = Counter((g, w) for _, g, w, _ in mismatches).most_common(1)[0][0]
+    return f"(the output holds {got} where {want} was expected: was it written with --dtype {guess}? then pass it)"
+
+
+def _with_hint(
+    found: list[Finding], mismatches: Sequence[tuple[str, str, str, str]], out: BaseCheckpoint, hint: str
+) -> list[Finding]:
+    """``found`` with ``hint`` added to the first dtype mismatch, moved to the front."""
+    if not hint or not mismatches:
+        return found
+    k, got, want, _ = mismatches[0]
+    msg = _dtype_message(out.tensors[k].path, k, got, want)
+    rest = [f for f in found if f[2] != msg]
+    return [(_STRUCTURE, 0, f"{msg} {hint}")] + rest
+
+
+def _tensor_checks(
+    base: BaseCheckpoint, out: BaseCheckpoint, fp8: ScaledLayout, by_target: dict[str, list[Delta]]
+) -> list[TensorCheck]:
+    """What to compare, in merged-file order (each task reads forward). Scales recomputed with
+    their weight are checked with it; new markers only structurally."""
+    derived = fp8.recomputed(set(by_target))
+    checks = []
+    for k, o in out.tensors.items():
+        b = base.tensors.get(k)
+        if b is None or k in derived or o.shape != b.shape or o.dtype != fp8.out_code(k, b.dtype):
+            continue
+        deltas = tuple(by_target.get(k, ()))
+        quant = k in fp8.new_scales or (k in fp8.scales and bool(deltas))
+        scale = out.tensors.get(fp8.pairs.get(k, "")) if quant else None
+        if quant and scale is None:
+            continue  # reported as a missing key by the structure check
+        checks.append(
+            TensorCheck(
+                k,
+                b,
+                o,
+                deltas,
+                "scaled" if quant else "",
+                scale,
+                base.tensors.get(fp8.scales.get(k, "")) if quant else None,
+            )
+        )
+    return checks
+
+
+_SIDECAR_RE = re.compile(r"^([0-9a-fA-F]+) [ *](.+)$")
+_HEX_LEN = {"crc32": 8, "sha256": 64}
+
+
+def _recorded_checksums(out: BaseCheckpoint) -> tuple[tuple[str, dict[str, str]] | None, list[tuple[int, int, str]]]:
+    """``(algorithm, {shard name: hex})`` recorded with the merged checkpoint (the index's
+    ``metadata.distmerge.crc32`` / ``.sha256``, or a ``<file>.crc32`` / ``<file>.sha256`` sidecar),
+    or None when nothing is recorded."""
+    names = [os.path.basename(f) for f in out.files]
+    folder = out.path if os.path.isdir(out.path) else os.path.dirname(out.path)
+    index = [n for n in sorted(os.listdir(folder)) if n.endswith(INDEX_SUFFIX)] if os.path.isdir(out.path) else []
+    if index:
+        path = os.path.join(folder, index[0])
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.read().decode("utf-8")).get("metadata") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            return None, [(_CHECKSUM, 0, f"{path}: cannot read the index ({type(e).__name__})")]
+        ours = meta.get("distmerge") if isinstance(meta, dict) else None
+        ours = ours if isinstance(ours, dict) else {}
+        algo = next((a for a in ALGORITHMS if a in ours), None)
+        if algo is None:
+            return None, []
+        sums = ours[algo]
+        if not isinstance(sums, dict) or not all(
+            isinstance(v, str) and len(v) == _HEX_LEN[algo] for v in sums.values()
+        ):
+            return (algo, {}), [
+                (
+                    _CHECKSUM,
+                    0,
+                    (
+                        f"{path}: metadata.distmerge.{algo} must map shard names "
+                        f"to {_HEX_LEN[algo]}-digit hex {algo} values"
+                    ),
+                )
+            ]
+        return (algo, {k: v.lower() for k, v in sums.items()}), []
+    sides = [(a, f"{out.files[0]}.{a}") for a in ALGORITHMS if os.path.isfile(f"{out.files[0]}.{a}")]
+    if len(names) != 1 or not sides:
+        return None, []
+    algo, side = sides[0]
+    try:
+        with open(side, encoding="utf-8") as text:
+            lines = [ln.strip() for ln in text if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        return (algo, {}), [(_CHECKSUM, 0, f"{side}: cannot read ({type(e).__name__})")]
+    sums = {}
+    for ln in lines:
+        m = _SIDECAR_RE.match(ln)
+        if not m or len(m.group(1)) != _HEX_LEN[algo]:
+            return (algo, {}), [
+                (
+                    _CHECKSUM,
+                    0,
+                    (f"{side}: expected 'HEX  NAME' with a {_HEX_LEN[algo]}-digit {algo}, found {ln[:80]!r}"),
+                )
+            ]
+        sums[os.path.basename(m.group(2))] = m.group(1).lower()
+    return (algo, sums), []
+
+
+def _groups(checks: list[TensorCheck], target: int) -> list[list[TensorCheck]]:
+    """Consecutive tensors in groups of about ``target`` bytes read (the planner's unit cut)."""
+    spans = partition_units([c.out.nbytes + c.base.nbytes for c in checks], target)
+    return [checks[i:j] for i, j in spans]
+
+
+def _memory(checks: Sequence[TensorCheck]) -> int:
+    """Ray memory to ask for: a few chunks, or a whole float64 tensor for non-row-local deltas."""
+    peak = 4 * _CHUNK
+    for c in checks:  # scaled fp8: the whole tensor (its largest value, the converted bytes)
+        if (
+            c.quant
+            or c.deltas
+            and not all(
+                d.kind in ("diff", "set")
+                or (d.kind == "lora" and not d.transpose and not d.dora and len(d.factors) == 2)
+                for d in c.deltas
+            )
+        ):
+            peak = max(peak, 4 * _CHUNK + 3 * 8 * c.base.numel)
+    return (64 << 20) + peak
+
+
+def verify(
+    base: str | os.PathLike[str],
+    loras: Sequence[object],
+    merged: str | os.PathLike[str],
+    *,
+    alpha: float = 1.0,
+    dtype: str | torch.dtype | None = None,
+    full: bool = False,
+    rows: int = 32,
+    seed: int = 0,
+    address: str | None = None,
+    num_workers: int | None = None,
+    num_cpus: int | None = None,
+    skip_unmatched: bool = False,
+    group_size: int | str | None = None,
+) -> VerifyReport:
+    """Check that ``merged`` is ``base`` with ``loras`` merged in (see the module docstring).
+
+    Args:
+        base, loras, alpha, dtype, skip_unmatched: as given to ``distmerge.merge``.
+        merged: the merge output (folder with an index, or a ``.safetensors`` file).
+        full: recompute every row of every merged tensor, not a sample.
+        rows: rows sampled per merged tensor (seeded by ``seed`` and the key).
+        address, num_workers, num_cpus: Ray session and concurrency, as for ``merge``; an
+            initialized Ray session is reused and left running.
+        group_size: target bytes read per check task (default: total / (4 · workers)).
+
+    Returns:
+        A ``VerifyReport``; findings about ``merged`` (including a merged checkpoint that cannot be
+        opened) make ``ok`` False, they are not raised. A tensor in another dtype than ``dtype``
+        asks for gets a hint naming the ``--dtype`` in ``merged``'s recipe, when it has one.
+
+    Raises:
+        DistmergeError: the base or a LoRA cannot be read or matched, bad options, Ray problems.
+
+    Example (needs checkpoints, so not run here): ``verify("base_dir", [("a.pth", 0.7)],
+    "merged_dir", dtype="bf16")`` returns a report whose ``verdict`` is one line.
+    """
+    if rows < 0:
+        raise PlanError(f"--rows must be >= 0, got {rows}")
+    base_ck = open_base(local_path(base))
+    specs = [(local_path(p), w) for p, w in lora_specs(loras)]
+    gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
+    out_code = resolve_dtype(dtype)
+    report = VerifyReport(ok=False, verdict="", tensors=len(base_ck.tensors))
+    try:
+        out_ck = open_base(merged)
+    except FormatError as e:
+        return _finish(report, [(_STRUCTURE, 0, str(e))], full=full, rows=rows)
+    report.shards = len(out_ck.files)
+    fp8 = scaled_layout(base_ck.tensors, out_code, path=base_ck.path)
+    found = _structure(base_ck, out_ck, fp8)
+    mismatches = _dtype_mismatches(base_ck, out_ck, fp8)
+    if mismatches:
+        found = _with_hint(
+            found,
+            mismatches,
+            out_ck,
+            _dtype_hint(mismatches, out_code, _recorded_dtype(os.fspath(merged)), os.fspath(merged)),
+        )
+    recorded_by, csum_fails = _recorded_checksums(out_ck)
+    found += csum_fails
+    by_target: dict[str, list[Delta]] = {}
+    for d in gathered.deltas:
+        by_target.setdefault(d.target, []).append(d)
+    checks = _tensor_checks(base_ck, out_ck, fp8, by_target)
+    report.merged = sum(1 for c in checks if c.deltas)
+    results = _run_checks(
+        checks,
+        out_ck,
+        recorded_by,
+        full=full,
+        rows=rows,
+        seed=seed,
+        address=address,
+        num_workers=num_workers,
+        num_cpus=num_cpus,
+        group_size=group_size,
+    )
+    extra = 0
+    for r in results:
+        found += list(r.failures)
+        extra += max(0, r.n_failures - len(r.failures))
+        report.rows_compared += r.rows_compared
+        report.add_stats(r.stats)
+    if recorded_by is not None:
+        sum_fails = _compare_checksums(out_ck, recorded_by, results)
+        report.checksums = "mismatch" if (sum_fails or csum_fails) else "match"
+        found += sum_fails
+    return _finish(report, found, full=full, rows=rows, extra=extra)
+
+
+def _run_checks(
+    checks: list[TensorCheck],
+    out_ck: BaseCheckpoint,
+    recorded_by: tuple[str, dict[str, str]] | None,
+    *,
+    full: bool,
+    rows: int,
+    seed: int,
+    address: str | None,
+    num_workers: int | None,
+    num_cpus: int | None,
+    group_size: int | str | None,
+) -> list[Any]:
+    """Hash the shards (when checksums are recorded) and compare ``checks``, as Ray tasks."""
+    from distmerge.cluster import Call, RaySession, run_calls  # Ray is imported only when there is work
+
+    with RaySession(address, num_cpus=num_cpus) as session:
+        settings = session.settings(device="cpu", num_workers=num_workers)
+        total = sum(c.out.nbytes + c.base.nbytes for c in checks)
+        target = parse_group_size(group_size) if group_size else max(1, math.ceil(total / max(1, 4 * settings.workers)))
+        groups: list[CheckGroup] = []
+        if recorded_by is not None:
+            for f in out_ck.files:
+                groups.append(CheckGroup(len(groups), hash_path=f, hash_algo=recorded_by[0]))
+        for part in _groups(checks, target):
+            groups.append(CheckGroup(len(groups), tuple(part), rows=rows, full=full, seed=seed))
+        calls = [
+            Call(
+                (g,),
+                f"verify group {g.index}" if not g.hash_path else f"checksum of {os.path.basename(g.hash_path)}",
+                memory=(64 << 20) if g.hash_path else _memory(g.checks),
+                size=(
+                    os.path.getsize(g.hash_path) if g.hash_path else sum(c.out.nbytes + c.base.nbytes for c in g.checks)
+                ),
+            )
+            for g in groups
+        ]
+        logger.info(
+            "verify: %d tensors in %d check task(s), %d shard(s) to hash on %s",
+            len(checks),
+            sum(1 for g in groups if not g.hash_path),
+            sum(1 for g in groups if g.hash_path),
+            session.mode,
+        )
+        return [res for _, res in run_calls(check_group, calls, settings=settings)]
+
+
+def _compare_checksums(
+    out_ck: BaseCheckpoint, recorded_by: tuple[str, dict[str, str]], results: Sequence[Any]
+) -> list[Finding]:
+    """Every shard's hash (from ``results``) against the recorded one."""
+    algo, recorded = recorded_by
+    digests = {os.path.basename(r.hashed): r.digest for r in results if r.hashed and r.digest}
+    names = {os.path.basename(f) for f in out_ck.files}
+    found: list[Finding] = []
+    for f in out_ck.files:
+        name = os.path.basename(f)
+        want = recorded.get(name)
+        if want is None:
+            found.append((_CHECKSUM, 0, f"{f}: no {algo} recorded for this shard"))
+        elif name in digests and digests[name] != want:
+            found.append((_CHECKSUM, 0, (f"{f}: {algo} {digests[name][:12]} does not match the recorded {want[:12]}")))
+    for name in recorded:
+        if name not in names:
+            found.append(
+                (
+                    _CHECKSUM,
+                    0,
+                    (f"{out_ck.path}: a {algo} is recorded for '{name}', which is not a shard of this checkpoint"),
+                )
+            )
+    return found
+
+
+def parse_group_size(size: int | str) -> int:
+    """``64MB``, ``1GiB`` or a byte count, as ``--unit-size``."""
+    from distmerge.plan.merge_plan import parse_size
+
+    n = parse_size(size)
+    if n <= 0:
+        raise PlanError(f"group size must be positive, got {size!r}")
+    return n
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _values_part(report: VerifyReport) -> str:
+    """The verdict's account of the recomputed values: the true worst ulp, the allowance, the worst
+    error relative to its tensor's largest value."""
+    if not report.worst_key:
+        return ""
+    near = report.near
+    bound = f"{_NEAR:g}".replace("e-0", "e-")
+    allowance = (
+        f"{near} value{'s' if near != 1 else ''} passed only by the cancellation allowance "
+        f"(|error| ≤ {bound} × the tensor's max)"
+        if near
+        else "no value needed the cancellation allowance"
+    )
+    return (
+        f", worst {report.worst_ulp} ulp ({report.worst_key}), {allowance}, largest error "
+        f"{report.worst_rel:.2g} × the tensor's max ({report.worst_rel_key})"
+    )
+
+
+def _finish(report: VerifyReport, found: list[Finding], *, full: bool, rows: int, extra: int = 0) -> VerifyReport:
+    found = sorted(found, key=lambda f: (f[0], -f[1]))
+    report.failures = [_one_line(m) for _, _, m in found]
+    report.ok = not found
+    if report.ok:
+        sample = "all rows" if full else f"sampled {rows} rows each"
+        if report.checksums == "match":
+            n = report.shards
+            csum = f"{n} shard checksum{'s match' if n != 1 else ' matches'}"
+        else:
+            csum = (
+                "no shard checksums recorded (values outside the compared rows not checked)"
+                if not full
+                else "no shard checksums recorded"
+            )
+        report.verdict = (
+            f"verify: OK — {report.tensors} tensors, {report.merged} merged ({sample}, "
+            f"{report.values} values){_values_part(report)}, {csum}"
+        )
+    else:
+        more = len(found) - 3 + extra
+        shown = "; ".join(report.failures[:3])
+        report.verdict = f"verify: FAILED — {shown}" + (f"; … {more} more" if more > 0 else "")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The recorded recipe
+
+_PASS_FLAGS = "pass --base and --lora (and --weight, --alpha, --dtype as given to merge)"
+
+
+@dataclass(frozen=True)
+class RecordedLora:
+    """One LoRA of a recipe: its path, weight and (when recorded) SHA-256."""
+
+    path: str
+    weight: float = 1.0
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an output records about how it was made (``companions.make_recipe``)."""
+
+    source: str  #: the file it was read from (for an index: the index)
+    base: str
+    loras: tuple[RecordedLora, ...]
+    alpha: float = 1.0
+    dtype: str = "keep"  #: the ``--dtype`` spelling
+
+
+def _code(flag: str) -> str | None:
+    """A ``--dtype`` spelling or a safetensors float code -> the code (None for ``keep``).
+
+    >>> _code("bf16"), _code("keep"), _code("F8_E4M3"), _code("f8_e4m3")
+    ('BF16', None, 'F8_E4M3', 'F8_E4M3')
+    """
+    low = flag.lower()
+    if low in CLI_DTYPES:
+        return CLI_DTYPES[low]
+    if flag.upper() in _DTYPE_FLAG:  # the code itself (older recipes wrote e.g. 'f8_e4m3')
+        return flag.upper()
+    raise ValueError(f"unknown dtype {flag!r}")
+
+
+def _recipe_locations(merged: str) -> tuple[str, str | None]:
+    """(the recipe file of ``merged``, its index or None)."""
+    if os.path.isdir(merged):
+        index = sorted(n for n in os.listdir(merged) if n.endswith(INDEX_SUFFIX))
+        return os.path.join(merged, RECIPE_NAME), os.path.join(merged, index[0]) if index else None
+    return f"{merged}.{RECIPE_NAME}", None
+
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(
+            f"{path}: cannot read the recorded recipe {what}({type(e).__name__}: "
+            f"{getattr(e, 'strerror', None) or e}); {_PASS_FLAGS}"
+        ) from None
+
+
+def _raw_recipe(merged: str) -> tuple[Any, str]:
+    """The recipe's JSON value and the file it came from."""
+    if not os.path.exists(merged):
+        raise FormatError(f"{merged}: no such file or folder; nothing to verify")
+    path, index = _recipe_locations(merged)
+    if os.path.exists(path):
+        return _load_json(path, ""), path
+    if index is not None:
+        meta = _load_json(index, "in the index ")
+        ours = meta.get("metadata", {}).get("distmerge", {}) if isinstance(meta, dict) else {}
+        if isinstance(ours, dict) and "recipe" in ours:
+            return ours["recipe"], index
+    raise FormatError(
+        f"{merged}: records no recipe ({os.path.basename(path)} is missing; an output of "
+        f"an older distmerge?); {_PASS_FLAGS}"
+    )
+
+
+def read_recipe(merged: str | os.PathLike[str]) -> Recipe:
+    """The recipe recorded with the output ``merged`` (see the module docstring).
+
+    Raises:
+        FormatError: no recipe, or one that cannot be read or lacks a field (one line, saying to
+            pass ``--base``/``--lora`` instead).
+    """
+    raw, source = _raw_recipe(os.fspath(merged))
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{source}: the recorded recipe has no valid {what}; {_PASS_FLAGS}")
+
+    base = raw.get("base") if isinstance(raw, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+        raise bad("'base.path'")
+    loras = raw.get("loras")
+    if not isinstance(loras, list) or not loras:
+        raise bad("'loras'")
+    recorded = []
+    for i, x in enumerate(loras):
+        if not isinstance(x, dict) or not isinstance(x.get("path"), str) or not _number(x.get("weight", 1.0)):
+            raise bad(f"'loras[{i}]' (a path and a finite weight)")
+        sha = x.get("sha256")
+        recorded.append(RecordedLora(x["path"], float(x.get("weight", 1.0)), sha if isinstance(sha, str) else None))
+    if not _number(raw.get("alpha", 1.0)):
+        raise bad("'alpha' (a finite number)")
+    dtype = raw.get("dtype", "keep")
+    try:
+        flag = _dtype_flag(_code(dtype)) if isinstance(dtype, str) else None
+    except ValueError:
+        flag = None
+    if flag is None:
+        raise bad("'dtype' (keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2)")
+    return Recipe(source, base["path"], tuple(recorded), float(raw.get("alpha", 1.0)), flag)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _recorded_dtype(merged: str) -> str | None:
+    """The ``--dtype`` recorded with ``merged``, or None when it records no (readable) recipe."""
+    try:
+        return read_recipe(merged).dtype
+    except DistmergeError:
+        return None
+
+
+def _check_recorded_input(path: str, what: str, flag: str, recipe: Recipe) -> None:
+    if not os.path.exists(path):
+        raise FormatError(
+            f"the {what} recorded in {recipe.source} no longer exists: {path}; pass {flag} with where it is now"
+        )
+
+
+def _check_lora_unchanged(lora: RecordedLora, recipe: Recipe) -> None:
+    """The LoRA still has the SHA-256 recorded at the merge (a folder: as the resume manifest
+    hashes it), so a result that differs is not blamed on the output."""
+    from distmerge.output.manifest import _lora_sha256
+
+    if lora.sha256 is None:
+        return
+    now = _lora_sha256(lora.path)
+    if now != lora.sha256.lower():
+        raise FormatError(
+            f"LoRA {lora.path} changed since the merge (sha256 {now[:12]}, recorded "
+            f"{lora.sha256[:12]} in {recipe.source}); verify against the original file, "
+            "or pass --lora to check against this one"
+        )
+
+
+def verify_output(
+    merged: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    loras: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    alpha: float | None = None,
+    dtype: str | None = None,
+    skip_unmatched: bool = False,
+    **options: Any,
+) -> VerifyReport:
+    """``verify`` ``merged`` against its recorded recipe, with the arguments given here replacing
+    the recorded values (``weights`` alone re-weights the recorded LoRAs).
+
+    With both ``base`` and ``loras`` given the recipe is not needed, and ``alpha``/``dtype`` default
+    to 1.0/``keep`` as for ``verify``. Otherwise the recipe must be there and readable, its base and
+    LoRAs must still exist, and each LoRA taken from it must still have its recorded SHA-256; the
+    LoRAs taken from it imply ``skip_unmatched`` (they merged as they are, so any key without a
+    target was skipped by that merge). ``options`` go to ``verify``.
+
+    Raises:
+        FormatError: no usable recipe, a recorded input gone or changed (one line each).
+        UsageError: ``weights`` that do not match the LoRAs.
+    """
+    merged = os.fspath(merged)
+    if base is not None and loras is not None:
+        return verify(
+            base,
+            _by_hand(loras, weights),
+            merged,
+            alpha=1.0 if alpha is None else alpha,
+            dtype=dtype,
+            skip_unmatched=skip_unmatched,
+            **options,
+        )
+    recipe = read_recipe(merged)
+    if base is None:
+        _check_recorded_input(recipe.base, "base checkpoint", "--base", recipe)
+    specs = _recorded_loras(recipe, weights) if loras is None else _by_hand(loras, weights)
+    return verify(
+        recipe.base if base is None else base,
+        specs,
+        merged,
+        alpha=recipe.alpha if alpha is None else alpha,
+        dtype=recipe.dtype if dtype is None else dtype,
+        skip_unmatched=skip_unmatched or loras is None,
+        **options,
+    )
+
+
+def _by_hand(loras: Sequence[str], weights: Sequence[float] | None) -> list[tuple[str, float]]:
+    """``--lora`` paths with their ``--weight`` (1.0 each when none is given)."""
+    if weights and len(weights) != len(loras):
+        raise UsageError(
+            f"got {len(loras)} --lora but {len(weights)} --weight; give one "
+            "--weight per --lora, in the same order, or none"
+        )
+    return list(zip(loras, weights or [1.0] * len(loras), strict=True))
+
+
+def _recorded_loras(recipe: Recipe, weights: Sequence[float] | None) -> list[tuple[str, float]]:
+    """The recipe's LoRAs, each still there and unchanged, with ``weights`` or the recorded ones."""
+    if weights and len(weights) != len(recipe.loras):
+        raise UsageError(
+            f"{recipe.source} records {len(recipe.loras)} LoRA(s) but {len(weights)} --weight "
+            "were given; give one --weight per recorded LoRA, or --lora too"
+        )
+    for lo in recipe.loras:
+        _check_recorded_input(lo.path, "LoRA", "--lora", recipe)
+        _check_lora_unchanged(lo, recipe)
+    return [(lo.path, w) for lo, w in zip(recipe.loras, weights or [lo.weight for lo in recipe.loras], strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_verify_parser(
+    subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """Add ``distmerge verify`` to ``subparsers`` (with the ``common`` -q/-v options).
+
+    >>> p = argparse.ArgumentParser(); sub = p.add_subparsers(dest="command")
+    >>> _ = add_verify_parser(sub, argparse.ArgumentParser(add_help=False))
+    >>> a = p.parse_args(["verify", "--base", "b", "--lora", "l.pth", "--merged", "m", "--full"])
+    >>> a.command, a.lora, a.full, a.rows, a.dtype, a.alpha
+    ('verify', ['l.pth'], True, 32, None, None)
+    >>> p.parse_args(["verify", "out"]).output
+    'out'
+    """
+    p = subparsers.add_parser(
+        "verify",
+        parents=[common],
+        usage="distmerge verify OUTPUT [--base PATH --lora PATH …] [options]",
+        help="check a merged checkpoint against the recipe it records (or --base/--lora given by "
+        "hand): structure, untouched bytes, recomputed rows, finiteness, shard checksums",
+        description="Check a merge output. 'distmerge verify OUTPUT' re-checks it against the recipe "
+        "it records (distmerge.json); --base, --lora, --weight, --alpha and --dtype replace "
+        "the recorded values.",
+    )
+    p.add_argument(
+        "output",
+        nargs="?",
+        default=None,
+        metavar="OUTPUT",
+        help="the merge output: folder with an index, or a .safetensors file",
+    )
+    p.add_argument("--merged", default=None, metavar="PATH", help="the same as OUTPUT")
+    rec = " (default: the one recorded in OUTPUT's recipe)"
+    p.add_argument(
+        "--base",
+        "--base_model_path",
+        "--base-model-path",
+        dest="base",
+        default=None,
+        metavar="PATH",
+        help="the base checkpoint the merge started from" + rec,
+    )
+    p.add_argument(
+        "--lora",
+        "--lora_path",
+        "--lora-path",
+        dest="lora",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="LoRA file as given to merge; repeat for several LoRAs (default: "
+        "the recorded LoRAs, which must still have their recorded SHA-256)",
+    )
+    p.add_argument(
+        "--weight",
+        dest="weight",
+        action="append",
+        type=float,
+        metavar="W",
+        help="weight of each --lora (or of each recorded LoRA), in order (default: the recorded "
+        "weights; 1.0 each with --lora)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="global multiplier given to merge (default: the recorded one; 1.0 with --base and --lora)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"],
+        default=None,
+        help="output dtype given to merge (default: the recorded one; keep with --base and --lora)",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="recompute every row of every merged tensor (default: a sample of rows)"
+    )
+    p.add_argument("--rows", type=int, default=32, metavar="N", help="rows sampled per merged tensor (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    p.add_argument(
+        "--skip-unmatched",
+        action="store_true",
+        help="as given to merge: ignore LoRA keys that have no target in the base (implied for the recorded LoRAs)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="join a Ray cluster: 'auto' or HOST:PORT (default: embedded local Ray, or RAY_ADDRESS if set)",
+    )
+    p.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray tasks in flight (default: all CPUs)")
+    p.add_argument(
+        "--num-cpus", type=int, default=None, metavar="N", help="CPUs for the embedded local Ray (default: all)"
+    )
+    return p
+
+
+def _merged_arg(args: argparse.Namespace) -> str:
+    out, merged = getattr(args, "output", None), getattr(args, "merged", None)
+    if out and merged and os.path.abspath(out) != os.path.abspath(merged):
+        raise UsageError(f"OUTPUT ({out}) and --merged ({merged}) name different outputs; give one")
+    if not (out or merged):
+        raise UsageError("give the output to check: distmerge verify OUTPUT [--base PATH --lora PATH …]")
+    return str(out or merged)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Run ``verify`` for parsed ``distmerge verify`` arguments; print the verdict line; 0 if OK, 1 if not.
+
+    Raises:
+        DistmergeError: bad inputs or options, no usable recipe (the CLI prints it as one line).
+
+    Example (needs a merge output, so not run here): ``cmd_verify(parser.parse_args(["verify",
+    "merged/low_noise_model"]))`` prints ``verify: OK — …`` and returns 0.
+    """
+    rep = verify_output(
+        _merged_arg(args),
+        base=args.base,
+        loras=args.lora,
+        weights=args.weight,
+        alpha=args.alpha,
+        dtype=args.dtype,
+        full=args.full,
+        rows=args.rows,
+        seed=args.seed,
+        address=args.address,
+        num_workers=args.num_workers,
+        num_cpus=args.num_cpus,
+        skip_unmatched=getattr(args, "skip_unmatched", False),
+    )
+    print(rep.verdict)
+    return 0 if rep.ok else 1

@@ -1,0 +1,551 @@
+"""Normalize any supported LoRA layout into one type: ``Delta`` (what to add to which base tensor).
+
+Three data tables drive everything:
+
+* ``LAYOUTS``: how a file is recognised and which prefixes are stripped from its keys;
+* ``SUFFIXES``: which role a key suffix names (``down``/``up`` factor, ``alpha``, ``diff``, LoHa and
+  LoKr factors, DoRA magnitudes …); unsupported families (OFT/BOFT, GLoRA) are listed too, so they
+  fail with their name instead of being skipped;
+* ``keymap``: module paths -> base keys (diffusers names, kohya underscores).
+
+Grouping by module turns roles into ``Delta`` values (``KINDS``) with the scale ``c``: ``α/r`` from a
+``.alpha`` tensor, else from a PEFT/diffusers config, else 1. Keys that cannot be placed come back as
+``Unmatched`` with a reason; shapes that cannot fit are errors. Nothing is dropped silently.
+
+Example:
+    >>> from distmerge.inputs.lorafile import LoraFile, TensorMeta
+    >>> from distmerge.inputs.header import TensorInfo
+    >>> base = {"blocks.0.self_attn.q.weight": TensorInfo("blocks.0.self_attn.q.weight", "F32",
+    ...                                                  (8, 8), "base.safetensors", 8, 256)}
+    >>> lf = LoraFile("lora.pth", "pickle", {
+    ...     "base_model.model.blocks.0.self_attn.q.lora_A.default.weight": TensorMeta("BF16", (2, 8)),
+    ...     "base_model.model.blocks.0.self_attn.q.lora_B.default.weight": TensorMeta("BF16", (8, 2))})
+    >>> n = normalize(lf, base, strength=0.5)
+    >>> n.layout, n.deltas[0].target, n.deltas[0].scale, n.deltas[0].coef
+    ('roll', 'blocks.0.self_attn.q.weight', 1.0, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from distmerge.errors import FormatError, MatchError
+from distmerge.formats.keymap import (
+    UNDERSCORE_PREFIXES,
+    decode_wan_underscore,
+    diffusers_param_to_wan,
+    strip_prefixes,
+    underscore_map,
+)
+from distmerge.formats.naming import BaseNames
+from distmerge.formats.scales import AdapterConfig
+from distmerge.formats.shapes import delta_shape_error
+from distmerge.inputs.dtypes import is_float, itemsize
+
+if TYPE_CHECKING:
+    from distmerge.inputs.lorafile import LoraFile  # annotations only: normalizing needs no torch
+
+__all__ = [
+    "FactorRef",
+    "Delta",
+    "Unmatched",
+    "NormalizedLora",
+    "Layout",
+    "LAYOUTS",
+    "SUFFIXES",
+    "KINDS",
+    "normalize",
+    "detect_layout",
+    "delta_shape_error",
+]
+
+#: delta kinds and what their factors are (see ``mergemath``)
+KINDS = ("lora", "loha", "lokr", "diff", "set")
+
+
+class _Meta(Protocol):
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class FactorRef:
+    """One LoRA tensor a task must read: ``key`` in ``path``, playing ``role``."""
+
+    path: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    role: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """``W[target] += coef · ΔW`` where ΔW comes from ``factors`` according to ``kind``.
+
+    ``kind``: ``lora`` (roles down, up, optional mid), ``loha``, ``lokr``, ``diff`` (a full ΔW) or
+    ``set`` (a replacement; strength ignored). ``transpose`` applies ΔWᵀ (PEFT embeddings,
+    ``fan_in_fan_out``). ``dora`` is ``peft`` (``lora_magnitude_vector``) or ``lycoris``
+    (``dora_scale``) when the factors include a magnitude. ``coef = scale · strength``: ``scale`` is the
+    format's ``c`` (α/r, or 1), ``strength`` the user's per-LoRA weight times the global ``--alpha``.
+    """
+
+    target: str
+    kind: str
+    factors: tuple[FactorRef, ...]
+    scale: float
+    strength: float
+    source: str
+    module: str = ""
+    transpose: bool = False
+    dora: str = ""
+
+    @property
+    def coef(self) -> float:
+        return self.scale * self.strength
+
+    @property
+    def row_local(self) -> bool:
+        """True when row i of ΔW depends only on row i of one factor (plain LoRA pairs, full diffs,
+        replacements), so a tensor can be merged in row chunks with exactly the same result."""
+        return self.kind in ("diff", "set") or (
+            self.kind == "lora"
+            and not self.transpose
+            and not self.dora
+            and all(f.role in ("down", "up") for f in self.factors)
+        )
+
+    @property
+    def rank(self) -> int | None:
+        roles = {f.role: f for f in self.factors}
+        if self.kind == "lora":
+            return roles["down"].shape[0]
+        if self.kind == "loha":
+            return roles["hada_w1_b"].shape[0]
+        return None
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    key: str
+    reason: str
+
+
+@dataclass
+class NormalizedLora:
+    path: str
+    layout: str
+    deltas: list[Delta] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family of LoRA key layouts: recognised by ``detect``; ``prefixes`` are stripped."""
+
+    name: str
+    description: str
+    example: str
+    detect: re.Pattern[str]
+    prefixes: tuple[str, ...] = ()
+    diffusers_names: bool = False
+
+
+_P = re.compile
+_WRAPPERS = ("pipe.dit2.", "pipe.dit.", "base_model.model.")
+#: Tried in order; the first layout whose ``detect`` matches any key names the file. A PEFT folder
+#: (``adapter_config.json``) is always ``peft``.
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "roll",
+        "ROLL diffusion_module.pth / PEFT model with the adapter name in the keys",
+        "base_model.model.blocks.0.self_attn.q.lora_A.default.weight",
+        _P(r"^(?:pipe\.dit2?\.)?base_model\.model\..+\.lora_[AB]\.[^.]+\.weight$"),
+        _WRAPPERS,
+    ),
+    Layout(
+        "peft",
+        "PEFT adapter (base_model.model.…lora_A.weight)",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        _P(r"^base_model\.model\."),
+        _WRAPPERS,
+    ),
+    Layout(
+        "diffusers",
+        "diffusers (transformer.blocks.N.attn1.to_q.lora_A.weight)",
+        "transformer.blocks.0.attn1.to_q.lora_A.weight",
+        _P(r"^transformer(?:_2)?\."),
+        ("transformer.", "transformer_2."),
+        diffusers_names=True,
+    ),
+    Layout(
+        "diffsynth",
+        "DiffSynth-Studio (bare module names, adapter name kept)",
+        "blocks.0.self_attn.q.lora_A.default.weight",
+        _P(r"^(?!diffusion_model\.|base_model\.|lora_unet|lycoris_).+\.lora_[AB]\.default\.weight$"),
+        ("pipe.dit2.", "pipe.dit."),
+    ),
+    Layout(
+        "diffusion_model",
+        "ComfyUI / native Wan / lightx2v / Wan2.2-Lightning (diffusion_model.…)",
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+        _P(r"^(?:model\.)?diffusion_model\."),
+        ("model.diffusion_model.", "diffusion_model."),
+    ),
+    Layout(
+        "kohya",
+        "kohya / musubi-tuner / LyCORIS (lora_unet_<path with _>)",
+        "lora_unet_blocks_0_self_attn_q.lora_down.weight",
+        _P(r"^(?:lora_unet_|lycoris_)"),
+    ),
+    Layout("plain", "bare module names (…lora_A.weight)", "blocks.0.self_attn.q.lora_A.weight", _P(r".")),
+)
+
+_A = r"(?:\.[^.]+)?"  # an optional adapter-name token (``.default``)
+#: (pattern, role). Group 1 is the module path. First match wins.
+SUFFIXES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p), role)
+    for p, role in (
+        (rf"^(.+)\.lora_A{_A}\.weight$", "down"),
+        (rf"^(.+)\.lora_B{_A}\.weight$", "up"),
+        (rf"^(.+)\.lora_B{_A}\.bias$", "up_bias"),
+        (r"^(.+)\.lora_down\.weight$", "down"),
+        (r"^(.+)\.lora_up\.weight$", "up"),
+        (r"^(.+)\.lora_mid\.weight$", "mid"),
+        (r"^(.+)\.lora\.down\.weight$", "down"),
+        (r"^(.+)\.lora\.up\.weight$", "up"),
+        (r"^(.+)_lora\.down\.weight$", "down"),
+        (r"^(.+)_lora\.up\.weight$", "up"),
+        (r"^(.+)\.lora_linear_layer\.down\.weight$", "down"),
+        (r"^(.+)\.lora_linear_layer\.up\.weight$", "up"),
+        (rf"^(.+)\.lora_embedding_A{_A}$", "emb_down"),
+        (rf"^(.+)\.lora_embedding_B{_A}$", "emb_up"),
+        (rf"^(.+)\.lora_magnitude_vector{_A}(?:\.weight)?$", "magnitude"),
+        (r"^(.+)\.dora_scale$", "dora_scale"),
+        (r"^(.+)\.lora_A$", "down"),
+        (r"^(.+)\.lora_B$", "up"),
+        *(
+            (rf"^(.+)\.{r}{_A}$", r)
+            for r in (
+                "hada_w1_a",
+                "hada_w1_b",
+                "hada_w2_a",
+                "hada_w2_b",
+                "hada_t1",
+                "hada_t2",
+                "lokr_w1_a",
+                "lokr_w1_b",
+                "lokr_w2_a",
+                "lokr_w2_b",
+                "lokr_w1",
+                "lokr_w2",
+                "lokr_t2",
+            )
+        ),
+        (r"^(.+)\.alpha$", "alpha"),
+        (r"^(.+)\.diff$", "diff"),
+        (r"^(.+)\.diff_b$", "diff_b"),
+        (r"^(.+)\.diff_m$", "diff_m"),
+        (r"^(.+)\.w_norm$", "w_norm"),
+        (r"^(.+)\.b_norm$", "b_norm"),
+        (r"^(.+)\.set_weight$", "set_weight"),
+        # families distmerge refuses by name rather than skip
+        (rf"^(.+)\.(?:oft_blocks|oft_R{_A}(?:\.weight)?|boft_R{_A}|boft_s{_A})$", "!OFT/BOFT"),
+        (r"^(.+)\.(?:a1|a2|b1|b2)\.weight$", "!GLoRA"),
+        (r"^(.+)\.reshape_weight$", "!reshape_weight"),
+    )
+)
+#: full-delta roles: role -> (kind, base parameter)
+_FULL = {
+    "diff": ("diff", "weight"),
+    "diff_b": ("diff", "bias"),
+    "diff_m": ("diff", "modulation"),
+    "w_norm": ("diff", "weight"),
+    "b_norm": ("diff", "bias"),
+    "set_weight": ("set", "weight"),
+}
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
+    """The first layout in ``LAYOUTS`` that recognises any of ``keys``."""
+    if has_config:
+        return next(lay for lay in LAYOUTS if lay.name == "peft")
+    for layout in LAYOUTS:
+        if any(layout.detect.search(k) for k in keys):
+            return layout
+    return LAYOUTS[-1]
+
+
+class _Ctx:
+    """Per-file state for grouping: the file, the base and its naming, the layout and its scale
+    source."""
+
+    def __init__(self, lf: LoraFile, base: Mapping[str, _Meta] | None, layout: Layout, strength: float) -> None:
+        self.lf, self.base, self.layout, self.strength = lf, base, layout, strength
+        self.out = NormalizedLora(lf.path, layout.name)
+        self.config = (
+            AdapterConfig.from_peft(lf.config, lf.path)
+            if lf.config is not None
+            else AdapterConfig.from_diffusers_metadata(lf.metadata, lf.path)
+        )
+        self.names = BaseNames(base) if base is not None else None
+        self.underscore: dict[str, str] = {}
+        if layout.name == "kohya" and self.names is not None:  # native module names first
+            self.underscore = underscore_map(sorted(self.names.keys) + self.names.canonical_keys)
+
+    def ref(self, key: str, role: str) -> FactorRef:
+        m = self.lf.tensors[key]
+        return FactorRef(self.lf.path, key, m.dtype, m.shape, role)
+
+    def module_path(self, module: str) -> str | None:
+        """``module`` as a dotted path (kohya names decoded through the base's modules, else through
+        the Wan module table, so a missing target is still named), ``None`` for a kohya name that
+        neither decodes."""
+        if module.startswith(UNDERSCORE_PREFIXES) and self.layout.name == "kohya" and self.names is not None:
+            return self.underscore.get(module) or decode_wan_underscore(module)
+        return module
+
+    def target(self, key: str) -> str:
+        """The base key LoRA target ``key`` lands on; without a match (or a base), the key as the
+        LoRA means it in the canonical naming, for ``_add`` to report."""
+        found = self.names.find(key, diffusers_names=self.layout.diffusers_names) if self.names else None
+        if found is not None:
+            return found
+        return diffusers_param_to_wan(key) if self.layout.diffusers_names else key
+
+    def missing(self, target: str) -> str:
+        """Why ``target`` is not in the base, in the base's own naming."""
+        assert self.names is not None
+        native = self.names.native(target)
+        where = f"the base (named {self.names.naming.name}: {self.names.naming.description})"
+        return (
+            f"no base tensor '{native}' in {where}"
+            if native == target
+            else (f"no base tensor '{native}' ('{target}' in original Wan names) in {where}")
+        )
+
+
+def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float = 1.0) -> NormalizedLora:
+    """Turn one LoRA file into ``Delta`` values against ``base`` (key -> dtype/shape).
+
+    Args:
+        lf: the opened LoRA file.
+        base: the base tensors (``TensorInfo`` or anything with a ``dtype`` code and ``shape``);
+            ``None`` to describe the file alone (no target or shape checks; ``inspect``).
+        strength: the user's weight for this LoRA times the global alpha.
+
+    Raises:
+        FormatError: an empty file, or a family distmerge does not merge (OFT/BOFT, GLoRA, …).
+        MatchError: factors whose ranks or shapes do not fit their base tensor, a delta on a
+            non-float (e.g. quantized) tensor, or a bad ``alpha`` value.
+    """
+    keys = list(lf.tensors)
+    if not keys:
+        raise FormatError(f"{lf.path}: the LoRA file holds no tensors")
+    ctx = _Ctx(lf, base, detect_layout(keys, has_config=lf.config is not None), strength)
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        body = strip_prefixes(key, ctx.layout.prefixes).replace(".base_layer.", ".")
+        if body.startswith("lora_unet__"):  # Wan "Fun" double underscore
+            body = "lora_unet_" + body[len("lora_unet__") :]
+        role, module = _classify(body)
+        if role is None:
+            full = ctx.target(body)
+            if base is not None and full in base and tuple(base[full].shape) == lf.tensors[key].shape:
+                _add(ctx, Delta(full, "set", (ctx.ref(key, "set"),), 1.0, 1.0, lf.path, full))
+            else:
+                ctx.out.unmatched.append(
+                    Unmatched(key, "unknown key suffix (not a LoRA factor, alpha, diff or a full base tensor)")
+                )
+            continue
+        if role.startswith("!"):
+            raise FormatError(
+                f"{lf.path}: '{key}' is a {role[1:]} tensor; distmerge does not merge "
+                f"{role[1:]} adapters (they are not additive low-rank deltas)"
+            )
+        roles = modules.setdefault(module, {})
+        if role in roles:
+            ctx.out.unmatched.append(
+                Unmatched(key, f"duplicate {role} tensor for module '{module}' (also '{roles[role]}')")
+            )
+        else:
+            roles[role] = key
+    for module, roles in modules.items():
+        _group(ctx, module, roles)
+    return ctx.out
+
+
+def _classify(body: str) -> tuple[str | None, str]:
+    for pattern, role in SUFFIXES:
+        m = pattern.match(body)
+        if m:
+            return role, m.group(1)
+    return None, ""
+
+
+def _group(ctx: _Ctx, module: str, roles: dict[str, str]) -> None:
+    """Turn one module's tensors (role -> key) into deltas; leftovers become ``Unmatched``."""
+    path = ctx.module_path(module)
+    if path is None:
+        for key in roles.values():
+            ctx.out.unmatched.append(
+                Unmatched(
+                    key, f"no base tensor for kohya module '{module}' (no module of the base has that underscore name)"
+                )
+            )
+        return
+    used: set[str] = set()
+
+    def delta(
+        kind: str,
+        param: str,
+        rs: tuple[str, ...],
+        scale: float,
+        *,
+        strength: float | None = None,
+        transpose: bool = False,
+        dora: str = "",
+    ) -> None:
+        used.update(rs)
+        factors = tuple(ctx.ref(roles[r], r) for r in rs)
+        _add(
+            ctx,
+            Delta(
+                ctx.target(f"{path}.{param}"),
+                kind,
+                factors,
+                scale,
+                ctx.strength if strength is None else strength,
+                ctx.lf.path,
+                module,
+                transpose,
+                dora,
+            ),
+        )
+
+    for role, (kind, param) in _FULL.items():
+        if role in roles:
+            delta(kind, param, (role,), 1.0, strength=1.0 if kind == "set" else None)
+    cfg = ctx.config
+    fan = bool(cfg and cfg.fan_in_fan_out)
+    if "down" in roles and "up" in roles:
+        rank = ctx.lf.tensors[roles["down"]].shape[0]
+        c = _scale(ctx, module, roles.get("alpha"), rank)
+        rs = ("down", "up") + (("mid",) if "mid" in roles else ())
+        dora = "peft" if "magnitude" in roles else "lycoris" if "dora_scale" in roles else ""
+        rs += ("magnitude",) if dora == "peft" else ("dora_scale",) if dora == "lycoris" else ()
+        delta("lora", "weight", rs, c, transpose=fan, dora=dora)
+        if "up_bias" in roles:
+            delta("diff", "bias", ("up_bias",), c)
+        used.add("alpha")
+    if "emb_down" in roles and "emb_up" in roles:
+        rank = ctx.lf.tensors[roles["emb_down"]].shape[0]
+        c = _scale(ctx, module, roles.get("alpha"), rank)
+        roles = {**roles, "down": roles["emb_down"], "up": roles["emb_up"]}
+        used.update(("emb_down", "emb_up", "alpha"))
+        delta("lora", "weight", ("down", "up"), c, transpose=True)
+    if all(r in roles for r in _LOHA):
+        rank = ctx.lf.tensors[roles["hada_w1_b"]].shape[0]
+        tucker = ("hada_t1", "hada_t2") if "hada_t1" in roles and "hada_t2" in roles else ()
+        delta(
+            "loha",
+            "weight",
+            _LOHA + tucker,
+            _scale(ctx, module, roles.get("alpha"), rank),
+            dora="lycoris" if "dora_scale" in roles else "",
+        )
+        used.update(("alpha", "dora_scale"))
+    lokr = [
+        r for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2") if r in roles
+    ]
+    if lokr:
+        delta("lokr", "weight", tuple(lokr), _lokr_scale(ctx, module, roles))
+        used.add("alpha")
+    for role, key in roles.items():
+        if role not in used:
+            ctx.out.unmatched.append(Unmatched(key, _leftover_reason(role)))
+
+
+def _leftover_reason(role: str) -> str:
+    if role in ("down", "emb_down"):
+        return "A/down factor without its B/up factor"
+    if role in ("up", "emb_up"):
+        return "B/up factor without its A/down factor"
+    if role.startswith(("hada_", "lokr_")):
+        return f"incomplete {role.split('_')[0].upper()} factor set ({role} alone)"
+    return f"{role} tensor without LoRA factors for its module"
+
+
+def _scale(ctx: _Ctx, module: str, alpha_key: str | None, rank: int) -> float:
+    if alpha_key is not None:
+        t = ctx.lf.read(alpha_key)
+        if t.numel() != 1:
+            raise MatchError(f"{ctx.lf.path}: '{alpha_key}' should be a scalar, found shape {tuple(t.shape)}")
+        alpha = float(t.float().item())
+        if not math.isfinite(alpha) or rank <= 0:
+            raise MatchError(
+                f"{ctx.lf.path}: '{alpha_key}' = {alpha} with rank {rank}; expected a finite alpha and a positive rank"
+            )
+        return alpha / rank
+    if ctx.config is not None:
+        return ctx.config.scale(module, rank)
+    return 1.0
+
+
+def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
+    """α/dim where a factor is decomposed (dim = w2_b's rank, else w1_b's), else 1."""
+    dim = None
+    for r in ("lokr_w1_b", "lokr_w2_b"):
+        if r in roles:
+            dim = ctx.lf.tensors[roles[r]].shape[0]
+    if dim is None:
+        return 1.0
+    return _scale(ctx, module, roles.get("alpha"), dim)
+
+
+def _add(ctx: _Ctx, d: Delta) -> None:
+    lf, base = ctx.lf, ctx.base
+    if base is None:
+        ctx.out.deltas.append(d)
+        return
+    w = base.get(d.target)
+    if w is None:
+        for f in d.factors:
+            ctx.out.unmatched.append(Unmatched(f.key, ctx.missing(d.target)))
+        return
+    if not is_float(w.dtype):
+        raise MatchError(
+            f"{lf.path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}: "
+            "quantized or integer base tensors are not supported (merge into a float base)"
+        )
+    for f in d.factors:
+        if not is_float(f.dtype):
+            raise MatchError(f"{lf.path}: '{f.key}' has dtype {f.dtype}, expected a float type")
+    shapes = {f.role: f.shape for f in d.factors if f.role not in ("magnitude", "dora_scale")}
+    why = delta_shape_error(d.kind, shapes, tuple(w.shape), transpose=d.transpose)
+    if why is None and d.dora:
+        mag = next(f for f in d.factors if f.role in ("magnitude", "dora_scale"))
+        if d.dora == "peft":  # one magnitude per output feature
+            need: tuple[int, ...] = (w.shape[1] if d.transpose else w.shape[0],)
+        else:  # LyCORIS dora_scale: per output row ([out, 1, …]) or per input column ([1, in, …])
+            need = (w.shape[0], math.prod(w.shape[1:]) if len(w.shape) > 1 else -1)
+        if math.prod(mag.shape) not in need:
+            why = (
+                f"DoRA magnitude {mag.shape} does not match {tuple(w.shape)} "
+                f"(needs {' or '.join(map(str, need))} values)"
+            )
+    if why:
+        names = " and ".join(f"'{f.key}' {f.shape}" for f in d.factors)
+        raise MatchError(f"{lf.path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")
+    ctx.out.deltas.append(d)

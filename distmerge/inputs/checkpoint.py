@@ -1,0 +1,166 @@
+"""Find and validate the base checkpoint: one file, an HF-style sharded folder, or a one-file folder.
+
+Only headers are read. The result lists every base tensor with its file and absolute byte range,
+in a fixed order (shard order, then data offset), which is the order everything downstream uses.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from safetensors.torch import save_file
+    >>> d = tempfile.mkdtemp()
+    >>> save_file({"a.weight": torch.zeros(4, 4)}, os.path.join(d, "model.safetensors"))
+    >>> base = open_base(d)
+    >>> base.stem, list(base.tensors), base.total_bytes
+    ('model', ['a.weight'], 64)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
+
+from distmerge.errors import FormatError
+from distmerge.inputs.header import Header, TensorInfo, read_header
+from distmerge.inputs.hub import local_path
+
+__all__ = ["BaseCheckpoint", "open_base", "INDEX_SUFFIX"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """The base model as seen from its headers."""
+
+    path: str  #: what the user gave (file or folder)
+    stem: str  #: ``model``, ``diffusion_pytorch_model``, … (names the output shards)
+    files: tuple[str, ...]  #: shard paths in order
+    tensors: dict[str, TensorInfo]  #: key -> where its bytes are, in shard/offset order
+    headers: tuple[Header, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
+    """Locate the base checkpoint at ``path`` and read every shard header.
+
+    Args:
+        path: a ``.safetensors`` file; a folder with one ``*.safetensors.index.json``; or a folder
+            holding exactly one ``.safetensors`` file.
+
+    Raises:
+        FormatError: nothing usable found, an ambiguous folder, a bad index (unsafe or missing
+            shard names, keys in the wrong shard), duplicate keys across shards, bad headers.
+    """
+    p = local_path(path)  # an ``owner/repo/sub`` Hugging Face cache reference -> its snapshot
+    if os.path.isfile(p):
+        if not p.endswith(".safetensors"):
+            raise FormatError(
+                f"{p}: base must be a .safetensors file or a folder of them, "
+                f"found a '{os.path.splitext(p)[1] or 'no'}' extension"
+            )
+        _refuse_lone_shard(p)
+        return _assemble(p, os.path.basename(p)[: -len(".safetensors")], [p])
+    if not os.path.isdir(p):
+        raise FormatError(f"{p}: base checkpoint not found")
+    names = sorted(os.listdir(p))
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if len(indexes) > 1:
+        raise FormatError(f"{p}: found {len(indexes)} index files ({', '.join(indexes)}), expected one")
+    if indexes:
+        return _from_index(p, os.path.join(p, indexes[0]))
+    files = [n for n in names if n.endswith(".safetensors")]
+    if len(files) == 1:
+        f = os.path.join(p, files[0])
+        return _assemble(p, files[0][: -len(".safetensors")], [f])
+    if not files:
+        raise FormatError(f"{p}: no .safetensors file and no *{INDEX_SUFFIX} in this folder")
+    raise FormatError(
+        f"{p}: {len(files)} .safetensors files but no *{INDEX_SUFFIX} saying how they "
+        f"fit together ({', '.join(files[:4])}{', …' if len(files) > 4 else ''})"
+    )
+
+
+def _refuse_lone_shard(path: str) -> None:
+    """A file that an index beside it lists as one of several shards is not a checkpoint by
+    itself: merging into it would leave most LoRA keys without a target."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for index in sorted(n for n in os.listdir(folder) if n.endswith(INDEX_SUFFIX)):
+        try:
+            with open(os.path.join(folder, index), "rb") as f:
+                shards = set(json.loads(f.read().decode("utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name in shards and len(shards) > 1:
+            raise FormatError(
+                f"{path}: is one of {len(shards)} shards of the checkpoint indexed by {index}; "
+                f"pass the folder as --base ({folder})"
+            )
+
+
+def _from_index(folder: str, index_path: str) -> BaseCheckpoint:
+    try:
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{index_path}: cannot read index ({type(e).__name__}: {e})") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise FormatError(f"{index_path}: expected a JSON object with a non-empty 'weight_map'")
+    shards: list[str] = []
+    for key, shard in wmap.items():
+        if not isinstance(shard, str) or not _is_safe_name(shard):
+            raise FormatError(
+                f"{index_path}: key '{key}' maps to shard {shard!r}; expected a plain "
+                "file name ending in .safetensors inside this folder"
+            )
+        if shard not in shards:
+            shards.append(shard)
+    files = []
+    for shard in shards:
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise FormatError(f"{index_path}: names shard '{shard}', which does not exist in {folder}")
+        files.append(shard_path)
+    stem = os.path.basename(index_path)[: -len(INDEX_SUFFIX)]
+    base = _assemble(folder, stem, files)
+    for key, shard in wmap.items():
+        info = base.tensors.get(key)
+        if info is None or os.path.basename(info.path) != shard:
+            raise FormatError(
+                f"{index_path}: key '{key}' is listed in '{shard}' but that shard's header does not hold it"
+            )
+    extra = [k for k in base.tensors if k not in wmap]
+    if extra:
+        raise FormatError(
+            f"{index_path}: {len(extra)} tensors in the shards are missing from "
+            f"'weight_map' (first: '{extra[0]}' in {base.tensors[extra[0]].path})"
+        )
+    return base
+
+
+def _is_safe_name(name: str) -> bool:
+    if not name.endswith(".safetensors") or name in (".", ".."):
+        return False
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.drive or len(pure.parts) != 1:
+            return False
+    return True
+
+
+def _assemble(path: str, stem: str, files: list[str]) -> BaseCheckpoint:
+    headers = tuple(read_header(f) for f in files)
+    tensors: dict[str, TensorInfo] = {}
+    for h in headers:
+        for key, info in sorted(h.tensors.items(), key=lambda kv: kv[1].offset):
+            if key in tensors:
+                raise FormatError(
+                    f"{h.path}: key '{key}' also appears in {tensors[key].path}; each key must be in exactly one shard"
+                )
+            tensors[key] = info
+    if not tensors:
+        raise FormatError(f"{path}: the base checkpoint holds no tensors")
+    return BaseCheckpoint(path=path, stem=stem, files=tuple(files), tensors=tensors, headers=headers)

@@ -1,0 +1,62 @@
+"""The safetensors dtype codes: element sizes, float codes and the ``--dtype`` spellings (no torch).
+
+Example:
+    >>> itemsize("F32"), is_float("BF16"), is_float("I64")
+    (4, True, False)
+"""
+
+from __future__ import annotations
+
+__all__ = ["ITEMSIZES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "itemsize", "is_float"]
+
+# code -> (torch dtype name, bytes per element); ``torch_dtypes`` maps the names to torch dtypes.
+_TABLE: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+
+#: code -> bytes per element
+ITEMSIZES: dict[str, int] = {code: size for code, (_, size) in _TABLE.items()}
+
+#: codes whose tensors LoRA deltas may be added to (and ``--dtype`` converts)
+FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+#: the float8 codes (merged through float32; ``--dtype`` to them writes scaled fp8, see ``fp8``)
+FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
+
+#: ``--dtype`` spellings -> safetensors code (``keep`` -> None)
+CLI_DTYPES: dict[str, str | None] = {
+    "keep": None,
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "fp8_e4m3fn": "F8_E4M3",
+    "float8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def itemsize(code: str) -> int:
+    """Bytes per element of a safetensors code (``KeyError`` if unknown)."""
+    return ITEMSIZES[code]
+
+
+def is_float(code: str) -> bool:
+    """True for floating-point codes, the only ones a delta can be added to."""
+    return code in FLOAT_CODES

@@ -1,0 +1,182 @@
+"""Open a LoRA file (safetensors or a torch pickle) and read its tensors one at a time.
+
+The driver only needs names, dtypes and shapes (plus tiny ``.alpha`` scalars); Ray tasks read the
+factors they need. Safetensors files are read through their header; pickles (``.pth``/``.pt``/
+``.bin``) are loaded with ``torch.load(weights_only=True, mmap=True)``, which refuses pickles that
+carry code and maps tensor storage lazily instead of reading it.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "diffusion_module.pth")
+    >>> torch.save({"base_model.model.x.lora_A.default.weight": torch.ones(2, 3)}, path)
+    >>> lf = open_lora(path)
+    >>> lf.kind, lf.tensors["base_model.model.x.lora_A.default.weight"].shape
+    ('pickle', (2, 3))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from distmerge.errors import FormatError
+from distmerge.inputs.header import read_header
+from distmerge.inputs.hub import local_path
+from distmerge.inputs.torch_dtypes import code_of
+
+__all__ = ["TensorMeta", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+_WRAPPER_KEYS = ("state_dict", "module", "model_state")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file's table of contents: key -> dtype and shape, plus any metadata and config."""
+
+    path: str
+    kind: str  #: ``safetensors`` or ``pickle``
+    tensors: dict[str, TensorMeta]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None  #: a sibling ``adapter_config.json`` (PEFT), if any
+    _reader: LoraReader | None = field(default=None, repr=False, compare=False)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Load one tensor (CPU)."""
+        if self._reader is None:
+            self._reader = LoraReader()
+        return self._reader.read(self.path, key)
+
+
+def _resolve_path(path: str) -> tuple[str, dict[str, Any] | None]:
+    path = local_path(path)  # an ``owner/repo/file`` Hugging Face cache reference -> its snapshot
+    if os.path.isfile(path):
+        return path, None
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: LoRA file not found")
+    config = None
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{cfg_path}: cannot read adapter config ({e})") from None
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name), config
+        raise FormatError(f"{path}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+    found = sorted(n for n in os.listdir(path) if n.endswith(_LORA_SUFFIXES))
+    if len(found) == 1:
+        return os.path.join(path, found[0]), None
+    if not found:
+        raise FormatError(
+            f"{path}: no LoRA file in this folder (looked for adapter_config.json and *{', *'.join(_LORA_SUFFIXES)})"
+        )
+    raise FormatError(
+        f"{path}: {len(found)} candidate LoRA files ({', '.join(found[:4])}); pass the file itself with --lora"
+    )
+
+
+def _torch_load(path: str) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # legacy (non-zip) pickles cannot be mapped: load them whole
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_pickle(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what counts
+            warnings.simplefilter("ignore")
+            obj = _torch_load(path)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0] if lines else "")
+        raise FormatError(
+            f"{path}: refused to load: the pickle holds more than tensors (only "
+            f"weights_only pickles are loaded; torch says: {why[:200]})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise FormatError(
+            f"{path}: cannot load torch pickle ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((only_key, only),) = obj.items()
+        if only_key in _WRAPPER_KEYS and isinstance(only, dict):
+            obj = only
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a pickled dict of tensors, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise FormatError(
+            f"{path}: expected a dict of str -> tensor; entry {bad[0]!r} is "
+            f"{type(obj[bad[0]]).__name__} ({len(bad)} such entries)"
+        )
+    return obj
+
+
+def open_lora(path: str | os.PathLike[str]) -> LoraFile:
+    """Open a LoRA given as a file or a folder (PEFT adapter folder, or a folder with one file).
+
+    Raises:
+        FormatError: missing/unreadable file, refused pickle, non-tensor contents, unknown dtype.
+    """
+    file, config = _resolve_path(os.fspath(path))
+    if file.endswith(".safetensors"):
+        h = read_header(file)
+        metas = {k: TensorMeta(t.dtype, t.shape) for k, t in h.tensors.items()}
+        return LoraFile(file, "safetensors", metas, h.metadata, config)
+    if not file.endswith(PICKLE_SUFFIXES):
+        raise FormatError(
+            f"{file}: unknown LoRA file type; expected {', '.join(_LORA_SUFFIXES)} or a PEFT adapter folder"
+        )
+    sd = _load_pickle(file)
+    metas = {}
+    for k, v in sd.items():
+        try:
+            metas[k] = TensorMeta(code_of(v.dtype), tuple(v.shape))
+        except KeyError:
+            raise FormatError(f"{file}: key '{k}' has dtype {v.dtype}, which distmerge cannot read") from None
+    reader = LoraReader()
+    reader._pickles[file] = sd
+    return LoraFile(file, "pickle", metas, {}, config, reader)
+
+
+class LoraReader:
+    """Reads LoRA tensors by (file, key), keeping each file open for the reader's lifetime.
+
+    One reader serves one work unit, so a pickle is mapped once per unit, not once per tensor.
+    """
+
+    def __init__(self) -> None:
+        self._pickles: dict[str, dict[str, torch.Tensor]] = {}
+        self._st: dict[str, Any] = {}
+
+    def read(self, path: str, key: str) -> torch.Tensor:
+        if path.endswith(".safetensors"):
+            handle = self._st.get(path)
+            if handle is None:
+                handle = self._st[path] = safe_open(path, framework="pt", device="cpu")
+            return handle.get_tensor(key)
+        sd = self._pickles.get(path)
+        if sd is None:
+            sd = self._pickles[path] = _load_pickle(path)
+        return sd[key]

@@ -1,0 +1,3 @@
+"""Publishing: output location rules, part files and the atomic index (``publish``), the resume
+manifest (``manifest``), config/recipe companions (``companions``) and the output lock (``lock``).
+"""

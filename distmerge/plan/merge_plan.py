@@ -1,0 +1,332 @@
+"""Plan the merge as plain data: output shards, tensor placement and byte-balanced work units.
+
+Everything here is pure and deterministic: the same base, deltas and options always give the same
+shards, headers and offsets, whatever the number of workers (only how tensors are grouped into
+work units depends on it, and units never change the bytes written).
+
+Example:
+    >>> split_by_size([("a", 6), ("b", 6), ("c", 2), ("d", 6), ("e", 2), ("f", 2)], 8)
+    [['a'], ['b', 'c'], ['d', 'e'], ['f']]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from distmerge.errors import PlanError
+from distmerge.formats.normalize import Delta
+from distmerge.inputs.checkpoint import BaseCheckpoint
+from distmerge.inputs.dtypes import itemsize
+from distmerge.plan.fp8 import ScaledLayout, scaled_layout
+from distmerge.plan.layout import LaidTensor, layout_shard
+
+__all__ = [
+    "PlannedTensor",
+    "ShardPlan",
+    "WorkUnit",
+    "MergePlan",
+    "parse_size",
+    "split_by_size",
+    "shard_names",
+    "make_plan",
+    "partition_units",
+]
+
+#: float32 bytes of one row chunk when a task streams a big tensor (see ``unit.row_chunks``)
+CHUNK_BYTES = 32 << 20
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Parse ``5GB`` (10⁹), ``500MiB`` (2²⁰) or a plain byte count.
+
+    >>> parse_size("5GB"), parse_size("1.5MiB"), parse_size(1024)
+    (5000000000, 1572864, 1024)
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise PlanError(f"cannot parse size {size!r}; expected e.g. 5GB, 500MB, 2GiB or a byte count")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise PlanError(f"size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where its base bytes are, where its output bytes go, what to add."""
+
+    key: str
+    shape: tuple[int, ...]
+    src_path: str
+    src_offset: int
+    src_dtype: str
+    src_nbytes: int
+    out_dtype: str
+    out_offset: int
+    out_nbytes: int
+    deltas: tuple[Delta, ...] = ()
+    #: ``scaled``: the output is fp8 with a fresh per-tensor scale, written to ``scale_key``
+    quant: str = ""
+    scale_key: str = ""  #: the output scale of a ``scaled`` tensor: the next tensor of its unit
+    #: the base's scale of a ``scaled`` tensor ((path, offset, dtype)), to dequantize it
+    scale_src: tuple[str, int, str] | None = None
+    derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
+
+    @property
+    def action(self) -> str:
+        """``merge`` (deltas to add), ``convert`` (dtype change only), ``copy`` (bytes as is) or
+        ``derived`` (a scale computed with its weight)."""
+        if self.derived_from:
+            return "derived"
+        if self.deltas:
+            return "merge"
+        return "convert" if (self.out_dtype != self.src_dtype or self.quant) else "copy"
+
+    @property
+    def whole(self) -> bool:
+        """Computed in one piece: the fresh scale of a ``scaled`` tensor needs all of it."""
+        return bool(self.quant) or not all(d.row_local for d in self.deltas)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str  #: final file name
+    header: bytes
+    size: int
+    keys: tuple[str, ...]  #: in data order
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one Ray task does: fill ``tensors`` of output shard ``shard``."""
+
+    index: int
+    shard: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    @property
+    def memory(self) -> int:
+        """A bound on the task's working memory, for Ray's ``memory=`` admission control: a few
+        row chunks in flight (or the whole tensor for deltas that cannot be chunked), plus the
+        factors of the tensor being merged, plus a fixed allowance. A ``scaled`` fp8 tensor is
+        held whole: two source buffers, a float64-sized accumulator and four output buffers (the
+        task's buffer rings, ``unit._piece_bytes``)."""
+        peak = 0
+        for t in self.tensors:
+            if t.action in ("copy", "derived"):
+                continue
+            full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
+            if t.quant:
+                work = 2 * t.src_nbytes + 2 * full + 4 * t.out_nbytes
+            else:
+                work = 3 * full if t.whole else 4 * min(full, CHUNK_BYTES)
+            work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
+            peak = max(peak, work)
+        return peak + (64 << 20)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    stem: str
+    single_file: bool
+    shards: tuple[ShardPlan, ...]
+    units: tuple[WorkUnit, ...]
+    unit_size: int = 0  #: the target bytes per unit this plan was cut with
+
+    @property
+    def total_size(self) -> int:
+        """Sum of tensor bytes (the index's ``metadata.total_size``)."""
+        return sum(u.nbytes for u in self.units)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {k: s.name for s in self.shards for k in sorted(s.keys)}
+
+
+def split_by_size(sizes: Sequence[tuple[str, int]], max_size: int) -> list[list[str]]:
+    """Greedy HF-style sharding: fill in order; start a new shard when the next tensor won't fit.
+
+    A tensor larger than ``max_size`` gets a shard of its own. Greedy is not optimal
+    ([6,6,2,6,2,2] with limit 8 gives 4 shards where 3 would do) but it keeps keys in order.
+    """
+    shards: list[list[str]] = []
+    cur: list[str] = []
+    used = 0
+    for key, n in sizes:
+        if cur and used + n > max_size:
+            shards.append(cur)
+            cur, used = [], 0
+        cur.append(key)
+        used += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def shard_names(stem: str, n: int) -> list[str]:
+    """``<stem>-00001-of-0000N.safetensors`` names (always sharded names, with an index)."""
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def partition_units(sizes: Sequence[int], target: int, joined: Sequence[bool] = ()) -> list[tuple[int, int]]:
+    """Split a run of items into consecutive ``[start, end)`` groups of about ``target`` bytes;
+    an item with ``joined[i]`` stays in the group of item ``i - 1``.
+
+    >>> partition_units([5, 5, 5, 5, 30, 5], 10)
+    [(0, 2), (2, 4), (4, 5), (5, 6)]
+    >>> partition_units([5, 5, 5, 5, 30, 5], 10, joined=[False, False, True, False, False, True])
+    [(0, 3), (3, 4), (4, 6)]
+    """
+    groups, start, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and used + n > target and not (i < len(joined) and joined[i]):
+            groups.append((start, i))
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
+
+
+def make_plan(
+    base: BaseCheckpoint,
+    deltas: Sequence[Delta],
+    *,
+    out_dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    single_file: str | None = None,
+    workers: int = 1,
+    units_per_worker: int = 4,
+    unit_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> MergePlan:
+    """Plan the output of merging ``deltas`` into ``base``.
+
+    Args:
+        base: the base checkpoint (headers only).
+        deltas: validated deltas; their targets must be base keys.
+        out_dtype: safetensors code to convert every float tensor to, or None to keep dtypes.
+        max_shard_size: shard size limit (ignored with ``single_file``).
+        single_file: write one file with this name instead of shards + index.
+        workers: how many tasks will run at once; the plan makes ``units_per_worker`` times as
+            many work units so that work stays balanced.
+        unit_size: target bytes per unit, overriding the workers-based choice.
+    """
+    by_target: dict[str, list[Delta]] = {}
+    for d in deltas:
+        if d.target not in base.tensors:
+            raise PlanError(f"delta from {d.source} targets '{d.target}', which is not in the base")
+        by_target.setdefault(d.target, []).append(d)
+    fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
+    for key in by_target:
+        fp8.check_merge(key, base.tensors)
+    specs = _output_specs(base, fp8)
+
+    blocks = fp8.blocks(list(base.tensors))
+    sizes = [(b[0], sum(math.prod(specs[k][1]) * itemsize(specs[k][0]) for k in b)) for b in blocks]
+    limit = math.inf if single_file else parse_size(max_shard_size)
+    members = {b[0]: b for b in blocks}
+    cut = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
+    groups = [[k for lead in g for k in members[lead]] for g in cut]
+    names = [single_file] if single_file else shard_names(base.stem, len(groups))
+    meta = {"format": "pt", **(metadata or {})}
+    total = sum(n for _, n in sizes)
+    target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
+    derived = fp8.recomputed(set(by_target))
+    attach = {s: w for w, s in fp8.pairs.items()}
+
+    shards: list[ShardPlan] = []
+    units: list[WorkUnit] = []
+    for name, keys in zip(names, groups):
+        layout = layout_shard(
+            [(k, *specs[k]) for k in keys],
+            metadata=meta,
+            attach={s: w for s, w in attach.items() if s in keys} if attach else None,
+        )
+        planned = [_planned(base, e, tuple(by_target.get(e.key, ())), fp8, derived) for e in layout.entries]
+        shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
+        joined = [bool(attach) and p.key in attach for p in planned]
+        for start, end in partition_units([p.out_nbytes for p in planned], target, joined):
+            units.append(WorkUnit(len(units), name, tuple(planned[start:end])))
+    return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units), target)
+
+
+def _output_specs(base: BaseCheckpoint, fp8: ScaledLayout) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(dtype code, shape) of every output tensor: the base's, converted, plus new fp8 keys."""
+    specs = {k: (fp8.out_code(k, t.dtype), t.shape) for k, t in base.tensors.items()}
+    specs.update(fp8.new_tensors())
+    return specs
+
+
+def _planned(
+    base: BaseCheckpoint, e: LaidTensor, deltas: tuple[Delta, ...], fp8: ScaledLayout, derived: Mapping[str, str]
+) -> PlannedTensor:
+    """The plan of laid-out tensor ``e``: a base tensor, or a new scale / marker (no source)."""
+    src = base.tensors.get(e.key)
+    if src is None:
+        return PlannedTensor(
+            e.key, e.shape, "", 0, e.dtype, 0, e.dtype, e.offset, e.nbytes, derived_from=derived.get(e.key, "")
+        )
+    quant, scale_key, scale_src = "", "", None
+    if e.key in fp8.new_scales or (e.key in fp8.pairs and deltas):
+        quant, scale_key = "scaled", fp8.pairs[e.key]
+        old = base.tensors.get(scale_key)
+        scale_src = (old.path, old.offset, old.dtype) if old is not None else None
+    return PlannedTensor(
+        e.key,
+        src.shape,
+        src.path,
+        src.offset,
+        src.dtype,
+        src.nbytes,
+        e.dtype,
+        e.offset,
+        e.nbytes,
+        deltas,
+        quant,
+        scale_key,
+        scale_src,
+        derived.get(e.key, ""),
+    )
+
+
+def describe(plan: MergePlan) -> str:
+    """One line: shards, units, bytes (for logs)."""
+    return f"{len(plan.shards)} shard(s), {len(plan.units)} work unit(s), {plan.total_size / 1e9:.2f} GB"
+
+
+def output_paths(plan: MergePlan, out_dir: str) -> list[str]:
+    return [os.path.join(out_dir, s.name) for s in plan.shards]

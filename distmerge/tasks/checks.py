@@ -1,0 +1,646 @@
+"""The task side of ``distmerge verify``: compare groups of output tensors with base + LoRA.
+
+Pure of Ray: ``check_group`` runs inside a Ray task (``verify.verify`` dispatches it) and returns
+small metadata. ULP distances use the monotonic integer line of each float format; values in
+messages are printed with enough digits to tell neighbours apart, and with their bits.
+
+Example:
+    >>> import torch
+    >>> ulp_distance(torch.tensor([1.0]), torch.nextafter(torch.tensor([1.0]), torch.tensor([2.0]))).tolist()
+    [1]
+    >>> show_value(0.1, "F32"), show_value(0.1, "BF16")
+    ('0.100000001 (0x3dcccccd)', '0.1001 (0x3dcd)')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.formats.normalize import Delta
+from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.header import TensorInfo
+from distmerge.inputs.lorafile import LoraReader
+from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.tasks.checksum import file_digest
+from distmerge.tasks.fp8 import FP8_MAX, quantize
+from distmerge.tasks.mergemath import Term, merge_tensor
+from distmerge.tasks.unit import load_terms, read_bytes
+
+__all__ = ["CheckGroup", "GroupResult", "TensorCheck", "ValueStats", "check_group", "show_value", "ulp_distance"]
+
+#: bytes of float64 (or of raw data) handled at once by a task
+_CHUNK = 32 << 20
+#: failures each task reports in full (the rest are only counted)
+_MAX_FAILURES = 8
+#: errors of values beyond the ulp tolerance kept while the tensor's ``max|ref|`` is not known yet
+#: (only their count depends on it; pass/fail is exact whatever is dropped)
+_PENDING = 1 << 20
+#: near-cancellation allowance: |out - ref| <= _NEAR * max|ref| of the tensor
+_NEAR = 1e-6
+#: failure ranks, most serious first (the verdict lists failures in this order)
+_STRUCTURE, _NONFINITE, _VALUE, _UNTOUCHED, _CHECKSUM = range(5)
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in units in the last place between two float tensors of one dtype.
+
+    Bit patterns are mapped to a monotonic integer line (``i`` if ``i >= 0`` else ``INT_MIN - i``
+    for the signed integer of the same width), so ``+0``/``-0`` are 0 apart and the smallest
+    positive and negative subnormals 2 apart. Returns int64; float64 distances across zero that
+    do not fit saturate at the int64 maximum instead of wrapping around.
+
+    >>> x = torch.tensor([0.0, 1.0, -0.0], dtype=torch.bfloat16)
+    >>> y = torch.tensor([-0.0, 1.0078125, 0.0], dtype=torch.bfloat16)
+    >>> ulp_distance(x, y).tolist()
+    [0, 1, 0]
+    >>> big = torch.tensor([1e300], dtype=torch.float64)
+    >>> ulp_distance(big, -big).item() == torch.iinfo(torch.int64).max
+    True
+    """
+    if a.dtype != b.dtype:
+        raise ValueError(f"ulp_distance needs one dtype, got {a.dtype} and {b.dtype}")
+    oa, ob = _ordered(a), _ordered(b)
+    if a.element_size() < 8:
+        return (oa - ob).abs()  # at most 2^32 apart: exact in int64
+    top = torch.iinfo(torch.int64).max  # |ordered| <= top, so only opposite signs can overflow
+    same = (oa >= 0) == (ob >= 0)
+    ua, ub = oa.abs(), ob.abs()
+    across = torch.where(ub > top - ua, torch.full_like(ua, top), ua + ub)
+    return torch.where(same, (oa - ob).abs(), across)
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    size = x.element_size()
+    i = x.contiguous().view(_INT_VIEW[size]).to(torch.int64)
+    lowest = -(1 << (8 * size - 1))
+    return torch.where(i >= 0, i, lowest - i)
+
+
+#: significant decimal digits that tell any two neighbouring values of a float format apart
+_DIGITS = {8: 17, 4: 9, 2: 5, 1: 3}
+
+
+def show_value(value: float, code: str) -> str:
+    """``value`` (exactly representable in the safetensors float ``code``) as enough decimal digits
+    to differ from its neighbours, followed by its raw bits in hex.
+
+    >>> show_value(0.0430994, "F32"), show_value(-2.0, "F8_E4M3")
+    ('0.0430993997 (0x3d3088ff)', '-2 (0xc0)')
+    """
+    t = torch.tensor([value], dtype=torch.float64).to(to_torch(code))
+    size = t.element_size()
+    digits = 4 if code == "BF16" else _DIGITS[size]
+    bits = int(t.view(_INT_VIEW[size]).item()) & ((1 << (8 * size)) - 1)
+    return f"{float(t.item()):.{digits}g} (0x{bits:0{2 * size}x})"
+
+
+def _error_text(ulp: int, got: float, want: float, unit: str = "ulp") -> str:
+    """``N ulp, relative error R``: the relative error reads sensibly where a distance across zero
+    (or a sign flip) is billions of ulp."""
+    err = abs(got - want)
+    rel = f"relative error {err / abs(want):.3g}" if want != 0 and math.isfinite(want) else f"error {err:.3g}"
+    return f"{ulp} {unit}, {rel}"
+
+
+def _tolerance(code: str) -> int:
+    return 16 if itemsize(code) >= 4 else 1
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``isfinite`` for any float dtype (torch has no fp8 kernel: fp8 is upcast, exactly)."""
+    return torch.isfinite(x.to(torch.float32) if x.element_size() == 1 else x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task side
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """One tensor to check: where it is in the base and in the merged output, and its deltas."""
+
+    key: str
+    base: TensorInfo
+    out: TensorInfo
+    deltas: tuple[Delta, ...] = ()
+    quant: str = ""  #: ``scaled``: the output is scaled fp8 with a fresh scale in ``scale``
+    scale: TensorInfo | None = None  #: the output's scale of a ``scaled`` tensor
+    base_scale: TensorInfo | None = None  #: the base's scale (dequantizes a scaled-fp8 base)
+
+
+@dataclass(frozen=True)
+class CheckGroup:
+    """The work of one task: hash ``hash_path`` (if set) and check ``checks``."""
+
+    index: int
+    checks: tuple[TensorCheck, ...] = ()
+    hash_path: str = ""
+    hash_algo: str = "sha256"  #: ``crc32`` or ``sha256``
+    rows: int = 32  #: sampled rows per merged tensor (ignored with ``full``)
+    full: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValueStats:
+    """How close the recomputed values of one tensor (or of many, ``merge``d) came to the reference.
+
+    >>> a = ValueStats(values=10, worst_ulp=3, worst_key="a", near=0, worst_rel=1e-7, worst_rel_key="a")
+    >>> b = ValueStats(values=5, worst_ulp=900, worst_key="b", near=2, worst_rel=4e-8, worst_rel_key="b")
+    >>> m = a.merge(b)
+    >>> m.values, m.worst_ulp, m.worst_key, m.near, m.worst_rel_key
+    (15, 900, 'b', 2, 'a')
+    """
+
+    values: int = 0  #: values compared with the reference
+    worst_ulp: int = 0  #: the largest ulp distance of any finite compared value, allowance or not
+    worst_key: str = ""
+    near: int = 0  #: values beyond the ulp tolerance that passed by the near-cancellation allowance
+    worst_rel: float = 0.0  #: the largest ``|out - ref| / max|ref|`` (the tensor's largest value)
+    worst_rel_key: str = ""
+
+    def merge(self, other: ValueStats) -> ValueStats:
+        """Both together: counts add up, the worst of each kind (and its key) is kept."""
+        u = max(self, other, key=lambda x: (x.worst_ulp, bool(x.worst_key)))
+        r = max(self, other, key=lambda x: (x.worst_rel, bool(x.worst_rel_key)))
+        return ValueStats(
+            self.values + other.values, u.worst_ulp, u.worst_key, self.near + other.near, r.worst_rel, r.worst_rel_key
+        )
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What a task sends back: small metadata only."""
+
+    index: int
+    tensors: int = 0
+    merged: int = 0
+    rows_compared: int = 0
+    stats: ValueStats = ValueStats()  #: over the merged tensors of the group
+    failures: tuple[tuple[int, int, str], ...] = ()  #: (rank, ulp, message), the first few
+    n_failures: int = 0  #: tensors that failed (including those not listed)
+    digest: str = ""  #: hex checksum of ``hashed`` (``CheckGroup.hash_algo``)
+    hashed: str = ""  #: the file hashed
+
+
+def check_group(group: CheckGroup) -> GroupResult:
+    """Run one verify task (the body of each Ray task; knows nothing about Ray).
+
+    Raises:
+        DistmergeError: a LoRA factor cannot be read (an input problem, not a finding).
+    """
+    fds: dict[str, int] = {}
+    reader = LoraReader()
+    failures: list[tuple[int, int, str]] = []
+    n_failures = merged = rows_compared = 0
+    stats = ValueStats()
+    digest = ""
+    try:
+        if group.hash_path:
+            try:
+                digest = file_digest(group.hash_path, group.hash_algo)
+            except OSError as e:
+                n_failures += 1
+                failures.append((_CHECKSUM, 0, (f"{group.hash_path}: cannot read to checksum ({e.strerror or e})")))
+        for c in group.checks:
+            try:
+                if c.quant and not c.deltas:
+                    found = _check_quantized(c, fds)
+                elif c.deltas:
+                    merged += 1
+                    check = _check_scaled if c.quant else _check_merged
+                    found, one, nrows = check(c, group, fds, reader)
+                    rows_compared += nrows
+                    stats = stats.merge(one)
+                else:
+                    found = _check_untouched(c, fds)
+            except OSError as e:
+                found = [(_STRUCTURE, 0, (f"{c.out.path}: '{c.key}': cannot read ({e.strerror or e})"))]
+            if found:
+                n_failures += 1
+                failures += found
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    failures.sort(key=lambda f: (f[0], -f[1]))
+    return GroupResult(
+        group.index,
+        len(group.checks),
+        merged,
+        rows_compared,
+        stats,
+        tuple(failures[:_MAX_FAILURES]),
+        n_failures,
+        digest,
+        group.hash_path,
+    )
+
+
+def _fd(fds: dict[str, int], path: str) -> int:
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    return fds[path]
+
+
+def _geometry(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, elements per row): rows are the first axis; a 0-d tensor is one row of one."""
+    if not shape:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def _where(shape: tuple[int, ...], row: int) -> str:
+    return "value" if not shape else f"element {row}" if len(shape) == 1 else f"row {row}"
+
+
+def _sample(key: str, n: int, rows: int, seed: int, full: bool) -> list[int]:
+    """Sorted row indices to recompute: all with ``full``, else ``rows`` drawn with a generator
+    seeded from ``seed`` and the key (so the sample does not depend on how tensors are grouped)."""
+    if full or rows >= n:
+        return list(range(n))
+    if rows <= 0:
+        return []
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63))
+    return sorted(torch.randperm(n, generator=g)[:rows].tolist())
+
+
+def _read_rows(fd: int, info: TensorInfo, per: int, rows: Sequence[int]) -> torch.Tensor:
+    """Rows ``rows`` (sorted) of ``info`` as a ``[len(rows), per]`` tensor of its dtype; runs of
+    consecutive rows are read at once."""
+    row_bytes = per * itemsize(info.dtype)
+    parts: list[bytearray] = []
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        parts.append(read_bytes(fd, info.offset + rows[i] * row_bytes, (j - i + 1) * row_bytes))
+        i = j + 1
+    if not parts or row_bytes == 0:
+        return torch.empty((len(rows), per), dtype=to_torch(info.dtype))
+    raw = parts[0] if len(parts) == 1 else bytearray(b"".join(parts))
+    return torch.frombuffer(raw, dtype=to_torch(info.dtype)).reshape(len(rows), per)
+
+
+def _reference_rows(w: torch.Tensor, terms: Sequence[Term], n: int, per: int, rows: Sequence[int]) -> torch.Tensor:
+    """``W + Σ coef·ΔW`` for ``rows`` in float64, computed independently of ``mergemath`` (plain
+    LoRA, ``diff`` and ``set`` terms, whose rows depend only on the same rows of one factor)."""
+    idx = torch.tensor(list(rows), dtype=torch.long)
+    acc = w.to(torch.float64)
+    for t in terms:  # load_terms puts replacements first
+        if t.kind == "set":
+            acc = t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
+        elif t.kind == "diff":
+            acc = acc + t.coef * t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
+        else:
+            up, down = t.get("up"), t.get("down")
+            assert up is not None and down is not None  # row-local LoRA terms have both factors
+            b = up.flatten(1).index_select(0, idx).to(torch.float64)
+            acc = acc + t.coef * (b @ down.flatten(1).to(torch.float64))
+    return acc
+
+
+@dataclass(frozen=True)
+class _Worst:
+    """The compared value with the largest ``|out - ref|`` beyond the ulp tolerance."""
+
+    diff: float
+    ulp: int
+    row: int
+    out: float
+    ref: float
+
+
+class _Compare:
+    """Accumulates the comparison of one merged tensor, chunk by chunk.
+
+    Every finite value counts toward the worst ulp and the worst error relative to ``max|ref|``. A
+    value beyond the ulp tolerance still passes if ``|out - ref| <= _NEAR · max|ref|`` (where W and
+    ΔW cancel); ``max|ref|`` only grows as chunks arrive, so such a value is counted as soon as the
+    running maximum admits it, and the errors not admitted yet wait in ``pending``.
+    """
+
+    def __init__(self, code: str, key: str) -> None:
+        self.code, self.key = code, key
+        self.tol = _tolerance(code)
+        self.ref_max = 0.0
+        self.values = self.worst_ulp = self.near = self.dropped = 0
+        self.max_diff = 0.0
+        self.pending = torch.empty(0, dtype=torch.float64)
+        self.worst: _Worst | None = None
+
+    def add(self, out: torch.Tensor, ref64: torch.Tensor, rows: Sequence[int]) -> None:
+        """Compare ``out`` (``[len(rows), per]``, the output dtype) with the float64 ``ref64``."""
+        if out.numel() == 0:
+            return
+        ref = ref64.to(out.dtype)
+        rf = ref.to(torch.float64)
+        fin_out, fin_ref = _finite(out), torch.isfinite(rf)
+        ulp = ulp_distance(out, ref)
+        diff = (out.to(torch.float64) - rf).abs()
+        self.values += out.numel()
+        if bool(fin_ref.any()):
+            self.ref_max = max(self.ref_max, float(rf[fin_ref].abs().max()))
+        if bool(fin_out.any()):  # non-finite outputs are reported by the finite pass
+            self.worst_ulp = max(self.worst_ulp, int(ulp[fin_out].max()))
+        both = fin_out & fin_ref
+        if bool(both.any()):
+            self.max_diff = max(self.max_diff, float(diff[both].max()))
+        bad = (ulp > self.tol) & fin_out
+        if bool(bad.any()):
+            err = torch.where(fin_ref, diff, math.inf)
+            self.pending = torch.cat([self.pending, err[bad]])
+            flat = int(torch.where(bad, err, -1.0).reshape(-1).argmax())
+            r, col = divmod(flat, out.shape[1])
+            if self.worst is None or float(err[r, col]) > self.worst.diff:
+                self.worst = _Worst(
+                    float(err[r, col]), int(ulp[r, col]), rows[r], float(out[r, col]), float(rf[r, col])
+                )
+        self._settle()
+
+    def _settle(self) -> None:
+        keep = self.pending > _NEAR * self.ref_max
+        self.near += int((~keep).sum())
+        self.pending = self.pending[keep]
+        if self.pending.numel() > _PENDING:  # a wrong LoRA: keep the smallest (only the count suffers)
+            self.dropped += self.pending.numel() - _PENDING
+            self.pending = torch.topk(self.pending, _PENDING, largest=False, sorted=False).values
+
+    def result(self) -> tuple[ValueStats, _Worst | None, int]:
+        """(statistics, the worst failing value or None, how many values fail)."""
+        failing = self.worst is not None and self.worst.diff > _NEAR * self.ref_max
+        near = self.near + (0 if failing else self.pending.numel() + self.dropped)
+        rel = self.max_diff / self.ref_max if self.ref_max > 0 else 0.0 if self.max_diff == 0 else math.inf
+        stats = ValueStats(
+            self.values, self.worst_ulp, self.key if self.values else "", near, rel, self.key if self.values else ""
+        )
+        if not failing:
+            return stats, None, 0
+        return stats, self.worst, int(self.pending.numel()) + self.dropped
+
+    def failure(self, shape: tuple[int, ...], name: str) -> list[tuple[int, int, str]]:
+        """The failure of this tensor (of ``shape``, in file ``name``); empty when it passes."""
+        _, w, n = self.result()
+        if w is None:
+            return []
+        return [
+            (
+                _VALUE,
+                w.ulp,
+                (
+                    f"{self.key} {_where(shape, w.row)}: {show_value(w.out, self.code)} vs expected "
+                    f"{show_value(w.ref, self.code)} ({_error_text(w.ulp, w.out, w.ref)}; "
+                    f"{n} of {self.values} compared values beyond tolerance) ({name})"
+                ),
+            )
+        ]
+
+
+def _check_merged(
+    c: TensorCheck, g: CheckGroup, fds: dict[str, int], reader: LoraReader
+) -> tuple[list[tuple[int, int, str]], ValueStats, int]:
+    """Finite check over all values, then sampled rows against the float64 reference.
+    Returns (failures, statistics, rows compared)."""
+    b, o = c.base, c.out
+    n, per = _geometry(b.shape)
+    if n * per == 0:
+        return [], ValueStats(), 0
+    name = os.path.basename(o.path)
+    out_fd, base_fd = _fd(fds, o.path), _fd(fds, b.path)
+    sample = _sample(c.key, n, g.rows, g.seed, g.full)
+    terms = load_terms(c.deltas, reader.read)
+    full_ref = None
+    if not all(d.row_local for d in c.deltas):  # DoRA, LoHa, LoKr, …: whole tensor in float64
+        w = _read_rows(base_fd, b, per, range(n)).reshape(b.shape)
+        full_ref = merge_tensor(w.to(torch.float64), terms, out_dtype=torch.float64).reshape(n, per)
+    cmp = _Compare(o.dtype, c.key)
+    failures: list[tuple[int, int, str]] = []
+    step = max(1, _CHUNK // max(1, per * 8))
+    s = 0
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        out = _read_rows(out_fd, o, per, range(r0, r1))
+        if not failures:
+            failures += _nonfinite(c, out, r0, per, name)
+        e = s
+        while e < len(sample) and sample[e] < r1:
+            e += 1
+        rows = sample[s:e]
+        s = e
+        if not rows:
+            continue
+        out_rows = out.index_select(0, torch.tensor([r - r0 for r in rows], dtype=torch.long))
+        if full_ref is not None:
+            ref = full_ref.index_select(0, torch.tensor(rows, dtype=torch.long))
+        else:
+            ref = _reference_rows(_read_rows(base_fd, b, per, rows), terms, n, per, rows)
+        cmp.add(out_rows, ref, rows)
+    return failures + cmp.failure(b.shape, name), cmp.result()[0], len(sample)
+
+
+def _nonfinite(c: TensorCheck, out: torch.Tensor, r0: int, per: int, name: str) -> list[tuple[int, int, str]]:
+    """The first non-finite value of a chunk of output rows starting at row ``r0``, as a failure."""
+    bad = ~_finite(out)
+    if not bool(bad.any()):
+        return []
+    flat = int(bad.reshape(-1).nonzero()[0])
+    value = float(out.reshape(-1)[flat])
+    return [(_NONFINITE, 0, f"{c.key} {_where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
+
+
+def _read_scalar(fds: dict[str, int], info: TensorInfo) -> torch.Tensor:
+    """A one-element tensor as a float32 0-d tensor."""
+    raw = read_bytes(_fd(fds, info.path), info.offset, info.nbytes)
+    return torch.frombuffer(raw, dtype=to_torch(info.dtype)).to(torch.float32).reshape(())
+
+
+def _check_scaled(
+    c: TensorCheck, g: CheckGroup, fds: dict[str, int], reader: LoraReader
+) -> tuple[list[tuple[int, int, str]], ValueStats, int]:
+    """A merged scaled-fp8 tensor: finite, a fresh scale (its largest code is ±fp8_max), and sampled
+    rows of ``(W·s0 + Σ coef·ΔW) / s`` (float64) within 1 fp8 ulp of the output codes."""
+    b, o = c.base, c.out
+    assert c.scale is not None
+    n, per = _geometry(b.shape)
+    name = os.path.basename(o.path)
+    fmax = FP8_MAX[o.dtype]
+    s = _read_scalar(fds, c.scale)
+    s0 = _read_scalar(fds, c.base_scale) if c.base_scale is not None else None
+    q = _read_rows(_fd(fds, o.path), o, per, range(n))
+    qf = q.to(torch.float32)
+    scale = show_value(float(s), c.scale.dtype)
+    if not bool(torch.isfinite(qf).all()) or not (math.isfinite(float(s)) and float(s) > 0):
+        flat = int((~torch.isfinite(qf)).reshape(-1).nonzero()[0]) if not bool(torch.isfinite(qf).all()) else 0
+        return (
+            [
+                (
+                    _NONFINITE,
+                    0,
+                    (
+                        f"{c.key} {_where(b.shape, flat // per)}: value {float(qf.reshape(-1)[flat])} "
+                        f"× scale {scale} is not finite ({name})"
+                    ),
+                )
+            ],
+            ValueStats(),
+            0,
+        )
+    top = float(qf.abs().max()) if qf.numel() else 0.0
+    if top != fmax and not (top == 0.0 and float(s) == 1.0):
+        return (
+            [
+                (
+                    _VALUE,
+                    0,
+                    (
+                        f"{c.key}: largest |code| is {top:g}, expected {fmax:g} (a fresh scale "
+                        f"amax/{fmax:g}; the scale is {scale}) ({name})"
+                    ),
+                )
+            ],
+            ValueStats(),
+            0,
+        )
+    sample = _sample(c.key, n, g.rows, g.seed, g.full)
+    if not sample:
+        return [], ValueStats(), 0
+    terms = load_terms(c.deltas, reader.read)
+    w = _read_rows(_fd(fds, b.path), b, per, range(n) if not all(d.row_local for d in c.deltas) else sample)
+    w = w.to(torch.float32) * s0 if s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
+    if all(d.row_local for d in c.deltas):
+        ref = _reference_rows(w, terms, n, per, sample)
+    else:
+        full = merge_tensor(w.reshape(b.shape).to(torch.float64), terms, out_dtype=torch.float64)
+        ref = full.reshape(n, per).index_select(0, torch.tensor(sample, dtype=torch.long))
+    ref = (ref / float(s)).clamp(-fmax, fmax)
+    cmp = _Compare(o.dtype, c.key)
+    cmp.add(q.index_select(0, torch.tensor(sample, dtype=torch.long)), ref, sample)
+    stats, w_, nbad = cmp.result()
+    if w_ is None:
+        return [], stats, len(sample)
+    sf = float(s)
+    return (
+        [
+            (
+                _VALUE,
+                w_.ulp,
+                (
+                    f"{c.key} {_where(b.shape, w_.row)}: code {show_value(w_.out, o.dtype)} vs expected "
+                    f"{show_value(w_.ref, o.dtype)} at scale {scale}, i.e. {w_.out * sf:.9g} vs "
+                    f"{w_.ref * sf:.9g} ({_error_text(w_.ulp, w_.out, w_.ref, 'fp8 ulp')}; {nbad} of "
+                    f"{stats.values} compared values beyond tolerance) ({name})"
+                ),
+            )
+        ],
+        stats,
+        len(sample),
+    )
+
+
+def _check_quantized(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:
+    """A tensor ``--dtype fp8_*`` quantized without deltas: weight and scale bytes equal the base
+    quantized (deterministic round-to-nearest, fresh scale)."""
+    b, o = c.base, c.out
+    assert c.scale is not None
+    n, per = _geometry(b.shape)
+    w = _read_rows(_fd(fds, b.path), b, per, range(n)).to(torch.float32)
+    want_q, want_s = quantize(w, o.dtype, scale_dtype=to_torch(c.scale.dtype))
+    got = read_bytes(_fd(fds, o.path), o.offset, o.nbytes)
+    got_s = read_bytes(_fd(fds, c.scale.path), c.scale.offset, c.scale.nbytes)
+    if bytes(got_s) != want_s.reshape(-1).view(torch.uint8).numpy().tobytes():
+        sd = c.scale.dtype
+        got_v = float(torch.frombuffer(got_s, dtype=to_torch(sd))[0].item())
+        return [
+            (
+                _UNTOUCHED,
+                0,
+                (
+                    f"{c.scale.key}: scale {show_value(got_v, sd)} vs expected "
+                    f"{show_value(float(want_s.reshape(-1)[0]), sd)} (amax/{FP8_MAX[o.dtype]:g} of the "
+                    f"base '{c.key}') ({os.path.basename(c.scale.path)})"
+                ),
+            )
+        ]
+    want = bytearray(want_q.reshape(-1).view(torch.uint8).numpy().tobytes())
+    found = _first_difference(got, want, o.dtype)
+    if found is None:
+        return []
+    elem, text = found
+    return [
+        (
+            _UNTOUCHED,
+            0,
+            (
+                f"{c.key} {_where(b.shape, elem // max(1, per))}: code {text}: differs from the base "
+                f"quantized to {o.dtype} ({os.path.basename(o.path)})"
+            ),
+        )
+    ]
+
+
+def _first_difference(got: bytearray, want: bytearray, code: str) -> tuple[int, str] | None:
+    """The first element (of dtype ``code``) where two equal-length buffers differ, as ``(index,
+    "GOT vs expected WANT (N ulp, …)")``; None when they are equal."""
+    diff = torch.frombuffer(got, dtype=torch.uint8) != torch.frombuffer(want, dtype=torch.uint8)
+    if not bool(diff.any()):
+        return None
+    size = itemsize(code)
+    elem = int(diff.nonzero()[0]) // size
+    g = torch.frombuffer(got, dtype=to_torch(code))[elem : elem + 1]
+    w = torch.frombuffer(want, dtype=to_torch(code))[elem : elem + 1]
+    gv, wv = float(g.to(torch.float64)), float(w.to(torch.float64))
+    u = int(ulp_distance(g, w))
+    unit = "fp8 ulp" if size == 1 else "ulp"
+    return elem, f"{show_value(gv, code)} vs expected {show_value(wv, code)} ({_error_text(u, gv, wv, unit)})"
+
+
+def _check_untouched(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:
+    """Byte compare with the base (converted to the output dtype when it differs)."""
+    b, o = c.base, c.out
+    if o.nbytes == 0:
+        return []
+    out_fd, base_fd = _fd(fds, o.path), _fd(fds, b.path)
+    _n, per = _geometry(b.shape)
+    src_size, out_size = itemsize(b.dtype), itemsize(o.dtype)
+    step = max(1, _CHUNK // max(src_size, out_size, 1))  # elements per chunk
+    total = b.numel if b.shape else 1
+    for e0 in range(0, total, step):
+        cnt = min(step, total - e0)
+        got = read_bytes(out_fd, o.offset + e0 * out_size, cnt * out_size)
+        raw = read_bytes(base_fd, b.offset + e0 * src_size, cnt * src_size)
+        if b.dtype == o.dtype:
+            want = raw
+        else:
+            want = bytearray(
+                torch.frombuffer(raw, dtype=to_torch(b.dtype))
+                .to(to_torch(o.dtype))
+                .contiguous()
+                .view(torch.uint8)
+                .numpy()
+                .tobytes()
+            )
+        found = None if got == want else _first_difference(got, want, o.dtype)
+        if found is None:
+            continue
+        elem, text = found
+        r = (e0 + elem) // max(1, per)
+        what = "the base" if b.dtype == o.dtype else f"the base converted to {o.dtype}"
+        return [
+            (
+                _UNTOUCHED,
+                0,
+                (
+                    f"{c.key} {_where(b.shape, r)}: {text}: untouched tensor differs from {what} "
+                    f"({os.path.basename(o.path)})"
+                ),
+            )
+        ]
+    return []

@@ -1,0 +1,443 @@
+"""Execute one work unit: read its base byte ranges and LoRA factors, merge, write bytes.
+
+This is the body of every Ray task, but it knows nothing about Ray: tests call it directly.
+
+* Tensors no delta touches are copied file-to-file in the kernel (``copy_file_range``), never decoded.
+* Big tensors are streamed in row chunks of about ``CHUNK_BYTES`` of float32: a LoRA delta's rows
+  only need the matching rows of B, so a task never holds more than a few chunks, whatever the
+  model size. Chunk boundaries depend only on the tensor's shape, so the bytes written never depend
+  on how the work was split.
+* Reads, math and writes overlap: one I/O thread prefetches the next chunk and writes finished ones
+  while the main thread computes (``preadv``/``pwrite`` and torch kernels release the GIL).
+* Merged bytes go to the disk with O_DIRECT where the filesystem allows it (``writer.OutputFile``):
+  each output buffer is placed at the same offset within a 4 KiB block as its bytes' place in the
+  file, so every whole block of it can be written without a copy through the page cache.
+* Merged values are checked to be finite before they are written.
+* A scaled-fp8 weight (``PlannedTensor.quant``) is merged whole: dequantized with its base scale,
+  merged in float32 and rounded once to fp8 with a fresh scale, which the same task writes into
+  the scale tensor laid out right after it (``fp8.quantize``).
+
+Example:
+    >>> # given a plan from distmerge.plan.make_plan and a prepared part file:
+    >>> # result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.distmerge-part")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+
+from distmerge.errors import DistmergeError, ShardWriteError
+from distmerge.formats.normalize import Delta
+from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.lorafile import LoraReader
+from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.plan.merge_plan import CHUNK_BYTES, PlannedTensor, WorkUnit
+from distmerge.tasks.checksum import crc32, crc_range
+from distmerge.tasks.fp8 import quantize
+from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
+from distmerge.tasks.writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
+
+__all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
+
+_WRITE_BACKLOG = 2
+#: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
+_MIN_ROWS = 16
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a task sends back: small metadata only, never tensors."""
+
+    index: int
+    shard: str
+    nbytes: int
+    seconds: float
+    device: str
+    merged: int  #: tensors that received deltas
+    crc32: int = 0  #: CRC-32 of every byte of the unit's output range, in file order
+    node_id: str = ""
+    started: float = 0.0  #: ``time.time()`` when the task began (for the report's timeline)
+    direct_bytes: int = 0  #: of ``nbytes``, written with O_DIRECT (the rest via the page cache)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``offset`` with ``preadv`` (which may return less than asked)."""
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise OSError(5, f"unexpected end of file at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
+def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
+    """Read exactly ``nbytes`` at ``offset`` into a fresh buffer."""
+    buf = bytearray(nbytes)
+    _pread_exact(fd, memoryview(buf), offset)
+    return buf
+
+
+def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 tensor ``buf`` from ``offset`` (no intermediate copy)."""
+    _pread_exact(fd, buf.numpy().data.cast("B"), offset)
+
+
+def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` covering ``shape[0]`` with about ``chunk_bytes`` of float32 each.
+
+    >>> row_chunks((40, 4), chunk_bytes=256)
+    [(0, 16), (16, 32), (32, 40)]
+    """
+    if len(shape) < 2 or shape[0] == 0:
+        return [(0, shape[0] if shape else 1)]
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    per = max(_MIN_ROWS, chunk_bytes // (4 * math.prod(shape[1:])))
+    return [(r, min(r + per, shape[0])) for r in range(0, shape[0], per)]
+
+
+def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
+    """Load each delta's factors with ``read(path, key)``; replacements (``set``) come first."""
+    terms = []
+    for d in sorted(deltas, key=lambda d: d.kind != "set"):
+        try:
+            factors = tuple(read(f.path, f.key) for f in d.factors)
+        except DistmergeError:
+            raise
+        except Exception as e:  # a factor that existed at plan time but cannot be read now
+            raise ShardWriteError(
+                f"{d.source}: cannot read factor for '{d.target}' ({type(e).__name__}: {e})"
+            ) from None
+        for f, t in zip(d.factors, factors):  # even at weight 0: a NaN factor is a broken file
+            if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.dtype.itemsize == 1 else t).all()):
+                raise ShardWriteError(
+                    f"merged tensor '{d.target}' would hold NaN/Inf values: '{f.key}' in "
+                    f"{d.source} holds NaN/Inf (a damaged file, or saved after a diverged step)"
+                )
+        terms.append(Term(d.kind, d.coef, factors, tuple(f.role for f in d.factors), d.transpose, d.dora, d.strength))
+    return terms
+
+
+def _chunkable(t: PlannedTensor) -> bool:
+    """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
+    exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
+    return len(t.shape) >= 2 and not t.whole
+
+
+def _slice_rows(t: Term, r0: int, r1: int) -> Term:
+    if t.kind == "lora":
+        rows = {"up": t.factor("up").flatten(1)[r0:r1], "down": t.factor("down")}
+        return Term("lora", t.coef, (rows["down"], rows["up"]), ("down", "up"), strength=t.strength)
+    (d,) = t.factors
+    return Term(t.kind, t.coef, (d[r0:r1],), t.roles, strength=t.strength)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One piece of output: rows ``[r0, r1)`` of tensor ``t`` (or the whole tensor)."""
+
+    t: PlannedTensor
+    r0: int
+    r1: int
+    terms: tuple[Term, ...] = ()
+
+
+def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
+    """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
+    if t.out_nbytes == 0 or t.action in ("copy", "derived") or not _chunkable(t):
+        return [(0, t.shape[0] if t.shape else 1)]
+    return row_chunks(t.shape)
+
+
+def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
+    for t in unit.tensors:
+        terms: tuple[Term, ...] = ()
+        if t.deltas and t.action != "copy":  # factors upcast once per tensor, not once per chunk
+            cdt = torch.float64 if t.src_dtype == "F64" else torch.float32
+            terms = tuple(
+                replace(x, factors=tuple(f.to(cdt) for f in x.factors)) for x in load_terms(t.deltas, reader.read)
+            )
+        pieces = _pieces(t)
+        for r0, r1 in pieces:
+            sliced = tuple(_slice_rows(x, r0, r1) for x in terms) if len(pieces) > 1 else terms
+            yield _Job(t, r0, r1, sliced)
+
+
+class _Ring:
+    """A fixed ring of reusable byte buffers: fresh 30 MB allocations cost more in page faults
+    than the arithmetic done on them, so each task allocates its working buffers once."""
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self._bufs = [torch.empty(max(nbytes, 1) + DIRECT_ALIGN, dtype=torch.uint8) for _ in range(count)]
+        self._i = 0
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...], file_offset: int | None = None) -> torch.Tensor:
+        """The next buffer as a ``dtype`` tensor of ``shape``; with ``file_offset``, placed at the
+        same position within a ``DIRECT_ALIGN`` block as that offset (for O_DIRECT writes)."""
+        buf = self._bufs[self._i % len(self._bufs)]
+        self._i += 1
+        n = math.prod(shape) * dtype.itemsize
+        shift = 0
+        if file_offset is not None:
+            shift = (file_offset - buf.data_ptr()) % DIRECT_ALIGN
+            if shift % dtype.itemsize:  # an oddly placed tensor: no direct write, just a valid view
+                shift = 0
+        return buf[shift : shift + n].view(dtype).reshape(shape)
+
+
+def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
+    """Largest (source, output, float32) bytes of any piece of ``unit``."""
+    src = out = acc = 0
+    for t in unit.tensors:
+        if t.action in ("copy", "derived") or t.out_nbytes == 0:
+            continue
+        r0, r1 = max(_pieces(t), key=lambda p: p[1] - p[0])
+        rows = (r1 - r0) if len(t.shape) >= 1 else 1
+        per_row = math.prod(t.shape[1:]) if len(t.shape) >= 1 else 1
+        src = max(src, rows * per_row * itemsize(t.src_dtype))
+        out = max(out, rows * per_row * itemsize(t.out_dtype))
+        acc = max(acc, rows * per_row * 8)
+    return src, out, acc
+
+
+def _byte_range(t: PlannedTensor, r0: int, r1: int, *, out: bool) -> tuple[int, int]:
+    if len(t.shape) < 2:
+        return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
+    row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
+    start = t.out_offset if out else t.src_offset
+    return start + r0 * row, (r1 - r0) * row
+
+
+class _Files:
+    """Input file descriptors, opened once per unit."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring, out_ring: _Ring) -> torch.Tensor:
+    """The output bytes of one piece, in a buffer of ``out_ring`` (never aliasing ``raw``)."""
+    t = job.t
+    rows = job.r1 - job.r0
+    shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
+    w = raw.view(to_torch(t.src_dtype)).reshape(shape)
+    out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=_byte_range(t, job.r0, job.r1, out=True)[0])
+    if not job.terms:
+        return out.copy_(w)
+    if device.type == "cuda":
+        w = w.pin_memory().to(device, non_blocking=True)
+        acc = None
+    else:
+        acc = acc_ring.take(torch.float64 if t.src_dtype == "F64" else torch.float32, shape)
+    try:
+        if acc is None:  # GPU: accumulate and round on the device, then copy into the host buffer
+            return out.copy_(merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True))
+        return merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc, out=out)
+    except NonFiniteError as e:
+        raise _nonfinite(t, e) from None
+
+
+def _nonfinite(t: PlannedTensor, e: NonFiniteError) -> ShardWriteError:
+    if not t.deltas:
+        return ShardWriteError(f"{t.src_path}: '{t.key}' has NaN/Inf values ({e}); cannot quantize it to {t.out_dtype}")
+    sources = ", ".join(sorted({d.source for d in t.deltas}))
+    what = f"overflows {t.out_dtype}" if isinstance(e, OutOfRangeError) else "has NaN/Inf values"
+    return ShardWriteError(
+        f"merged tensor '{t.key}' {what} after adding deltas from "
+        f"{sources} ({e}; check the LoRA factors and --weight/--alpha)"
+    )
+
+
+def _read_scale(fd: int, src: tuple[str, int, str]) -> torch.Tensor:
+    """The base scale at ``src`` ((path, offset, dtype) of a one-element tensor) as float32 0-d."""
+    _, offset, code = src
+    raw = read_bytes(fd, offset, itemsize(code))
+    return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
+
+
+def _compute_scaled(
+    job: _Job,
+    raw: torch.Tensor,
+    device: torch.device,
+    acc_ring: _Ring,
+    out_ring: _Ring,
+    scale0: torch.Tensor | None,
+    scale_out: PlannedTensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 bytes of a whole ``scaled`` tensor and its fresh scale (``scale_out``'s dtype and
+    shape): ``W = w.float() * scale0`` (``w.float()`` without a base scale), ``+ Σ coef·ΔW`` in
+    float32, one rounding to fp8."""
+    t = job.t
+    w = raw.view(to_torch(t.src_dtype)).reshape(t.shape)
+    out = out_ring.take(to_torch(t.out_dtype), t.shape, file_offset=t.out_offset)
+    if device.type == "cuda":
+        acc = w.pin_memory().to(device, non_blocking=True).to(torch.float32)
+    else:
+        acc = acc_ring.take(torch.float32, t.shape)
+        acc.copy_(w)
+    if scale0 is not None:
+        acc.mul_(scale0.to(acc.device))
+    try:
+        if job.terms:
+            merge_tensor(acc, job.terms, out_dtype=torch.float32, inplace=True, check_finite=True)
+        q, scale = quantize(
+            acc,
+            t.out_dtype,
+            scale_dtype=to_torch(scale_out.out_dtype),
+            inplace=True,
+            out=None if device.type == "cuda" else out,
+        )
+    except NonFiniteError as e:
+        raise _nonfinite(t, e) from None
+    if q is not out:
+        out.copy_(q)
+    return out, scale.reshape(scale_out.shape).contiguous()
+
+
+def run_unit(
+    unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None, direct_io: bool = True
+) -> UnitResult:
+    """Fill ``unit``'s tensors of the prepared output file ``dest``.
+
+    The bytes are not fsynced here: each shard is fsynced once, after it is checksummed
+    (``output.ShardHasher``), before anything is published; a resumed run re-checks every unit's
+    CRC, so a unit lost in a crash before that fsync is simply redone.
+
+    Args:
+        unit: from the plan.
+        dest: the part file the driver created with ``writer.create_file``.
+        device: ``cpu`` or ``cuda`` (the task's visible GPU).
+        threads: torch intra-op threads for CPU math (the task's CPUs).
+        direct_io: write whole blocks with O_DIRECT where the filesystem allows it (the driver
+            turns it off while something reads the part files during the run).
+
+    Raises:
+        ShardWriteError: an input could not be read, the output could not be written, or a merged
+            tensor is not finite. The message names the file and key.
+    """
+    start, started = time.perf_counter(), time.time()
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    dev = torch.device(device)
+    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the delta to 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    files = _Files()
+    reader = LoraReader()
+    merged: set[str] = set()
+    crc = 0
+    current = [dest, ""]  # (file, key) for error messages
+    sink: OutputFile | None = None
+    direct = 0
+    try:
+        sink = OutputFile(dest, direct=direct_io)
+        with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
+            src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
+            read_ring = _Ring(src_bytes, 2)  # the piece being computed + the one being read
+            acc_ring = _Ring(acc_bytes, 1)
+            out_ring = _Ring(out_bytes, _WRITE_BACKLOG + 2)  # queued writes + the one being filled
+
+            def read(job: _Job) -> torch.Tensor | None:
+                t = job.t
+                if t.out_nbytes == 0 or t.action in ("copy", "derived"):
+                    return None
+                off, n = _byte_range(t, job.r0, job.r1, out=False)
+                buf = read_ring.take(torch.uint8, (n,))
+                read_into(files.fd(t.src_path), off, buf)
+                return buf
+
+            def write(job: _Job, out: torch.Tensor | None) -> None:
+                t = job.t
+                if t.out_nbytes == 0:
+                    return
+                if out is None:
+                    copy_range(files.fd(t.src_path), t.src_offset, sink.fd, t.out_offset, t.src_nbytes)
+                    return
+                off, _ = _byte_range(t, job.r0, job.r1, out=True)
+                sink.write(tensor_bytes(out), off, out.data_ptr())
+
+            by_key = {t.key: t for t in unit.tensors}
+            scales0 = {
+                t.key: _read_scale(files.fd(t.scale_src[0]), t.scale_src)
+                for t in unit.tensors
+                if t.quant and t.scale_src
+            }
+            derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
+            jobs = _jobs(unit, reader)
+            job = next(jobs, None)
+            nxt: Future | None = io.submit(read, job) if job else None
+            writes: deque[Future] = deque()
+            while job is not None:
+                current[:] = [job.t.src_path, job.t.key]
+                assert nxt is not None  # set whenever job is
+                raw = nxt.result()
+                following = next(jobs, None)
+                nxt = io.submit(read, following) if following else None
+                t = job.t
+                out: torch.Tensor | None
+                if t.derived_from:
+                    out = derived.pop(t.key)
+                elif raw is not None and t.quant:
+                    out, derived[t.scale_key] = _compute_scaled(
+                        job, raw, dev, acc_ring, out_ring, scales0.get(t.key), by_key[t.scale_key]
+                    )
+                else:
+                    out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
+                if out is not None:
+                    crc = crc32(tensor_bytes(out), crc)
+                elif job.t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes
+                    crc = crc_range(files.fd(job.t.src_path), job.t.src_offset, job.t.src_nbytes, crc)
+                if job.terms:
+                    merged.add(job.t.key)
+                writes.append(io.submit(write, job, out))
+                while len(writes) > _WRITE_BACKLOG:
+                    writes.popleft().result()
+                job = following
+            for w in writes:
+                w.result()
+    except DistmergeError:
+        raise
+    except OSError as e:
+        where = f"{current[0]}: '{current[1]}'" if current[1] else current[0]
+        raise ShardWriteError(f"{where}: {e.strerror or e}") from None
+    finally:
+        files.close()
+        if sink is not None:
+            direct = sink.direct_bytes
+            sink.close()
+    return UnitResult(
+        unit.index,
+        unit.shard,
+        unit.nbytes,
+        time.perf_counter() - start,
+        dev.type,
+        len(merged),
+        crc,
+        started=started,
+        direct_bytes=direct,
+    )
+
+
+def unit_crc32(unit: WorkUnit, dest: str) -> int:
+    """Re-read ``unit``'s output range of ``dest`` and CRC it (what ``run_unit`` reported when the
+    bytes are intact; a resumed run keeps a unit only then)."""
+    fd = os.open(dest, os.O_RDONLY)
+    try:  # a unit's tensors are one contiguous range of the shard
+        return crc_range(fd, unit.tensors[0].out_offset, unit.nbytes) if unit.tensors else 0
+    finally:
+        os.close(fd)
