@@ -1,8 +1,9 @@
 """distmerge: fold LoRA adapters into base checkpoints with Ray tasks, streaming, in float32.
 
-Example:
-    >>> import distmerge
-    >>> # distmerge.merge("base_dir", ["lora.safetensors", ("other.pth", 0.5)], "out_dir", dtype="bf16")
+Example (prose, not run: it needs real checkpoints)::
+
+    import distmerge
+    distmerge.merge("base_dir", ["lora.safetensors", ("other.pth", 0.5)], "out_dir", dtype="bf16")
 """
 
 from __future__ import annotations

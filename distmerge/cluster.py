@@ -20,8 +20,8 @@ Dispatch (``run_units``) keeps at most ``workers`` tasks in flight, collects res
 order, and on the first failure or Ctrl-C force-cancels everything still pending.
 
 Example:
-    >>> # with RaySession() as s:
-    >>> #     results = run_units(plan.units, dests, settings=s.settings(device="auto"))
+        with RaySession() as s:
+            results = run_units(plan.units, dests, settings=s.settings(device="auto"))
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The driver: ``merge()`` runs the whole job (headers -> deltas -> plan -> Ray tasks -> publish).
 
 Example:
-    >>> # import distmerge
-    >>> # report = distmerge.merge("Wan2.2-T2V-A14B/low_noise_model", ["diffusion_module.pth"],
-    >>> #                          "merged/low_noise_model", dtype="bf16")
-    >>> # print(report.summary_line())
+        import distmerge
+        report = distmerge.merge("Wan2.2-T2V-A14B/low_noise_model", ["diffusion_module.pth"],
+                                 "merged/low_noise_model", dtype="bf16")
+        print(report.summary_line())
 """
 
 from __future__ import annotations

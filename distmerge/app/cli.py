@@ -5,8 +5,8 @@ argparse's own errors, exits 2); Ctrl-C exits 130 after cancelling the Ray tasks
 files, however stdout and stderr are redirected.
 
 Example:
-    >>> # distmerge merge --base Wan2.2-T2V-A14B/low_noise_model --lora diffusion_module.pth \\
-    >>> #     --output merged/low_noise_model --dtype bf16 --report report.json
+        distmerge merge --base Wan2.2-T2V-A14B/low_noise_model --lora diffusion_module.pth \\
+            --output merged/low_noise_model --dtype bf16 --report report.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``distmerge demo``: generate a small Wan2.2-shaped checkpoint and a ROLL LoRA, merge, check.
 
 Example:
-    >>> # python -m distmerge demo --dir /tmp/distmerge-demo
+        python -m distmerge demo --dir /tmp/distmerge-demo
 """
 
 from __future__ import annotations

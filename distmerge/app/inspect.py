@@ -5,7 +5,7 @@ the detected layout, module groups (digits folded to ``N``) with kind, rank, α 
 ``c``, and — given a base — matched/unmatched counts with every shape checked.
 
 Example:
-    >>> # distmerge inspect --lora high_noise_model.safetensors --base Wan2.2-I2V-A14B/high_noise_model
+        distmerge inspect --lora high_noise_model.safetensors --base Wan2.2-I2V-A14B/high_noise_model
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ class Writeback:
     so the disk works while later units compute and the final fsync finds little left to write.
 
     Example:
-        >>> # wb = Writeback(); wb.unit_done(part, start, nbytes); ...; wb.close(); fsync_files(parts)
+            wb = Writeback(); wb.unit_done(part, start, nbytes); ...; wb.close(); fsync_files(parts)
     """
 
     def __init__(self) -> None:

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -326,7 +325,3 @@ def _planned(
 def describe(plan: MergePlan) -> str:
     """One line: shards, units, bytes (for logs)."""
     return f"{len(plan.shards)} shard(s), {len(plan.units)} work unit(s), {plan.total_size / 1e9:.2f} GB"
-
-
-def output_paths(plan: MergePlan, out_dir: str) -> list[str]:
-    return [os.path.join(out_dir, s.name) for s in plan.shards]

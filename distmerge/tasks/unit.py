@@ -18,8 +18,8 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
   the scale tensor laid out right after it (``fp8.quantize``).
 
 Example:
-    >>> # given a plan from distmerge.plan.make_plan and a prepared part file:
-    >>> # result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.distmerge-part")
+        given a plan from distmerge.plan.make_plan and a prepared part file:
+        result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.distmerge-part")
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ class OutputFile:
     (``--checksum sha256``, ``--resume``).
 
     Example:
-        >>> # out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()
+            out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()
     """
 
     def __init__(self, path: str, *, direct: bool = True) -> None:
