@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark distmerge against the I/O floor (``cp -r``) and the ROLL seed merge script.
+"""Benchmark distmerge against the I/O floor (``cp -r && sync``) and one-process merge scripts.
 
 What it does:
 
@@ -7,26 +7,43 @@ What it does:
    (``WanConfig(dim=5120, ffn=13824, blocks=--blocks, in_dim=16, text_dim=4096, freq_dim=256)``,
    ``--dtype bf16|fp32``, ``--shards`` shards) and a rank-``--rank`` ROLL-layout LoRA (``.pth``,
    bf16) on the 10 linear layers of every block. 8 blocks in bf16 is about 6.1 GB.
-2. For ``--repeats`` rounds, runs each method once, interleaved (cp, distmerge, seed, cp, ...):
+2. For ``--repeats`` rounds, runs each method once, interleaved (cp, distmerge, seed, seed-fp32,
+   cp, ...):
 
-   * ``cp``        — ``cp -r BASE DEST`` (the I/O floor);
-   * ``distmerge`` — ``distmerge merge --base BASE --lora LORA --output DEST -q [--distmerge-args]``;
-   * ``seed``      — ``benchmarks/seed_merge.py`` (whole-model load, bf16 merge, one ``save_file``).
+   * ``cp``        — ``sh -c 'cp -r BASE DEST && sync'``: a durable copy, the I/O floor (distmerge
+     fsyncs what it writes, so the floor has to reach the disk too);
+   * ``distmerge`` — ``distmerge merge --base BASE --lora LORA --output DEST -q --report FILE
+     [--distmerge-args]``;
+   * ``seed``      — ``benchmarks/seed_merge.py`` (whole-model load, bf16 merge, one ``save_file``);
+   * ``seed-fp32`` — ``benchmarks/seed_merge.py --math fp32``: the same one-process algorithm with
+     float32 math and one rounding (what a careful one-process script does).
 
    Every command is a subprocess writing into a fresh ``DEST`` on the same file system as the
    base. Before each command the previous output is removed (``rm -rf``), ``sync`` is run, and with
    ``--drop-caches`` the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``; failure is
    recorded, not fatal). The timed wall includes a trailing ``sync`` (reported separately as
-   ``sync_s``), because distmerge fsyncs its output while ``cp`` and the seed do not; pass
-   ``--no-sync-in-timing`` to time the command alone.
-3. Prints medians per method, the ratios distmerge/cp and seed/distmerge (time) and
-   seed RSS / distmerge RSS, and machine facts; ``--json FILE`` gets the same plus every run.
+   ``sync_s``), because distmerge fsyncs its output while the seeds do not (``cp`` syncs in its
+   own command, so its trailing sync is ~0); pass ``--no-sync-in-timing`` to time the command
+   alone.
+3. Reads each distmerge run's ``--report`` JSON and puts its timeline beside the benchmark's own
+   clock (``time.time()`` just before the subprocess starts = "command start"; the moment its exit
+   is reaped = "exit"): when ``merge()`` started (import + startup), when each driver phase ended,
+   the first unit running (``started_at + min(units.started_s)``), the last unit done
+   (``started_at + max(started_s + seconds)``), the units phase (first start -> last done) with
+   its GB/s (unit bytes / units phase) against the ``cp -r && sync`` GB/s of the same round, and
+   the tail (last unit done -> exit).
+4. Prints medians per method, the ratios distmerge/cp, seed/distmerge and seed-fp32/distmerge
+   (time and RSS) -- each computed within one round, then the median over rounds -- the distmerge
+   timeline per round with medians, and machine facts; ``--json FILE`` gets the same plus every
+   run (each distmerge run with its ``extra["timeline"]``).
 
 Your own checkpoint instead of the generated one: ``--base PATH --lora PATH`` (any base and LoRA
 ``distmerge merge`` accepts: a sharded folder or one ``.safetensors``; a LoRA file or PEFT adapter
-folder). Nothing is generated then, and the methods default to ``cp,distmerge`` because the seed
-only understands ROLL's ``….lora_B.default.weight`` keys (add it with ``--methods cp,distmerge,seed``;
-it fails with "no LoRA pair matched" on other layouts).
+folder). Nothing is generated then, and the methods default to ``cp,distmerge`` because the seeds
+only understand ROLL's ``….lora_B.default.weight`` keys (add them with
+``--methods cp,distmerge,seed,seed-fp32``; they fail with "no LoRA pair matched" on other layouts).
+``--generate-only`` writes (or finds in the cache) the generated base and LoRA, prints
+``base=PATH`` and ``lora=PATH`` and exits (``benchmarks/gpu_check.sh`` uses it).
 
 Peak RSS rule (the number reported as "peak RSS"):
     Every 50 ms the benchmark sums the RSS of the *measured set* and keeps the maximum sum seen
@@ -69,18 +86,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 try:
     import psutil
-except ImportError:  # pragma: no cover - the message is the point
-    sys.exit("bench.py needs psutil: .venv/bin/pip install psutil")
+except ImportError:  # pragma: no cover - main() says so; --generate-only and timeline() need none
+    psutil = None  # type: ignore[assignment]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-METHODS = ("cp", "distmerge", "seed")
+METHODS = ("cp", "distmerge", "seed", "seed-fp32")
+SEEDS = ("seed", "seed-fp32")
+LABEL = {"cp": "cp -r && sync", "seed": "seed (bf16)"}  #: table names where the method name is terse
 POLL_S = 0.05
 SCAN_EVERY = 20  # polls between full process-table scans for escaped Ray processes (~1 s)
 GB = 1e9
@@ -165,6 +185,8 @@ class Run:
     escaped: int  #: Ray processes found outside the tree by the safety-net rule
     caches_dropped: bool
     log: str
+    started_at: float = 0.0  #: Unix time just before the subprocess was started ("command start")
+    exited_at: float = 0.0  #: Unix time its exit was reaped
     extra: dict = field(default_factory=dict)
 
 
@@ -286,14 +308,23 @@ def measure(
         t0_epoch = time.time()
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        ended: dict[str, float] = {}
+        done = threading.Event()
+
+        def reap() -> None:  # the exit time to the millisecond, however long a sample takes
+            proc.wait()
+            ended["perf"], ended["epoch"] = time.perf_counter(), time.time()
+            done.set()
+
+        threading.Thread(target=reap, daemon=True).start()
         sampler = TreeSampler(proc.pid, t0_epoch, ray_tmp, token)
-        while proc.poll() is None:
+        while not done.is_set():
             try:
                 sampler.sample()
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 pass
-            time.sleep(POLL_S)
-        cmd_s = time.perf_counter() - t0
+            done.wait(POLL_S)
+        cmd_s = ended["perf"] - t0
     sync_s = sync() if sync_in_timing else 0.0
     deadline = time.time() + 30  # let Ray's helpers die before the next command (not timed)
     while (left := sampler.leftovers()) and time.time() < deadline:
@@ -317,7 +348,71 @@ def measure(
         len(sampler.extra_roots),
         caches_dropped,
         log,
+        started_at=t0_epoch,
+        exited_at=ended["epoch"],
     )
+
+
+def _num(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def timeline(report: dict, command_start: float, exited_at: float) -> dict:
+    """A distmerge run's phases in seconds from its command start, from its ``--report`` JSON.
+
+    ``report["started_at"]`` (Unix time ``merge()`` began) anchors the report's relative times:
+    ``phases`` (when each driver stage ended; any keys) and every unit's ``started_s`` and
+    ``seconds``. Missing or extra keys are tolerated; a figure that cannot be computed is None.
+
+    Example:
+        >>> rep = {"started_at": 102.0, "phases": {"ray ready": 3.0},
+        ...        "units": [{"started_s": 5.0, "seconds": 4.0, "bytes": 4e9},
+        ...                  {"started_s": 6.0, "seconds": 5.0, "bytes": 4e9}]}
+        >>> t = timeline(rep, command_start=100.0, exited_at=115.0)
+        >>> t["startup_s"], t["phases_s"], t["first_unit_s"], t["last_unit_done_s"]
+        (2.0, {'ray ready': 5.0}, 7.0, 13.0)
+        >>> t["units_s"], t["units_gb_s"], t["tail_s"], t["exit_s"]
+        (6.0, 1.333, 2.0, 15.0)
+    """
+    out: dict = {
+        "startup_s": None,  #: command start -> merge() began (Python startup + imports + CLI)
+        "phases_s": {},  #: driver stage -> when it ended, from command start
+        "first_unit_s": None,  #: command start -> the first unit running
+        "last_unit_done_s": None,  #: command start -> the last unit done
+        "units_s": None,  #: the units phase: first unit start -> last unit done
+        "units": 0,
+        "units_on_driver": 0,  #: of ``units``, run by the driver itself (node_id "driver") while Ray started
+        "units_bytes": 0,
+        "units_gb_s": None,  #: units_bytes / units_s
+        "tail_s": None,  #: last unit done -> process exit
+        "exit_s": round(exited_at - command_start, 3),
+    }
+    started_at = _num(report.get("started_at"))
+    if not started_at:  # a report from before started_at existed: nothing to anchor to
+        return out
+    out["startup_s"] = round(started_at - command_start, 3)
+    phases = report.get("phases") or {}
+    if isinstance(phases, dict):
+        for k, v in phases.items():
+            if (t := _num(v)) is not None:
+                out["phases_s"][str(k)] = round(started_at + t - command_start, 3)
+    units = [u for u in report.get("units") or [] if isinstance(u, dict)]
+    out["units"] = len(units)
+    out["units_on_driver"] = sum(u.get("node_id") == "driver" for u in units)
+    out["units_bytes"] = int(sum(_num(u.get("bytes")) or 0 for u in units))
+    timed = [
+        (s, s + (_num(u.get("seconds")) or 0.0)) for u in units if (s := _num(u.get("started_s"))) is not None and s > 0
+    ]  # started_s 0 = not recorded (e.g. a unit reused by --resume)
+    if timed:
+        first = started_at + min(s for s, _ in timed)
+        last = started_at + max(e for _, e in timed)
+        out["first_unit_s"] = round(first - command_start, 3)
+        out["last_unit_done_s"] = round(last - command_start, 3)
+        out["units_s"] = round(last - first, 3)
+        out["tail_s"] = round(exited_at - last, 3)
+        if last > first:
+            out["units_gb_s"] = round(out["units_bytes"] / GB / (last - first), 3)
+    return out
 
 
 # --------------------------------------------------------------------------- methods
@@ -328,9 +423,9 @@ def command(
 ) -> tuple[list[str], dict[str, str] | None, str | None, str | None]:
     """(argv, env, ray temp dir, token) of one method run writing into ``dest``."""
     py = sys.executable
-    if method == "cp":
-        return ["cp", "-r", inp.base, dest], None, None, None
-    if method == "seed":
+    if method == "cp":  # a durable copy: the data is on the disk when the command ends
+        return ["sh", "-c", 'cp -r -- "$1" "$2" && sync', "cp", inp.base, dest], None, None, None
+    if method in SEEDS:
         out_file = os.path.join(dest, "diffusion_pytorch_model.safetensors")
         os.makedirs(dest)
         return (
@@ -345,6 +440,8 @@ def command(
                 out_file,
                 "--alpha",
                 "1.0",
+                "--math",
+                "fp32" if method == "seed-fp32" else "bf16",
             ],
             None,
             None,
@@ -404,21 +501,32 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
                 sync_in_timing=not a.no_sync_in_timing,
                 caches_dropped=dropped,
             )
+            phase_line = ""
             if m == "distmerge":
                 rep = os.path.join(log_dir, f"distmerge-r{rnd}-report.json")
-                if os.path.exists(rep):
+                try:
                     with open(rep) as f:
                         j = json.load(f)
+                except (OSError, ValueError):
+                    j = None
+                if isinstance(j, dict):
+                    tl = timeline(j, r.started_at, r.exited_at)
                     r.extra = {
                         "internal_seconds": j.get("seconds"),
                         "ray": j.get("ray"),
                         "pairs_merged": j.get("pairs_merged"),
+                        "report": rep,
+                        "timeline": tl,
                     }
+                    phase_line = (
+                        f"; first unit {_f(tl['first_unit_s'])}s, units {_f(tl['units_s'])}s at "
+                        f"{_f(tl['units_gb_s'])} GB/s, tail {_f(tl['tail_s'])}s"
+                    )
                 shutil.rmtree(ray_tmp, ignore_errors=True)
             runs.append(r)
             print(
                 f"rc={r.rc} wall {r.wall_s:.2f}s (sync {r.sync_s:.2f}s) peak RSS {r.peak_rss_bytes / GB:.2f} GB"
-                f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''})",
+                f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''}){phase_line}",
                 flush=True,
             )
             if r.rc != 0:
@@ -474,7 +582,32 @@ def machine_facts(workdir: str) -> dict:
     }
 
 
-def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dict, dict]:
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _median(values) -> float | None:
+    vs = [v for v in values if v is not None]
+    return round(statistics.median(vs), 3) if vs else None
+
+
+#: ratio key -> (numerator method, denominator method, Run attribute), each computed within a round
+PAIRS = {
+    "distmerge_over_cp_time": ("distmerge", "cp", "wall_s"),
+    "seed_over_distmerge_time": ("seed", "distmerge", "wall_s"),
+    "seed_fp32_over_distmerge_time": ("seed-fp32", "distmerge", "wall_s"),
+    "seed_over_distmerge_rss": ("seed", "distmerge", "peak_rss_bytes"),
+    "seed_fp32_over_distmerge_rss": ("seed-fp32", "distmerge", "peak_rss_bytes"),
+}
+
+
+def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dict, dict, dict]:
+    """(per-method medians, ratios, distmerge timeline).
+
+    Ratios are paired: computed within each round from that round's two runs, then the median
+    over the rounds (``ratios["per_round"]`` keeps every round's values). The timeline has every
+    round's events and phase figures and their medians.
+    """
     summary = {}
     for m in methods:
         ok = [r for r in runs if r.method == m and r.rc == 0]
@@ -495,19 +628,98 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
             "throughput_gb_s": round(base_bytes / GB / med, 3) if med > 0 else None,
         }
 
-    def ratio(x: str, y: str, key: str) -> float | None:
-        vx, vy = summary.get(x, {}).get(key), summary.get(y, {}).get(key)
-        return round(vx / vy, 3) if vx and vy else None
+    ok_runs = {(r.round, r.method): r for r in runs if r.rc == 0}
+    rounds = sorted({r.round for r in runs})
+    per_round, tl_rounds = [], []
+    for n in rounds:
+        row: dict = {"round": n}
+        for key, (x, y, attr) in PAIRS.items():
+            rx, ry = ok_runs.get((n, x)), ok_runs.get((n, y))
+            vx, vy = (getattr(rx, attr), getattr(ry, attr)) if rx and ry else (0, 0)
+            row[key] = round(vx / vy, 3) if vx and vy else None
+        cp, dm = ok_runs.get((n, "cp")), ok_runs.get((n, "distmerge"))
+        cp_gb_s = round(base_bytes / GB / cp.wall_s, 3) if cp and cp.wall_s > 0 else None
+        tl = (dm.extra.get("timeline") if dm else None) or None
+        units_gb_s = tl.get("units_gb_s") if tl else None
+        row["cp_gb_s"] = cp_gb_s
+        row["distmerge_units_gb_s"] = units_gb_s
+        row["distmerge_units_over_cp_gb_s"] = round(units_gb_s / cp_gb_s, 3) if units_gb_s and cp_gb_s else None
+        per_round.append(row)
+        if tl and dm:
+            events = {"merge() starts": tl.get("startup_s"), **(tl.get("phases_s") or {})}
+            events.update(
+                {
+                    "first unit running": tl.get("first_unit_s"),
+                    "last unit done": tl.get("last_unit_done_s"),
+                    "process exit": tl.get("exit_s"),
+                }
+            )
+            tl_rounds.append(
+                {
+                    "round": n,
+                    "events_s": events,
+                    "to_first_unit_s": tl.get("first_unit_s"),
+                    "units_s": tl.get("units_s"),
+                    "units_gb_s": units_gb_s,
+                    "cp_gb_s": cp_gb_s,
+                    "units_over_cp_gb_s": row["distmerge_units_over_cp_gb_s"],
+                    "tail_s": tl.get("tail_s"),
+                    "wall_s": dm.wall_s,
+                    "distmerge_over_cp_time": row["distmerge_over_cp_time"],
+                }
+            )
+    ratios: dict = {k: _median(r[k] for r in per_round) for k in per_round[0] if k != "round"} if per_round else {}
+    ratios["per_round"] = per_round
+    names: list[str] = []
+    for t in tl_rounds:
+        names += [k for k in t["events_s"] if k not in names]
+    timeline_doc: dict = {"rounds": tl_rounds}
+    if tl_rounds:
+        med_events = {k: _median(t["events_s"].get(k) for t in tl_rounds) for k in names}
+        order = {k: i for i, k in enumerate(names)}
+        timeline_doc["events_s_median"] = dict(
+            sorted(med_events.items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0, order[kv[0]]))
+        )
+        timeline_doc["median"] = {
+            k: _median(t[k] for t in tl_rounds) for k in tl_rounds[0] if k not in ("round", "events_s")
+        }
+    return summary, ratios, timeline_doc
 
-    ratios = {
-        "distmerge_over_cp_time": ratio("distmerge", "cp", "wall_s_median"),
-        "seed_over_distmerge_time": ratio("seed", "distmerge", "wall_s_median"),
-        "seed_over_distmerge_rss": ratio("seed", "distmerge", "peak_rss_gb_median"),
-    }
-    return summary, ratios
+
+#: (label, key in a timeline round, format) of the phase rows under the event rows
+PHASE_ROWS = (
+    ("to first unit s", "to_first_unit_s", ".2f"),
+    ("units phase s (first start -> last done)", "units_s", ".2f"),
+    ("units GB/s", "units_gb_s", ".3f"),
+    ("cp -r && sync GB/s (same round)", "cp_gb_s", ".3f"),
+    ("units / cp -r && sync GB/s", "units_over_cp_gb_s", ".0%"),
+    ("tail s (last unit done -> exit)", "tail_s", ".2f"),
+    ("wall s (incl. trailing sync)", "wall_s", ".2f"),
+    ("wall / cp -r && sync wall", "distmerge_over_cp_time", ".2f"),
+)
 
 
-def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: argparse.Namespace) -> None:
+def print_timeline(tl: dict) -> None:
+    rounds = tl.get("rounds") or []
+    if not rounds:
+        return
+    w = 42
+    cols = "".join(f"{'r' + str(t['round']):>8}" for t in rounds)
+    hdr = f"{'distmerge timeline: s from command start':<{w}}{cols}{'median':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, med in tl["events_s_median"].items():
+        vals = "".join(f"{_f(t['events_s'].get(name)):>8}" for t in rounds)
+        print(f"  {name:<{w - 2}}{vals}{_f(med):>8}")
+    print("phases")
+    for label, key, spec in PHASE_ROWS:
+        vals = "".join(f"{_f(t.get(key), spec):>8}" for t in rounds)
+        print(f"  {label:<{w - 2}}{vals}{_f(tl['median'].get(key), spec):>8}")
+
+
+def print_report(
+    summary: dict, ratios: dict, machine: dict, inp: Inputs, a: argparse.Namespace, tl: dict | None = None
+) -> None:
     print()
     shape = (
         "your checkpoint"
@@ -521,23 +733,30 @@ def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: arg
         f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
         " trailing sync"
     )
-    hdr = f"{'method':<10} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
+    hdr = f"{'method':<14} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
     print(hdr)
     print("-" * len(hdr))
     for m, s in summary.items():
+        name = LABEL.get(m, m)
         if not s.get("runs_ok"):
-            print(f"{m:<10} {'failed':>12}")
+            print(f"{name:<14} {'failed':>12}")
             continue
         print(
-            f"{m:<10} {s['wall_s_median']:>12.2f} {s['wall_s_min']:>8.2f} {s['wall_s_max']:>8.2f} "
+            f"{name:<14} {s['wall_s_median']:>12.2f} {s['wall_s_min']:>8.2f} {s['wall_s_max']:>8.2f} "
             f"{s['peak_rss_gb_median']:>18.2f} {s['throughput_gb_s'] or 0:>7.2f} {s['runs_ok']:>4}"
         )
     print()
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
-    print(f"distmerge / cp   (time): {fmt(ratios['distmerge_over_cp_time'])}")
-    print(f"seed / distmerge (time): {fmt(ratios['seed_over_distmerge_time'])}")
-    print(f"seed / distmerge (RSS):  {fmt(ratios['seed_over_distmerge_rss'])}")
+    print("ratios, each within one round, median over rounds:")
+    print(f"distmerge / cp -r && sync (time): {fmt(ratios.get('distmerge_over_cp_time'))}")
+    for m, key in (("seed", "seed_over"), ("seed-fp32", "seed_fp32_over")):
+        if m in summary:
+            print(f"{m + ' / distmerge (time):':<34}{fmt(ratios.get(key + '_distmerge_time'))}")
+            print(f"{m + ' / distmerge (RSS):':<34}{fmt(ratios.get(key + '_distmerge_rss'))}")
     print()
+    if tl and tl.get("rounds"):
+        print_timeline(tl)
+        print()
     print(
         f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_total_gb']} GB RAM, "
         f"{machine['disk_free_gb']} GB free on {machine['workdir_fs']}; torch {machine['torch']}, "
@@ -550,7 +769,7 @@ def print_report(summary: dict, ratios: dict, machine: dict, inp: Inputs, a: arg
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Benchmark distmerge vs cp -r and the ROLL seed merge.",
+        description="Benchmark distmerge vs cp -r && sync and one-process merge scripts (the ROLL seed).",
         epilog="Pass --distmerge-args with '=': --distmerge-args='--num-workers 2'",
     )
     p.add_argument("--workdir", default="bench-out", help="cache + scratch folder (default ./bench-out)")
@@ -566,9 +785,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument(
-        "--methods", default=None, help="comma list of cp,distmerge,seed (default all; cp,distmerge with --base)"
+        "--methods",
+        default=None,
+        help="comma list of cp,distmerge,seed,seed-fp32 (default all; cp,distmerge with --base)",
     )
-    p.add_argument("--skip-seed", action="store_true", help="leave out the seed (when the base does not fit in RAM)")
+    p.add_argument(
+        "--skip-seed",
+        action="store_true",
+        help="leave out seed and seed-fp32 (when the base does not fit in RAM)",
+    )
+    p.add_argument(
+        "--generate-only",
+        action="store_true",
+        help="write (or reuse) the generated base and LoRA, print base=PATH and lora=PATH, and exit",
+    )
     p.add_argument("--distmerge-args", default="", help="extra distmerge CLI args, one string")
     p.add_argument(
         "--drop-caches",
@@ -584,6 +814,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if (a.base is None) != (a.lora is None):
         p.error("--base and --lora go together")
+    if a.generate_only and a.base:
+        p.error("--generate-only makes the generated checkpoint; it takes no --base/--lora")
     if a.base:
         a.base, a.lora = os.path.abspath(a.base), os.path.abspath(a.lora)
     default = "cp,distmerge" if a.base else ",".join(METHODS)
@@ -592,7 +824,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
     if a.skip_seed:
-        methods = [m for m in methods if m != "seed"]
+        methods = [m for m in methods if m not in SEEDS]
     if not methods:
         p.error("no method left to run")
     a.method_list = methods
@@ -602,21 +834,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if psutil is None and not a.generate_only:
+        sys.exit("bench.py needs psutil: .venv/bin/pip install psutil")
     os.makedirs(a.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
     inp = given_inputs(a) if a.base else ensure_inputs(a)
+    if a.generate_only:
+        print(f"base={inp.base}\nlora={inp.lora}\nbase_bytes={inp.base_bytes}", flush=True)
+        return 0
     machine = machine_facts(a.workdir)
-    if "seed" in a.method_list and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
+    if set(SEEDS) & set(a.method_list) and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
         print(
-            f"bench: warning: the seed holds the whole {inp.base_bytes / GB:.1f} GB base plus save "
+            f"bench: warning: the seeds hold the whole {inp.base_bytes / GB:.1f} GB base plus save "
             f"buffers in RAM ({machine['ram_total_gb']} GB total); consider --skip-seed",
             flush=True,
         )
     if machine["disk_free_gb"] * GB < inp.base_bytes * 1.2:
         print("bench: warning: little free disk for one output copy of the base", flush=True)
     runs = run_all(inp, a, a.method_list)
-    summary, ratios = summarize(runs, a.method_list, inp.base_bytes)
-    print_report(summary, ratios, machine, inp, a)
+    summary, ratios, tl = summarize(runs, a.method_list, inp.base_bytes)
+    print_report(summary, ratios, machine, inp, a, tl)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         doc = {
@@ -626,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "summary": summary,
             "ratios": ratios,
+            "timeline": tl,
             "runs": [asdict(r) for r in runs],
             "rss_rule": "max over 50 ms polls of sum(RSS) over the main process + descendants, plus "
             "escaped Ray processes (created after start, 'ray' in cmdline, this run's "

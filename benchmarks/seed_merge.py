@@ -10,11 +10,15 @@ The algorithm, deliberately unoptimized (this is what distmerge replaces):
    target ``X.weight`` is in the base: ``W = W.to(bf16) + alpha * (B.to(bf16) @ A.to(bf16))``;
 4. one ``safetensors.torch.save_file(whole_dict, out_file)``: a single unsharded file.
 
+``--math fp32`` is what a careful one-process script does instead of step 3: the same whole-model
+load and one save, but ``W = (W.float() + alpha * (B.float() @ A.float())).to(W.dtype)`` -- float32
+math, one rounding, the base's dtype kept (the benchmark's ``seed-fp32`` method).
+
 Peak memory is therefore at least the whole base plus the serialization buffers.
 
 Example:
     python benchmarks/seed_merge.py --base bench-out/base-... --lora bench-out/lora-....pth \\
-        --output /tmp/merged/diffusion_pytorch_model.safetensors --alpha 1.0
+        --output /tmp/merged/diffusion_pytorch_model.safetensors --alpha 1.0 [--math fp32]
 """
 
 from __future__ import annotations
@@ -54,8 +58,16 @@ def load_base(base: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def merge_pairs(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float) -> tuple[int, int]:
-    """Merge every ROLL pair in place; return (merged, skipped-because-no-target)."""
+def merge_pairs(
+    state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float, math: str = "bf16"
+) -> tuple[int, int]:
+    """Merge every ROLL pair in place; return (merged, skipped-because-no-target).
+
+    ``math="bf16"``: the seed's own arithmetic (everything cast to bf16, bf16 matmul, bf16 result).
+    ``math="fp32"``: float32 matmul and sum, rounded once to the base tensor's dtype.
+    """
+    if math not in ("bf16", "fp32"):
+        raise ValueError(f"math must be bf16 or fp32, not {math!r}")
     merged = skipped = 0
     for b_key in [k for k in lora if k.endswith(B_SUFFIX)]:
         module = b_key[: -len(B_SUFFIX)]
@@ -64,10 +76,16 @@ def merge_pairs(state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], a
         if a_key not in lora or target not in state:
             skipped += 1
             continue
-        w = state[target].to(torch.bfloat16)
-        b = lora[b_key].to(torch.bfloat16)
-        a = lora[a_key].to(torch.bfloat16)
-        state[target] = w + alpha * (b @ a)
+        if math == "fp32":
+            w = state[target]
+            b = lora[b_key].to(torch.float32)
+            a = lora[a_key].to(torch.float32)
+            state[target] = (w.to(torch.float32) + alpha * (b @ a)).to(w.dtype)
+        else:
+            w = state[target].to(torch.bfloat16)
+            b = lora[b_key].to(torch.bfloat16)
+            a = lora[a_key].to(torch.bfloat16)
+            state[target] = w + alpha * (b @ a)
         merged += 1
     return merged, skipped
 
@@ -78,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", required=True, help="ROLL LoRA .pth (or .safetensors)")
     p.add_argument("--output", required=True, help="output .safetensors FILE (one unsharded file)")
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument(
+        "--math",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16: the seed's arithmetic (default); fp32: float32 math, one rounding to the base's dtype",
+    )
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -89,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         lora = load_file(args.lora)
     else:
         lora = torch.load(args.lora, map_location="cpu", weights_only=True)
-    merged, skipped = merge_pairs(state, lora, args.alpha)
+    merged, skipped = merge_pairs(state, lora, args.alpha, args.math)
     t2 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_file(state, args.output)
     t3 = time.perf_counter()
     print(
-        f"seed_merge: {len(state)} tensors, {merged} pairs merged, {skipped} skipped; "
+        f"seed_merge ({args.math} math): {len(state)} tensors, {merged} pairs merged, {skipped} skipped; "
         f"load {t1 - t0:.2f}s merge {t2 - t1:.2f}s save {t3 - t2:.2f}s"
     )
     if merged == 0:

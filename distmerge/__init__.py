@@ -28,6 +28,8 @@ from distmerge.errors import (
 _LAZY = {
     "merge": "distmerge.app.api",
     "MergeReport": "distmerge.app.report",
+    "MergeOptions": "distmerge.app.options",
+    "RaySession": "distmerge.cluster",
     "load_state_dict_from_safetensors": "distmerge.app.compat",
     "merge_lora_into_state_dict": "distmerge.app.compat",
 }
@@ -45,6 +47,8 @@ __all__ = [
     "__version__",
     "merge",
     "MergeReport",
+    "MergeOptions",
+    "RaySession",
     "load_state_dict_from_safetensors",
     "merge_lora_into_state_dict",
     "DistmergeError",

@@ -30,6 +30,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -40,13 +41,14 @@ import ray.exceptions
 
 from .errors import ClusterError, DistmergeError
 from .plan.merge_plan import WorkUnit
-from .tasks.unit import UnitResult, run_unit
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ray.util.placement_group import PlacementGroup
     from typing_extensions import Self
+
+    from .tasks.unit import UnitResult
 
 __all__ = [
     "Call",
@@ -59,6 +61,7 @@ __all__ = [
     "probe_devices",
     "run_calls",
     "run_units",
+    "unit_order",
     "task_options",
     "usable_device",
 ]
@@ -68,12 +71,22 @@ logger = logging.getLogger(__name__)
 _LOCAL_OBJECT_STORE = 256 << 20
 
 
-class _DropTokenNotice(logging.Filter):
-    """Ray >= 2.5x announces that it enabled token auth for a new local cluster; that is the safe
-    default for an embedded session, so the notice is only noise on distmerge's output."""
+class _DropNotices(logging.Filter):
+    """Ray >= 2.5x announces that it enabled token auth for a new local cluster (the safe default
+    for an embedded session), and a session started off the main thread that it set no SIGTERM
+    handler (the driver's own handling stays in charge): only noise on distmerge's output."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled")
+        msg = str(record.msg)
+        return not (msg.startswith("Token authentication is enabled") or msg.startswith("SIGTERM handler is not set"))
+
+
+def _nvidia_gpus() -> bool:
+    """Whether this machine shows NVIDIA GPUs (``/proc/driver/nvidia/gpus``), without torch."""
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -245,6 +258,13 @@ class _Watchdog:
         except OSError as e:  # it died: nothing to do but say so
             logger.debug("session watchdog gone: %s", e)
 
+    def kill_now(self) -> None:
+        """EOF without waiting: the watchdog kills the session's processes while this one exits."""
+        try:
+            self.pipe.close()
+        except OSError:
+            pass
+
     def close(self, *, kill: bool = True, timeout_s: float = 10.0) -> None:
         """EOF: the watchdog ends what is left of the session (nothing, after a clean shutdown) and
         exits; wait for it, so a session started next in this process is never mistaken for it.
@@ -272,42 +292,114 @@ def _session_dir() -> str | None:
 
 
 class RaySession:
-    """Context manager that starts, joins or reuses a Ray session (see the module docstring)."""
+    """Starts, joins or reuses a Ray session (see the module docstring), in the background.
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    ``start()`` returns at once: Ray comes up on a thread of its own while the driver reads its
+    inputs and plans, and ``wait()`` blocks until it is up (as a context manager it does both).
+    The thread lives as long as the session, because Ray ties its daemons' lives to the thread
+    that spawned them. ``close()`` ends what this object started: ``ray.shutdown()``, or with
+    ``fast_exit=True`` (a command line about to leave its process) a kill of the embedded
+    session's processes by its watchdog, which takes milliseconds instead of ~1.5 s.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        fast_exit: bool = False,
+    ) -> None:
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+        self.fast_exit = fast_exit
         self.owned = False
         self.mode = ""
         self._watchdog: _Watchdog | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
+        """Begin starting or joining Ray (no-op if already begun, or if Ray runs in this process)."""
+        if self.mode:
+            return self
         if ray.is_initialized():
             self.mode = "existing"
+            self._ready.set()
             return self
         address = self.address or os.environ.get("RAY_ADDRESS") or None
+        self.mode = f"joined {address}" if address else "local"
+        self._thread = threading.Thread(target=self._serve, args=(address,), name="distmerge-ray", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def local(self) -> bool:
+        """An embedded session of this object's own (once started)."""
+        return self.mode == "local"
+
+    @property
+    def ready(self) -> bool:
+        """Ray is up (``wait`` would return at once)."""
+        return self._ready.is_set() and self._error is None
+
+    def wait_or(self, other: threading.Event, poll_s: float = 0.01) -> bool:
+        """Block until Ray is up (or failed to come up: ``wait`` raises it) or ``other`` is set;
+        True if Ray is up."""
+        self.start()
+        while not self._ready.is_set() and not other.is_set():
+            self._ready.wait(poll_s)
+        return self.ready
+
+    def wait(self) -> Self:
+        """Block until Ray is up.
+
+        Raises:
+            ClusterError: Ray could not be started or joined.
+        """
+        self.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _serve(self, address: str | None) -> None:
+        """The session thread: start or join Ray, then hold it until ``close``."""
+        try:
+            self._init(address)
+        except BaseException as e:  # handed to the thread that waits
+            self._error = e
+            self._ready.set()
+            return
+        self.owned = True
+        self._ready.set()
+        self._stop.wait()
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            self._close_watchdog()
+
+    def _init(self, address: str | None) -> None:
         try:
             if address:
-                self.mode = f"joined {address}"
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
             else:
-                self.mode = "local"
                 self._start_local()
         except (ConnectionError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f"join the Ray cluster at {address!r}" if address else "start a local Ray"
             raise ClusterError(f"cannot {where}: {first}") from None
-        self.owned = True
-        return self
 
     def _start_local(self) -> None:
         """``ray.init`` of the embedded session, watched by a ``_Watchdog`` from before it starts."""
         # an embedded session reports nothing home (and starts ~1 s faster without it)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        logging.getLogger("ray").addFilter(_DropTokenNotice())
-        for h in logging.getLogger("ray").handlers:
-            h.addFilter(_DropTokenNotice())
+        for lg in (logging.getLogger("ray"), *(logging.getLogger("ray").handlers)):
+            lg.addFilter(_DropNotices())
         self._watchdog = _Watchdog.start()
         try:
             ray.init(
@@ -325,9 +417,6 @@ class RaySession:
             # (``ray.cluster_utils.Cluster``), so the watchdog only goes
             self._close_watchdog(kill=False)
             raise
-        except BaseException:  # Ctrl-C inside ray.init: end whatever it had started
-            self._close_watchdog()
-            raise
         session_dir = _session_dir()
         if self._watchdog and session_dir:
             self._watchdog.watch(session_dir)
@@ -337,12 +426,33 @@ class RaySession:
             self._watchdog.close(kill=kill)
             self._watchdog = None
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """End what this object started (nothing for a session that was already running)."""
+        if self._thread is None:
+            return
+        if self.fast_exit and self.local and self._watchdog is not None:
+            self._watchdog.kill_now()  # the process is about to exit: no graceful shutdown
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> Self:
         try:
-            if self.owned and ray.is_initialized():
-                ray.shutdown()
-        finally:
-            self._close_watchdog()
+            return self.wait()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def expected_workers(self, num_workers: int | None, device: str) -> int | None:
+        """Tasks in flight ``settings`` will choose, when known before Ray is up: an embedded
+        session on a machine without NVIDIA GPUs (or ``device="cpu"``); None otherwise."""
+        if not self.local or (device != "cpu" and _nvidia_gpus()):
+            return None
+        return max(1, num_workers or self.num_cpus or os.cpu_count() or 1)
 
     def settings(
         self,
@@ -358,6 +468,7 @@ class RaySession:
         """
         if device not in ("auto", "cpu", "cuda"):
             raise ClusterError(f"unknown device {device!r}; expected auto, cpu or cuda")
+        self.wait()
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         if device == "cuda" and gpus == 0:
@@ -709,12 +820,14 @@ def run_calls(
     *,
     settings: DispatchSettings,
     on_done: Callable[[int, str, object], None] | None = None,
+    claim: Callable[[int], bool] | None = None,
 ) -> list[tuple[str, object]]:
     """Run ``fn(*call.args)`` for every call as Ray tasks, at most ``settings.workers`` at once.
 
     ``fn`` must be a module-level (importable) function; it never sees Ray. Results come back in
     call order as ``(node_id, result)``; ``on_done(i, node_id, result)`` runs on the driver as each
-    finishes (completion order).
+    finishes (completion order). With ``claim``, a call is submitted only if ``claim(i)`` says it is
+    still free (another runner may have taken it); results are for the calls run here.
 
     Raises:
         DistmergeError: the first task's own error (file and key named); the rest are cancelled
@@ -722,53 +835,70 @@ def run_calls(
         ClusterError: a task lost to Ray (worker/node died beyond the retry budget).
         KeyboardInterrupt: likewise.
     """
+    d = _Dispatch(fn, calls, settings)
     queue = sorted(range(len(calls)), key=lambda i: (calls[i].order, -calls[i].size, i))  # biggest first
-    pending: dict[ray.ObjectRef, int] = {}
-    seat_of: dict[ray.ObjectRef, int] = {}
-    free_seats = list(range(len(settings.slots)))
     results: dict[int, tuple[str, object]] = {}
-    threads = max(1, int(settings.cpus_per_task))
     try:
-        while queue or pending:
-            while queue and len(pending) < settings.workers:
+        while queue or d.pending:
+            while queue and len(d.pending) < settings.workers:
                 i = queue.pop(0)
-                c = calls[i]
-                mem = c.memory if settings.memory_cap is None else min(c.memory, settings.memory_cap)
-                seat = free_seats.pop(0) if settings.slots else None
-                opts = task_options(settings, settings.slots[seat] if seat is not None else None)
-                if seat is None:  # a bundle reserves no "memory": only ask for it outside groups
-                    opts["memory"] = mem
-                ref = _remote_call.options(name=f"distmerge-{c.label}", **opts).remote(
-                    fn, c.args, settings.device, threads
-                )
-                pending[ref] = i
-                if seat is not None:
-                    seat_of[ref] = seat
-            ready, _ = ray.wait(list(pending), num_returns=1)
+                if claim is None or claim(i):
+                    d.submit(i)
+            if not d.pending:
+                break
+            ready, _ = ray.wait(list(d.pending), num_returns=1)
             for ref in ready:
-                i = pending.pop(ref)
-                if ref in seat_of:
-                    free_seats.append(seat_of.pop(ref))
-                try:
-                    node, res = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    cause = _cause(e)
-                    if isinstance(cause, DistmergeError):
-                        raise cause from None
-                    first = str(cause).splitlines()[0] if str(cause) else ""
-                    raise ClusterError(f"{calls[i].label} failed: {type(cause).__name__}: {first}") from None
-                except ray.exceptions.RayError as e:
-                    raise ClusterError(
-                        f"{calls[i].label} was lost after {settings.max_retries} retries: {type(e).__name__}"
-                    ) from None
+                i, (node, res) = d.collect(ref)
                 results[i] = (node, res)
                 if on_done:
                     on_done(i, node, res)
     except BaseException as exc:
-        if pending and settings.cancel_pending:
-            _stop(list(pending), interrupted=isinstance(exc, KeyboardInterrupt))
+        if d.pending and settings.cancel_pending:
+            _stop(list(d.pending), interrupted=isinstance(exc, KeyboardInterrupt))
         raise
-    return [results[i] for i in range(len(calls))]
+    return [results[i] for i in range(len(calls)) if i in results]
+
+
+class _Dispatch:
+    """The tasks of one ``run_calls`` in flight: each one's call and placement-group seat."""
+
+    def __init__(self, fn: Callable, calls: Sequence[Call], settings: DispatchSettings) -> None:
+        self.fn, self.calls, self.settings = fn, calls, settings
+        self.pending: dict[ray.ObjectRef, int] = {}
+        self.seat_of: dict[ray.ObjectRef, int] = {}
+        self.free_seats = list(range(len(settings.slots)))
+        self.threads = max(1, int(settings.cpus_per_task))
+
+    def submit(self, i: int) -> None:
+        c, settings = self.calls[i], self.settings
+        seat = self.free_seats.pop(0) if settings.slots else None
+        opts = task_options(settings, settings.slots[seat] if seat is not None else None)
+        if seat is None:  # a bundle reserves no "memory": only ask for it outside groups
+            opts["memory"] = c.memory if settings.memory_cap is None else min(c.memory, settings.memory_cap)
+        ref = _remote_call.options(name=f"distmerge-{c.label}", **opts).remote(
+            self.fn, c.args, settings.device, self.threads
+        )
+        self.pending[ref] = i
+        if seat is not None:
+            self.seat_of[ref] = seat
+
+    def collect(self, ref: ray.ObjectRef) -> tuple[int, tuple[str, object]]:
+        """A finished task's call index and ``(node_id, result)``; its error as a one-liner."""
+        i = self.pending.pop(ref)
+        if ref in self.seat_of:
+            self.free_seats.append(self.seat_of.pop(ref))
+        try:
+            return i, ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = _cause(e)
+            if isinstance(cause, DistmergeError):
+                raise cause from None
+            first = str(cause).splitlines()[0] if str(cause) else ""
+            raise ClusterError(f"{self.calls[i].label} failed: {type(cause).__name__}: {first}") from None
+        except ray.exceptions.RayError as e:
+            raise ClusterError(
+                f"{self.calls[i].label} was lost after {self.settings.max_retries} retries: {type(e).__name__}"
+            ) from None
 
 
 def _probe(paths: list[str], out_dir: str) -> dict[str, object]:
@@ -863,10 +993,12 @@ def run_units(
     settings: DispatchSettings,
     on_done: Callable[[UnitResult], None] | None = None,
     direct_io: bool = True,
+    claim: Callable[[int], bool] | None = None,
 ) -> list[UnitResult]:
     """Run every work unit as a Ray task (``unit.run_unit``), shard by shard and front to back
     (so each shard's bytes are finished in order and can be checksummed while later ones run).
-    ``direct_io`` lets the tasks write with O_DIRECT (see ``writer.OutputFile``).
+    ``direct_io`` lets the tasks write with O_DIRECT (see ``writer.OutputFile``); with ``claim``
+    (``claim(unit_index)``), only the units no other runner has taken.
 
     Returns unit results ordered by unit index.
     """
@@ -884,11 +1016,21 @@ def run_units(
 
     def done(i: int, node: str, res: object) -> None:
         if on_done:
-            on_done(replace(cast(UnitResult, res), node_id=node))
+            on_done(replace(cast("UnitResult", res), node_id=node))
 
-    out = run_calls(run_unit_task, calls, settings=settings, on_done=done)
-    return sorted((replace(cast(UnitResult, res), node_id=node) for node, res in out), key=lambda r: r.index)
+    take = (lambda i: claim(units[i].index)) if claim is not None else None
+    out = run_calls(run_unit_task, calls, settings=settings, on_done=done, claim=take)
+    return sorted((replace(cast("UnitResult", res), node_id=node) for node, res in out), key=lambda r: r.index)
+
+
+def unit_order(units: Sequence[WorkUnit], dests: dict[str, str]) -> list[WorkUnit]:
+    """The order ``run_units`` sends units in: shard by shard, front to back."""
+    shard_order = {name: i for i, name in enumerate(dests)}
+    return sorted(units, key=lambda u: (shard_order[u.shard], u.index))
 
 
 def run_unit_task(unit: WorkUnit, dest: str, device: str, direct_io: bool = True) -> UnitResult:
+    """A work unit on a worker (torch is imported there, not by the driver's import of this module)."""
+    from .tasks.unit import run_unit
+
     return run_unit(unit, dest, device=device, direct_io=direct_io)

@@ -88,6 +88,7 @@ def _kill_all(procs: list) -> None:
 def _merge(inputs: tuple[str, str], out: str) -> subprocess.Popen:
     base, lora = inputs
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DISTMERGE_INLINE_UNITS"] = "0"  # every unit a Ray task: the session is the subject here
     return subprocess.Popen(
         [
             sys.executable,

@@ -27,12 +27,14 @@ from distmerge.inputs.checkpoint import open_base
 from distmerge.inputs.lorafile import LoraFile, TensorMeta
 from distmerge.inputs.torch_dtypes import code_of
 from distmerge.tasks.mergemath import merge_tensor
-from distmerge.tasks.unit import load_terms
+from distmerge.tasks.terms import load_terms
 
 __all__ = ["load_state_dict_from_safetensors", "merge_lora_into_state_dict"]
 
 
 class _MemoryReader:
+    """A ``TensorSource`` over a state dict (the path is ignored)."""
+
     def __init__(self, sd: dict[str, torch.Tensor]) -> None:
         self.sd = sd
 
@@ -88,8 +90,8 @@ def merge_lora_into_state_dict(
     Raises:
         MatchError: LoRA tensors with no target, a missing factor, or shapes that do not fit.
     """
-    lf = LoraFile("<lora_state_dict>", "memory", _metas(lora_state_dict, "<lora_state_dict>"))
-    lf._reader = _MemoryReader(lora_state_dict)  # type: ignore[assignment]
+    metas = _metas(lora_state_dict, "<lora_state_dict>")
+    lf = LoraFile("<lora_state_dict>", "memory", metas, reader=_MemoryReader(lora_state_dict))
     n = normalize(lf, _metas(base_state_dict, "<base_state_dict>", skip_unknown=True), strength=alpha)
     if n.unmatched:
         first = "; ".join(f"'{u.key}' ({u.reason})" for u in n.unmatched[:3])

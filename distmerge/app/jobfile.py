@@ -45,16 +45,21 @@ Python API::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
+from distmerge.app.flags import add_run_parser
+from distmerge.app.options import MergeOptions as Options
+from distmerge.app.options import meta_of, option_fields
 from distmerge.errors import DistmergeError, FormatError, PlanError
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.paths import inside
 from distmerge.plan.merge_plan import parse_size
 
 __all__ = [
@@ -74,6 +79,9 @@ __all__ = [
 _CFG = ConfigDict(frozen=True, extra="forbid")
 
 ProgressFn = Callable[[int, int, int, int], None]
+
+if TYPE_CHECKING:
+    from distmerge.cluster import RaySession
 
 
 def _size(v: object) -> object:
@@ -101,30 +109,39 @@ class LoraSpec(BaseModel):
     weight: Finite = 1.0
 
 
-class RayOptions(BaseModel):
-    """The ``ray:`` section: how the one Ray session of the job is started or joined."""
+def _schema_type(f: dataclasses.Field) -> Any:
+    """The pydantic type of one ``options.MergeOptions`` field, from its ``OptionMeta``."""
+    m = meta_of(f)
+    if m.choices:
+        t: Any = Literal[m.choices]  # type: ignore[valid-type]
+    else:
+        t = {
+            "float": Finite,
+            "bool": bool,
+            "size": Size,
+            "int": Annotated[int, Field(ge=m.minimum)] if m.minimum is not None else int,
+        }.get(m.kind, str)
+    return t | None if f.default is None else t
 
-    model_config = _CFG
-    address: str | None = None  #: ``auto`` or ``HOST:PORT``; None: embedded local Ray
-    num_cpus: Annotated[int, Field(ge=1)] | None = None  #: CPUs of an embedded local Ray
-    num_workers: Annotated[int, Field(ge=1)] | None = None  #: tasks in flight per merge
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+def _schema(name: str, doc: str, group: str, **defaults: Any) -> type[BaseModel]:
+    fields = {f.name: (_schema_type(f), defaults.get(f.name, f.default)) for f in option_fields(group)}  # type: ignore[arg-type]
+    model = create_model(name, __config__=_CFG, __doc__=doc, **fields)  # type: ignore[call-overload]
+    return cast("type[BaseModel]", model)
 
 
-class MergeOptions(BaseModel):
-    """Options of ``distmerge.merge`` that a job file may set in ``defaults:`` or per merge."""
-
-    model_config = _CFG
-    alpha: Finite = 1.0
-    dtype: Literal["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"] = "keep"
-    max_shard_size: Size = "5GB"
-    skip_unmatched: bool = False
-    overwrite: bool = False
-    unit_size: Size | None = None
-    max_retries: Annotated[int, Field(ge=0)] = 3
-    resume: bool = False
-    checksum: Literal["crc32", "sha256"] = "crc32"
-
+if TYPE_CHECKING:  # built at run time from ``options.MergeOptions``
+    RayOptions = Any
+    MergeOptions = Any
+else:
+    #: The ``ray:`` section: how the one Ray session of the job is started or joined.
+    RayOptions = _schema(
+        "RayOptions", "The ``ray:`` section: how the job's one Ray session is started or joined.", "ray"
+    )
+    #: Options of ``distmerge.merge`` that a job file may set in ``defaults:`` or per merge.
+    MergeOptions = _schema(
+        "MergeOptions", "Options of ``distmerge.merge`` that a job file may set in ``defaults:`` or per merge.", "merge"
+    )
 
 _OPTION_FIELDS = tuple(MergeOptions.model_fields)
 
@@ -141,6 +158,10 @@ class MergeSpec(MergeOptions):
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``distmerge.api.merge`` (besides the Ray ones)."""
         return {k: getattr(self, k) for k in _OPTION_FIELDS} | {"report": self.report}
+
+    def options(self, ray: BaseModel) -> Options:
+        """This merge's ``options.MergeOptions``, with the job's ``ray:`` settings."""
+        return Options(**self.merge_kwargs(), **ray.model_dump())
 
 
 class JobFile(BaseModel):
@@ -270,10 +291,6 @@ def _resolve(path: str, folder: str) -> str:
     return os.path.normpath(os.path.join(folder, os.path.expanduser(path)))
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def parse_job(text: str, *, source: str = "<string>", base_dir: str | os.PathLike[str] = ".") -> Job:
     """Validate a job file's text; relative paths resolve against ``base_dir``.
 
@@ -344,7 +361,7 @@ def _check_cross(merges: list[MergeSpec], root: yaml.Node | None, source: str) -
     real_out = [os.path.realpath(m.output) for m in merges]
     for i, out in enumerate(real_out):
         for j in range(i):
-            if _inside(out, real_out[j]) or _inside(real_out[j], out):
+            if inside(out, real_out[j]) or inside(real_out[j], out):
                 same = "the same output as" if out == real_out[j] else "an output nested with that of"
                 raise fail(
                     i,
@@ -353,7 +370,7 @@ def _check_cross(merges: list[MergeSpec], root: yaml.Node | None, source: str) -
                 )
         for j, other in enumerate(merges):
             b = os.path.realpath(other.base)  # a folder base holds its files: nothing may go inside
-            if out == b or (not b.endswith(".safetensors") and _inside(out, b)):
+            if out == b or (not b.endswith(".safetensors") and inside(out, b)):
                 raise fail(
                     i,
                     "output",
@@ -362,7 +379,7 @@ def _check_cross(merges: list[MergeSpec], root: yaml.Node | None, source: str) -
                 )
             for lo in other.loras:
                 lr = os.path.realpath(lo.path)
-                if out == lr or _inside(out, lr) or _inside(lr, out):
+                if out == lr or inside(out, lr) or inside(lr, out):
                     raise fail(
                         i, "output", f"{merges[i].output} overlaps the LoRA {lo.path} of merges[{j}] ({other.name!r})"
                     )
@@ -403,7 +420,7 @@ def check_job(job: Job) -> None:
                 raise PlanError(f"merge {m.name!r}: {what} {p} not found (checked before running any merge)")
     for m in job.merges:
         try:
-            check(m.base, [(lo.path, lo.weight) for lo in m.loras], m.output, **m.merge_kwargs())
+            check(m.base, [(lo.path, lo.weight) for lo in m.loras], m.output, options=m.options(job.ray))
         except DistmergeError as e:
             raise type(e)(f"merge {m.name!r}: {e}") from e
 
@@ -414,13 +431,16 @@ def run_job(
     progress: ProgressFn | None = None,
     on_start: Callable[[int, MergeSpec], None] | None = None,
     on_done: Callable[[int, MergeSpec, Any], None] | None = None,
+    session: RaySession | None = None,
 ) -> list:
     """Run every merge of ``job`` in order inside one Ray session; stop at the first failure.
 
-    The session is the one already initialized in this process (kept running), the cluster at
-    ``job.ray.address`` (or ``RAY_ADDRESS``), or an embedded local Ray shut down at the end.
-    Every base and LoRA path is checked to exist before the first merge starts. Merges
-    finished before a failure stay published. ``progress`` gets each merge's
+    The session is ``session`` (the caller's), else one this runner starts for the job: the one
+    already initialized in this process (kept running), the cluster at ``job.ray.address`` (or
+    ``RAY_ADDRESS``), or an embedded local Ray shut down at the end. Either way each merge is
+    handed that session, so a failing merge ends the job at once and its session with it.
+    Every base and LoRA path is checked to exist before the first merge starts. Merges finished
+    before a failure stay published. ``progress`` gets each merge's
     ``(units_done, units_total, bytes_done, bytes_total)``; its ``close()`` (if any) is called
     after each merge. ``on_start(i, merge)`` / ``on_done(i, merge, report)`` run around each merge.
 
@@ -434,9 +454,11 @@ def run_job(
     from distmerge.cluster import RaySession
 
     check_job(job)  # fail before the first merge, not after hours of merging
+    own = session is None
+    ses = session or RaySession(job.ray.address, num_cpus=job.ray.num_cpus)
     reports = []
-    r = job.ray
-    with RaySession(r.address, num_cpus=r.num_cpus):
+    try:
+        ses.start()
         for i, m in enumerate(job.merges):
             if on_start:
                 on_start(i, m)
@@ -445,12 +467,9 @@ def run_job(
                     m.base,
                     [(lo.path, lo.weight) for lo in m.loras],
                     m.output,
-                    address=r.address,
-                    num_workers=r.num_workers,
-                    device=r.device,
-                    num_cpus=r.num_cpus,
+                    options=m.options(job.ray),
+                    session=ses,
                     progress=progress,
-                    **m.merge_kwargs(),
                 )
             except DistmergeError as e:
                 raise type(e)(f"merge {m.name!r}: {e}") from e
@@ -461,46 +480,13 @@ def run_job(
             reports.append(rep)
             if on_done:
                 on_done(i, m, rep)
+    finally:
+        if own:
+            ses.close()
     return reports
 
 
 # --- command line -----------------------------------------------------------------------------------
-
-
-def add_run_parser(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``distmerge run JOB.yaml`` to ``subparsers`` (with the ``common`` -q/-v options).
-
-    >>> p = argparse.ArgumentParser(); sub = p.add_subparsers(dest="command")
-    >>> _ = add_run_parser(sub, argparse.ArgumentParser(add_help=False))
-    >>> a = p.parse_args(["run", "job.yaml", "--address", "auto", "--only", "low_noise_model"])
-    >>> a.command, a.job, a.address, a.only, a.device, a.check
-    ('run', 'job.yaml', 'auto', ['low_noise_model'], None, False)
-    """
-    p = subparsers.add_parser(
-        "run",
-        parents=[common],
-        help="run the merges of a YAML job file in one Ray session (e.g. both Wan2.2 experts)",
-        description="Run several merges described in a YAML job file, in order, in one Ray session. "
-        "Options given here override the file's 'ray:' section.",
-    )
-    p.add_argument("job", metavar="JOB.yaml", help="the job file (relative paths in it are relative to it)")
-    p.add_argument(
-        "--address",
-        default=None,
-        metavar="ADDR",
-        help="join a Ray cluster: 'auto' or HOST:PORT (default: the file's ray.address, "
-        "else embedded local Ray, or RAY_ADDRESS if set)",
-    )
-    p.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray tasks in flight")
-    p.add_argument("--num-cpus", type=int, default=None, metavar="N", help="CPUs for the embedded local Ray")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the math runs")
-    p.add_argument(
-        "--only", action="append", default=None, metavar="NAME", help="run only this merge (repeat for several)"
-    )
-    p.add_argument(
-        "--check", action="store_true", help="validate the job file and print the merges without running them"
-    )
-    return p
 
 
 def cmd_run(args: argparse.Namespace, progress: ProgressFn | None) -> int:
@@ -539,5 +525,11 @@ def cmd_run(args: argparse.Namespace, progress: ProgressFn | None) -> int:
             )
         print(f"{m.name}: {rep.summary_line()}", flush=True)
 
-    run_job(job, progress=progress, on_start=on_start, on_done=on_done)
+    from distmerge.cluster import RaySession
+
+    session = RaySession(job.ray.address, num_cpus=job.ray.num_cpus, fast_exit=getattr(args, "fast_exit", False))
+    try:
+        run_job(job, progress=progress, on_start=on_start, on_done=on_done, session=session)
+    finally:
+        session.close()
     return 0

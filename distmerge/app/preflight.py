@@ -4,16 +4,8 @@ A merge that cannot succeed fails here, in well under a second and before the ~5
 any write: numbers that mean nothing (a NaN weight, an alpha that overflows float32), output rules
 (the base itself, a LoRA input, a non-empty folder), unplaceable LoRA keys and shape mismatches, fp8
 refusals (a plan is cut once with one worker to find them), the space the output needs, and the
-base folder's files to copy. ``read_inputs`` returns what the rest of the merge works from.
-
-Example:
-    >>> validate_options(weights=[1.0, -0.5], alpha=2.0, dtype="bf16")
-    'BF16'
-    >>> try:
-    ...     validate_options(weights=[float("nan")], alpha=1.0)
-    ... except UsageError as e:
-    ...     print(e)
-    --weight nan is not a finite number; give each LoRA a weight like 1.0, 0.5 or -1.0
+base folder's files to copy. ``read_inputs`` returns what the rest of the merge works from; the
+numbers and choices themselves are checked by ``validate`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -25,26 +17,24 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from distmerge.errors import MatchError, OutputError, PlanError, UsageError
+from distmerge.app.options import MergeOptions
+from distmerge.app.validate import F32_MAX, check_options, lora_specs, resolve_dtype, validate_options
+from distmerge.errors import MatchError, OutputError, UsageError
 from distmerge.formats.normalize import Delta, Unmatched, normalize
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
-from distmerge.inputs.dtypes import CLI_DTYPES
 from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
-from distmerge.inputs.torch_dtypes import code_of
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
-from distmerge.plan.merge_plan import MergePlan, make_plan, parse_size
-from distmerge.tasks.checksum import ALGORITHMS
+from distmerge.plan.merge_plan import MergePlan, make_plan
 
 __all__ = [
     "Gathered",
     "Inputs",
     "Located",
+    "check_options",
     "collect_deltas",
     "locate",
     "lora_specs",
@@ -56,8 +46,6 @@ __all__ = [
 logger = logging.getLogger("distmerge.preflight")  # the name users see in -v logs
 
 #: the largest finite float32: every coefficient is applied in float32
-_F32_MAX = float(torch.finfo(torch.float32).max)
-_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -67,39 +55,6 @@ class Gathered:
     deltas: list[Delta]
     unmatched: list[tuple[str, Unmatched]]
     loras: list[dict]
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | None:
-    """``None``/``keep`` -> None; ``bf16``/``fp16``/``fp32`` or a torch dtype -> safetensors code."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        code = code_of(dtype)
-        if code not in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
-            raise UsageError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 or keep")
-        return code
-    key = str(dtype).lower()
-    if key not in CLI_DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2")
-    return CLI_DTYPES[key]
-
-
-def lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
-    """``[path | (path, weight), …]`` -> ``[(path, weight), …]`` (weight 1.0 by default).
-
-    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)])
-    [('a.pth', 1.0), ('b.safetensors', -0.5)]
-    """
-    out = []
-    for item in loras:
-        if isinstance(item, (tuple, list)):
-            path, weight = item
-            out.append((os.fspath(path), float(weight)))
-        else:
-            out.append((os.fspath(item), 1.0))  # type: ignore[call-overload]
-    if not out:
-        raise UsageError("no LoRA given; pass at least one --lora")
-    return out
 
 
 def collect_deltas(
@@ -147,61 +102,6 @@ def collect_deltas(
     return Gathered(deltas, unmatched, infos)
 
 
-def _finite(name: str, value: float, hint: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise UsageError(f"{name} {value} is not a finite number; {hint}")
-    if abs(value) > _F32_MAX:
-        raise UsageError(
-            f"{name} {value:g} overflows float32 (largest {_F32_MAX:.4g}), in which every delta "
-            "is added; use a weight of ordinary size"
-        )
-
-
-def _count(name: str, value: int | None, low: int) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def validate_options(
-    *,
-    weights: Sequence[float],
-    alpha: float,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-    unit_size: int | str | None = None,
-    max_retries: int = 3,
-    num_workers: int | None = None,
-    num_cpus: int | None = None,
-    checksum: str = "crc32",
-    device: str = "auto",
-) -> str | None:
-    """Check every number and choice a user gives; return the output dtype's code (None: keep).
-
-    Raises:
-        UsageError: a NaN/Inf/overflowing weight or alpha (alone or multiplied), a bad size, count,
-            dtype, checksum or device. One line each; the CLI exits 2.
-    """
-    _finite("--alpha", alpha, "the global multiplier is usually 1.0")
-    for w in weights:
-        _finite("--weight", w, "give each LoRA a weight like 1.0, 0.5 or -1.0")
-        _finite(f"--weight {w:g} x --alpha", w * alpha, "lower one of them")
-    out_code = resolve_dtype(dtype)
-    for name, size in (("--max-shard-size", max_shard_size), ("--unit-size", unit_size)):
-        if size is not None:
-            try:
-                parse_size(size)
-            except PlanError as e:
-                raise UsageError(f"{name}: {e}") from None
-    _count("--max-retries", max_retries, 0)
-    _count("--num-workers", num_workers, 1)
-    _count("--num-cpus", num_cpus, 1)
-    if checksum not in ALGORITHMS:
-        raise UsageError(f"--checksum {checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
-    if device not in _DEVICES:
-        raise UsageError(f"--device {device!r} is not supported; use {', '.join(_DEVICES)}")
-    return out_code
-
-
 @dataclass
 class Inputs:
     """What the merge works from, every part of it already checked."""
@@ -214,6 +114,26 @@ class Inputs:
     target: OutputTarget
     previous: Manifest | None  #: the interrupted run ``--resume`` continues
     companions: Companions | None  #: the base folder's files to copy (None for a single-file output)
+    opts: MergeOptions
+    out_code: str | None  #: the output dtype's safetensors code (None: keep the base's)
+    plan: MergePlan | None  #: cut for the workers known so far (None: not yet)
+    workers: int = 0  #: the tasks in flight ``plan`` was cut for
+
+    def plan_for(self, workers: int) -> MergePlan:
+        """The plan for ``workers`` tasks in flight (re-cut only if that number changed); a
+        resumed run re-cuts its units exactly as the interrupted one did."""
+        if self.plan is None or self.workers != workers:
+            self.plan = make_plan(
+                self.base,
+                self.gathered.deltas,
+                out_dtype=self.out_code,
+                max_shard_size=self.opts.max_shard_size,
+                single_file=self.target.single_file,
+                workers=workers,
+                unit_size=self.previous.unit_size if self.previous else self.opts.unit_size,
+            )
+            self.workers = workers
+        return self.plan
 
 
 @dataclass
@@ -245,38 +165,41 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
 def read_inputs(
     found: Located,
     output: str | os.PathLike[str],
-    *,
-    alpha: float,
+    opts: MergeOptions,
     out_code: str | None,
-    skip_unmatched: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
-    max_shard_size: int | str = "5GB",
+    *,
+    workers: int | None = None,
 ) -> Inputs:
-    """Check the output location, then the LoRAs against the base, in the order a user fixes them.
+    """Check the output location, then the LoRAs against the base, in the order a user fixes them,
+    and cut the plan: for ``workers`` tasks in flight when that is known before Ray is up, else
+    with one (enough for the fp8 refusals and the output's size; ``Inputs.plan_for`` re-cuts it).
 
     Raises:
         DistmergeError: the first problem found; nothing has been written.
     """
     base_ck, local = found.base, found.specs
-    target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=overwrite, resume=resume)
-    gathered = collect_deltas(base_ck, local, alpha=alpha, skip_unmatched=skip_unmatched)
+    target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=opts.overwrite, resume=opts.resume)
+    gathered = collect_deltas(base_ck, local, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
     _check_coefficients(gathered.deltas)
-    dry = make_plan(
-        base_ck, gathered.deltas, out_dtype=out_code, max_shard_size=max_shard_size, single_file=target.single_file
-    )  # fp8 refusals and the output's size, before Ray
-    previous = Manifest.load(manifest_path(target)) if resume else None
-    if resume and previous is None:
+    previous = Manifest.load(manifest_path(target)) if opts.resume else None
+    if opts.resume and previous is None:
         logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
-    check_free_space(dry, target, keep_parts=previous is not None)
-    companions = find_companions(base_ck) if not target.single_file else None
-    return Inputs(found.base_ref, base_ck, found.lora_refs, local, gathered, target, previous, companions)
+    inputs = Inputs(
+        found.base_ref, base_ck, found.lora_refs, local, gathered, target, previous, None, opts, out_code, None
+    )
+    inputs.plan_for(workers or 1)  # fp8 refusals and the output's size, before Ray
+    assert inputs.plan is not None  # just cut
+    check_free_space(inputs.plan, target, keep_parts=previous is not None)
+    if workers is None:
+        inputs.plan = None  # cut again once Ray says how many tasks run at once
+    inputs.companions = find_companions(base_ck) if not target.single_file else None
+    return inputs
 
 
 def _check_coefficients(deltas: Sequence[Delta]) -> None:
     """Every delta's coefficient (format scale x weight x alpha) must be a finite float32."""
     for d in deltas:
-        if not math.isfinite(d.coef) or abs(d.coef) > _F32_MAX:
+        if not math.isfinite(d.coef) or abs(d.coef) > F32_MAX:
             raise UsageError(
                 f"{d.source}: the coefficient of '{d.target}' (scale {d.scale:g} x weight "
                 f"{d.strength:g}) is {d.coef:g}, beyond float32; lower --weight or --alpha"

@@ -46,6 +46,7 @@ class MergeReport:
     ray: dict[str, Any] = field(default_factory=dict)
     #: when each driver stage ended, in seconds after the merge started (``-vv`` logs them too)
     phases: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  #: when the merge started (Unix time): ``phases`` and units count from it
     base_naming: str = ""  #: how the base names its tensors (``naming.NAMINGS``)
     files_copied: list[str] = field(default_factory=list)  #: the base folder's non-weight files
     files_skipped: list[dict[str, str]] = field(default_factory=list)  #: what was not copied, and why

@@ -57,7 +57,9 @@ from typing import Any
 
 import torch
 
-from distmerge.app.api import collect_deltas, lora_specs, resolve_dtype
+from distmerge.app.flags import add_verify_parser
+from distmerge.app.options import pair_weights
+from distmerge.app.preflight import collect_deltas, lora_specs, resolve_dtype
 from distmerge.errors import DistmergeError, FormatError, PlanError, UsageError
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint, open_base
@@ -382,62 +384,61 @@ def verify(
 
     Raises:
         DistmergeError: the base or a LoRA cannot be read or matched, bad options, Ray problems.
-
-    Example (needs checkpoints, so not run here): ``verify("base_dir", [("a.pth", 0.7)],
-    "merged_dir", dtype="bf16")`` returns a report whose ``verdict`` is one line.
     """
     if rows < 0:
         raise PlanError(f"--rows must be >= 0, got {rows}")
     base_ck = open_base(local_path(base))
     specs = [(local_path(p), w) for p, w in lora_specs(loras)]
     gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
-    out_code = resolve_dtype(dtype)
-    report = VerifyReport(ok=False, verdict="", tensors=len(base_ck.tensors))
+    out_code, report = resolve_dtype(dtype), VerifyReport(ok=False, verdict="", tensors=len(base_ck.tensors))
     try:
         out_ck = open_base(merged)
     except FormatError as e:
         return _finish(report, [(_STRUCTURE, 0, str(e))], full=full, rows=rows)
     report.shards = len(out_ck.files)
     fp8 = scaled_layout(base_ck.tensors, out_code, path=base_ck.path)
-    found = _structure(base_ck, out_ck, fp8)
-    mismatches = _dtype_mismatches(base_ck, out_ck, fp8)
-    if mismatches:
-        found = _with_hint(
-            found,
-            mismatches,
-            out_ck,
-            _dtype_hint(mismatches, out_code, _recorded_dtype(os.fspath(merged)), os.fspath(merged)),
-        )
+    found = _header_findings(base_ck, out_ck, fp8, out_code, os.fspath(merged))
     recorded_by, csum_fails = _recorded_checksums(out_ck)
     found += csum_fails
-    by_target: dict[str, list[Delta]] = {}
-    for d in gathered.deltas:
-        by_target.setdefault(d.target, []).append(d)
-    checks = _tensor_checks(base_ck, out_ck, fp8, by_target)
+    checks = _tensor_checks(base_ck, out_ck, fp8, _by_target(gathered.deltas))
     report.merged = sum(1 for c in checks if c.deltas)
-    results = _run_checks(
-        checks,
-        out_ck,
-        recorded_by,
-        full=full,
-        rows=rows,
-        seed=seed,
-        address=address,
-        num_workers=num_workers,
-        num_cpus=num_cpus,
-        group_size=group_size,
-    )
-    extra = 0
-    for r in results:
-        found += list(r.failures)
-        extra += max(0, r.n_failures - len(r.failures))
-        report.rows_compared += r.rows_compared
-        report.add_stats(r.stats)
+    ray_kw: dict[str, Any] = {"address": address, "num_workers": num_workers, "num_cpus": num_cpus}
+    results = _run_checks(checks, out_ck, recorded_by, full=full, rows=rows, seed=seed, group_size=group_size, **ray_kw)
+    found, extra = found + _tally(report, results), sum(max(0, r.n_failures - len(r.failures)) for r in results)
     if recorded_by is not None:
         sum_fails = _compare_checksums(out_ck, recorded_by, results)
         report.checksums = "mismatch" if (sum_fails or csum_fails) else "match"
         found += sum_fails
     return _finish(report, found, full=full, rows=rows, extra=extra)
+
+
+def _by_target(deltas: Sequence[Delta]) -> dict[str, list[Delta]]:
+    by_target: dict[str, list[Delta]] = {}
+    for d in deltas:
+        by_target.setdefault(d.target, []).append(d)
+    return by_target
+
+
+def _header_findings(
+    base_ck: BaseCheckpoint, out_ck: BaseCheckpoint, fp8: ScaledLayout, out_code: str | None, merged: str
+) -> list[Finding]:
+    """What the headers alone show: structure, and dtypes other than asked (with a hint)."""
+    found = _structure(base_ck, out_ck, fp8)
+    mismatches = _dtype_mismatches(base_ck, out_ck, fp8)
+    if mismatches:
+        hint = _dtype_hint(mismatches, out_code, _recorded_dtype(merged), merged)
+        found = _with_hint(found, mismatches, out_ck, hint)
+    return found
+
+
+def _tally(report: VerifyReport, results: list[Any]) -> list[Finding]:
+    """Fold the check tasks' counts into ``report``; their findings."""
+    found: list[Finding] = []
+    for r in results:
+        found += list(r.failures)
+        report.rows_compared += r.rows_compared
+        report.add_stats(r.stats)
+    return found
 
 
 def _run_checks(
@@ -773,12 +774,7 @@ def verify_output(
 
 def _by_hand(loras: Sequence[str], weights: Sequence[float] | None) -> list[tuple[str, float]]:
     """``--lora`` paths with their ``--weight`` (1.0 each when none is given)."""
-    if weights and len(weights) != len(loras):
-        raise UsageError(
-            f"got {len(loras)} --lora but {len(weights)} --weight; give one "
-            "--weight per --lora, in the same order, or none"
-        )
-    return list(zip(loras, weights or [1.0] * len(loras), strict=True))
+    return pair_weights(list(loras), list(weights) if weights else None)
 
 
 def _recorded_loras(recipe: Recipe, weights: Sequence[float] | None) -> list[tuple[str, float]]:
@@ -796,102 +792,6 @@ def _recorded_loras(recipe: Recipe, weights: Sequence[float] | None) -> list[tup
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_verify_parser(
-    subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
-) -> argparse.ArgumentParser:
-    """Add ``distmerge verify`` to ``subparsers`` (with the ``common`` -q/-v options).
-
-    >>> p = argparse.ArgumentParser(); sub = p.add_subparsers(dest="command")
-    >>> _ = add_verify_parser(sub, argparse.ArgumentParser(add_help=False))
-    >>> a = p.parse_args(["verify", "--base", "b", "--lora", "l.pth", "--merged", "m", "--full"])
-    >>> a.command, a.lora, a.full, a.rows, a.dtype, a.alpha
-    ('verify', ['l.pth'], True, 32, None, None)
-    >>> p.parse_args(["verify", "out"]).output
-    'out'
-    """
-    p = subparsers.add_parser(
-        "verify",
-        parents=[common],
-        usage="distmerge verify OUTPUT [--base PATH --lora PATH …] [options]",
-        help="check a merged checkpoint against the recipe it records (or --base/--lora given by "
-        "hand): structure, untouched bytes, recomputed rows, finiteness, shard checksums",
-        description="Check a merge output. 'distmerge verify OUTPUT' re-checks it against the recipe "
-        "it records (distmerge.json); --base, --lora, --weight, --alpha and --dtype replace "
-        "the recorded values.",
-    )
-    p.add_argument(
-        "output",
-        nargs="?",
-        default=None,
-        metavar="OUTPUT",
-        help="the merge output: folder with an index, or a .safetensors file",
-    )
-    p.add_argument("--merged", default=None, metavar="PATH", help="the same as OUTPUT")
-    rec = " (default: the one recorded in OUTPUT's recipe)"
-    p.add_argument(
-        "--base",
-        "--base_model_path",
-        "--base-model-path",
-        dest="base",
-        default=None,
-        metavar="PATH",
-        help="the base checkpoint the merge started from" + rec,
-    )
-    p.add_argument(
-        "--lora",
-        "--lora_path",
-        "--lora-path",
-        dest="lora",
-        action="append",
-        default=None,
-        metavar="PATH",
-        help="LoRA file as given to merge; repeat for several LoRAs (default: "
-        "the recorded LoRAs, which must still have their recorded SHA-256)",
-    )
-    p.add_argument(
-        "--weight",
-        dest="weight",
-        action="append",
-        type=float,
-        metavar="W",
-        help="weight of each --lora (or of each recorded LoRA), in order (default: the recorded "
-        "weights; 1.0 each with --lora)",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="global multiplier given to merge (default: the recorded one; 1.0 with --base and --lora)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"],
-        default=None,
-        help="output dtype given to merge (default: the recorded one; keep with --base and --lora)",
-    )
-    p.add_argument(
-        "--full", action="store_true", help="recompute every row of every merged tensor (default: a sample of rows)"
-    )
-    p.add_argument("--rows", type=int, default=32, metavar="N", help="rows sampled per merged tensor (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
-    p.add_argument(
-        "--skip-unmatched",
-        action="store_true",
-        help="as given to merge: ignore LoRA keys that have no target in the base (implied for the recorded LoRAs)",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        metavar="ADDR",
-        help="join a Ray cluster: 'auto' or HOST:PORT (default: embedded local Ray, or RAY_ADDRESS if set)",
-    )
-    p.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray tasks in flight (default: all CPUs)")
-    p.add_argument(
-        "--num-cpus", type=int, default=None, metavar="N", help="CPUs for the embedded local Ray (default: all)"
-    )
-    return p
 
 
 def _merged_arg(args: argparse.Namespace) -> str:

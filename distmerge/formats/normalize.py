@@ -8,7 +8,7 @@ Three data tables drive everything:
   fail with their name instead of being skipped;
 * ``keymap``: module paths -> base keys (diffusers names, kohya underscores).
 
-Grouping by module turns roles into ``Delta`` values (``KINDS``) with the scale ``c``: ``α/r`` from a
+Grouping by module turns roles (``Role``) into ``Delta`` values of a ``DeltaKind`` with the scale ``c``: ``α/r`` from a
 ``.alpha`` tensor, else from a PEFT/diffusers config, else 1. Keys that cannot be placed come back as
 ``Unmatched`` with a reason; shapes that cannot fit are errors. Nothing is dropped silently.
 
@@ -41,6 +41,7 @@ from distmerge.formats.keymap import (
     strip_prefixes,
     underscore_map,
 )
+from distmerge.formats.kinds import FULL_KINDS, DeltaKind, Role
 from distmerge.formats.naming import BaseNames
 from distmerge.formats.scales import AdapterConfig
 from distmerge.formats.shapes import delta_shape_error
@@ -57,14 +58,10 @@ __all__ = [
     "Layout",
     "LAYOUTS",
     "SUFFIXES",
-    "KINDS",
     "normalize",
     "detect_layout",
     "delta_shape_error",
 ]
-
-#: delta kinds and what their factors are (see ``mergemath``)
-KINDS = ("lora", "loha", "lokr", "diff", "set")
 
 
 class _Meta(Protocol):
@@ -82,7 +79,7 @@ class FactorRef:
     key: str
     dtype: str
     shape: tuple[int, ...]
-    role: str = ""
+    role: str = ""  #: a ``Role`` (normalize always sets one)
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +98,7 @@ class Delta:
     """
 
     target: str
-    kind: str
+    kind: DeltaKind
     factors: tuple[FactorRef, ...]
     scale: float
     strength: float
@@ -118,20 +115,20 @@ class Delta:
     def row_local(self) -> bool:
         """True when row i of ΔW depends only on row i of one factor (plain LoRA pairs, full diffs,
         replacements), so a tensor can be merged in row chunks with exactly the same result."""
-        return self.kind in ("diff", "set") or (
-            self.kind == "lora"
+        return self.kind in FULL_KINDS or (
+            self.kind == DeltaKind.LORA
             and not self.transpose
             and not self.dora
-            and all(f.role in ("down", "up") for f in self.factors)
+            and all(f.role in (Role.DOWN, Role.UP) for f in self.factors)
         )
 
     @property
     def rank(self) -> int | None:
         roles = {f.role: f for f in self.factors}
-        if self.kind == "lora":
-            return roles["down"].shape[0]
-        if self.kind == "loha":
-            return roles["hada_w1_b"].shape[0]
+        if self.kind == DeltaKind.LORA:
+            return roles[Role.DOWN].shape[0]
+        if self.kind == DeltaKind.LOHA:
+            return roles[Role.HADA_W1_B].shape[0]
         return None
 
 
@@ -212,53 +209,54 @@ LAYOUTS: tuple[Layout, ...] = (
 )
 
 _A = r"(?:\.[^.]+)?"  # an optional adapter-name token (``.default``)
-#: (pattern, role). Group 1 is the module path. First match wins.
+#: (pattern, role): a ``Role``, or ``!<family>`` for a family distmerge refuses. Group 1 is the
+#: module path. First match wins.
 SUFFIXES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(p), role)
     for p, role in (
-        (rf"^(.+)\.lora_A{_A}\.weight$", "down"),
-        (rf"^(.+)\.lora_B{_A}\.weight$", "up"),
-        (rf"^(.+)\.lora_B{_A}\.bias$", "up_bias"),
-        (r"^(.+)\.lora_down\.weight$", "down"),
-        (r"^(.+)\.lora_up\.weight$", "up"),
-        (r"^(.+)\.lora_mid\.weight$", "mid"),
-        (r"^(.+)\.lora\.down\.weight$", "down"),
-        (r"^(.+)\.lora\.up\.weight$", "up"),
-        (r"^(.+)_lora\.down\.weight$", "down"),
-        (r"^(.+)_lora\.up\.weight$", "up"),
-        (r"^(.+)\.lora_linear_layer\.down\.weight$", "down"),
-        (r"^(.+)\.lora_linear_layer\.up\.weight$", "up"),
-        (rf"^(.+)\.lora_embedding_A{_A}$", "emb_down"),
-        (rf"^(.+)\.lora_embedding_B{_A}$", "emb_up"),
-        (rf"^(.+)\.lora_magnitude_vector{_A}(?:\.weight)?$", "magnitude"),
-        (r"^(.+)\.dora_scale$", "dora_scale"),
-        (r"^(.+)\.lora_A$", "down"),
-        (r"^(.+)\.lora_B$", "up"),
+        (rf"^(.+)\.lora_A{_A}\.weight$", Role.DOWN),
+        (rf"^(.+)\.lora_B{_A}\.weight$", Role.UP),
+        (rf"^(.+)\.lora_B{_A}\.bias$", Role.UP_BIAS),
+        (r"^(.+)\.lora_down\.weight$", Role.DOWN),
+        (r"^(.+)\.lora_up\.weight$", Role.UP),
+        (r"^(.+)\.lora_mid\.weight$", Role.MID),
+        (r"^(.+)\.lora\.down\.weight$", Role.DOWN),
+        (r"^(.+)\.lora\.up\.weight$", Role.UP),
+        (r"^(.+)_lora\.down\.weight$", Role.DOWN),
+        (r"^(.+)_lora\.up\.weight$", Role.UP),
+        (r"^(.+)\.lora_linear_layer\.down\.weight$", Role.DOWN),
+        (r"^(.+)\.lora_linear_layer\.up\.weight$", Role.UP),
+        (rf"^(.+)\.lora_embedding_A{_A}$", Role.EMB_DOWN),
+        (rf"^(.+)\.lora_embedding_B{_A}$", Role.EMB_UP),
+        (rf"^(.+)\.lora_magnitude_vector{_A}(?:\.weight)?$", Role.MAGNITUDE),
+        (r"^(.+)\.dora_scale$", Role.DORA_SCALE),
+        (r"^(.+)\.lora_A$", Role.DOWN),
+        (r"^(.+)\.lora_B$", Role.UP),
         *(
             (rf"^(.+)\.{r}{_A}$", r)
             for r in (
-                "hada_w1_a",
-                "hada_w1_b",
-                "hada_w2_a",
-                "hada_w2_b",
-                "hada_t1",
-                "hada_t2",
-                "lokr_w1_a",
-                "lokr_w1_b",
-                "lokr_w2_a",
-                "lokr_w2_b",
-                "lokr_w1",
-                "lokr_w2",
-                "lokr_t2",
+                Role.HADA_W1_A,
+                Role.HADA_W1_B,
+                Role.HADA_W2_A,
+                Role.HADA_W2_B,
+                Role.HADA_T1,
+                Role.HADA_T2,
+                Role.LOKR_W1_A,
+                Role.LOKR_W1_B,
+                Role.LOKR_W2_A,
+                Role.LOKR_W2_B,
+                Role.LOKR_W1,
+                Role.LOKR_W2,
+                Role.LOKR_T2,
             )
         ),
-        (r"^(.+)\.alpha$", "alpha"),
-        (r"^(.+)\.diff$", "diff"),
-        (r"^(.+)\.diff_b$", "diff_b"),
-        (r"^(.+)\.diff_m$", "diff_m"),
-        (r"^(.+)\.w_norm$", "w_norm"),
-        (r"^(.+)\.b_norm$", "b_norm"),
-        (r"^(.+)\.set_weight$", "set_weight"),
+        (r"^(.+)\.alpha$", Role.ALPHA),
+        (r"^(.+)\.diff$", Role.DIFF),
+        (r"^(.+)\.diff_b$", Role.DIFF_B),
+        (r"^(.+)\.diff_m$", Role.DIFF_M),
+        (r"^(.+)\.w_norm$", Role.W_NORM),
+        (r"^(.+)\.b_norm$", Role.B_NORM),
+        (r"^(.+)\.set_weight$", Role.SET_WEIGHT),
         # families distmerge refuses by name rather than skip
         (rf"^(.+)\.(?:oft_blocks|oft_R{_A}(?:\.weight)?|boft_R{_A}|boft_s{_A})$", "!OFT/BOFT"),
         (r"^(.+)\.(?:a1|a2|b1|b2)\.weight$", "!GLoRA"),
@@ -267,14 +265,23 @@ SUFFIXES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 #: full-delta roles: role -> (kind, base parameter)
 _FULL = {
-    "diff": ("diff", "weight"),
-    "diff_b": ("diff", "bias"),
-    "diff_m": ("diff", "modulation"),
-    "w_norm": ("diff", "weight"),
-    "b_norm": ("diff", "bias"),
-    "set_weight": ("set", "weight"),
+    Role.DIFF: (DeltaKind.DIFF, "weight"),
+    Role.DIFF_B: (DeltaKind.DIFF, "bias"),
+    Role.DIFF_M: (DeltaKind.DIFF, "modulation"),
+    Role.W_NORM: (DeltaKind.DIFF, "weight"),
+    Role.B_NORM: (DeltaKind.DIFF, "bias"),
+    Role.SET_WEIGHT: (DeltaKind.SET, "weight"),
 }
-_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOHA = (Role.HADA_W1_A, Role.HADA_W1_B, Role.HADA_W2_A, Role.HADA_W2_B)
+_LOKR = (
+    Role.LOKR_W1,
+    Role.LOKR_W1_A,
+    Role.LOKR_W1_B,
+    Role.LOKR_W2,
+    Role.LOKR_W2_A,
+    Role.LOKR_W2_B,
+    Role.LOKR_T2,
+)
 
 
 def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
@@ -363,7 +370,7 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float
         if role is None:
             full = ctx.target(body)
             if base is not None and full in base and tuple(base[full].shape) == lf.tensors[key].shape:
-                _add(ctx, Delta(full, "set", (ctx.ref(key, "set"),), 1.0, 1.0, lf.path, full))
+                _add(ctx, Delta(full, DeltaKind.SET, (ctx.ref(key, Role.SET),), 1.0, 1.0, lf.path, full))
             else:
                 ctx.out.unmatched.append(
                     Unmatched(key, "unknown key suffix (not a LoRA factor, alpha, diff or a full base tensor)")
@@ -405,10 +412,29 @@ def _group(ctx: _Ctx, module: str, roles: dict[str, str]) -> None:
                 )
             )
         return
-    used: set[str] = set()
+    group = _ModuleGroup(ctx, module, path, roles)
+    group.full_deltas()
+    group.lora()
+    group.embedding()
+    group.loha()
+    group.lokr()
+    group.leftovers()
 
-    def delta(
-        kind: str,
+
+@dataclass
+class _ModuleGroup:
+    """One module's LoRA tensors (role -> key) while they become deltas, in a fixed order of steps
+    (full deltas, LoRA pair, embedding pair, LoHa, LoKr); ``used`` collects the roles consumed."""
+
+    ctx: _Ctx
+    module: str
+    path: str  #: the module as a dotted path (``ctx.module_path``)
+    roles: dict[str, str]
+    used: set[str] = field(default_factory=set)
+
+    def add(
+        self,
+        kind: DeltaKind,
         param: str,
         rs: tuple[str, ...],
         scale: float,
@@ -417,70 +443,77 @@ def _group(ctx: _Ctx, module: str, roles: dict[str, str]) -> None:
         transpose: bool = False,
         dora: str = "",
     ) -> None:
-        used.update(rs)
-        factors = tuple(ctx.ref(roles[r], r) for r in rs)
-        _add(
-            ctx,
-            Delta(
-                ctx.target(f"{path}.{param}"),
-                kind,
-                factors,
-                scale,
-                ctx.strength if strength is None else strength,
-                ctx.lf.path,
-                module,
-                transpose,
-                dora,
-            ),
-        )
+        """A delta of ``kind`` from the tensors of roles ``rs`` on the module's parameter ``param``."""
+        ctx = self.ctx
+        self.used.update(rs)
+        factors = tuple(ctx.ref(self.roles[r], r) for r in rs)
+        strength = ctx.strength if strength is None else strength
+        target = ctx.target(f"{self.path}.{param}")
+        _add(ctx, Delta(target, kind, factors, scale, strength, ctx.lf.path, self.module, transpose, dora))
 
-    for role, (kind, param) in _FULL.items():
-        if role in roles:
-            delta(kind, param, (role,), 1.0, strength=1.0 if kind == "set" else None)
-    cfg = ctx.config
-    fan = bool(cfg and cfg.fan_in_fan_out)
-    if "down" in roles and "up" in roles:
-        rank = ctx.lf.tensors[roles["down"]].shape[0]
-        c = _scale(ctx, module, roles.get("alpha"), rank)
-        rs = ("down", "up") + (("mid",) if "mid" in roles else ())
-        dora = "peft" if "magnitude" in roles else "lycoris" if "dora_scale" in roles else ""
-        rs += ("magnitude",) if dora == "peft" else ("dora_scale",) if dora == "lycoris" else ()
-        delta("lora", "weight", rs, c, transpose=fan, dora=dora)
-        if "up_bias" in roles:
-            delta("diff", "bias", ("up_bias",), c)
-        used.add("alpha")
-    if "emb_down" in roles and "emb_up" in roles:
-        rank = ctx.lf.tensors[roles["emb_down"]].shape[0]
-        c = _scale(ctx, module, roles.get("alpha"), rank)
-        roles = {**roles, "down": roles["emb_down"], "up": roles["emb_up"]}
-        used.update(("emb_down", "emb_up", "alpha"))
-        delta("lora", "weight", ("down", "up"), c, transpose=True)
-    if all(r in roles for r in _LOHA):
-        rank = ctx.lf.tensors[roles["hada_w1_b"]].shape[0]
-        tucker = ("hada_t1", "hada_t2") if "hada_t1" in roles and "hada_t2" in roles else ()
-        delta(
-            "loha",
-            "weight",
-            _LOHA + tucker,
-            _scale(ctx, module, roles.get("alpha"), rank),
-            dora="lycoris" if "dora_scale" in roles else "",
-        )
-        used.update(("alpha", "dora_scale"))
-    lokr = [
-        r for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2") if r in roles
-    ]
-    if lokr:
-        delta("lokr", "weight", tuple(lokr), _lokr_scale(ctx, module, roles))
-        used.add("alpha")
-    for role, key in roles.items():
-        if role not in used:
-            ctx.out.unmatched.append(Unmatched(key, _leftover_reason(role)))
+    def scale(self, rank_role: str) -> float:
+        """The module's ``c`` for the rank of the factor of ``rank_role``."""
+        rank = self.ctx.lf.tensors[self.roles[rank_role]].shape[0]
+        return _scale(self.ctx, self.module, self.roles.get(Role.ALPHA), rank)
+
+    def full_deltas(self) -> None:
+        """Whole-tensor deltas: ``diff`` and the like, and ``set_weight`` (a replacement: strength 1)."""
+        for role, (kind, param) in _FULL.items():
+            if role in self.roles:
+                self.add(kind, param, (role,), 1.0, strength=1.0 if kind == DeltaKind.SET else None)
+
+    def lora(self) -> None:
+        """A down/up pair (with a LoCon ``mid`` and a DoRA magnitude), and a B bias as a ``diff``."""
+        roles, cfg = self.roles, self.ctx.config
+        if Role.DOWN not in roles or Role.UP not in roles:
+            return
+        c = self.scale(Role.DOWN)
+        rs = (Role.DOWN, Role.UP) + ((Role.MID,) if Role.MID in roles else ())
+        dora = "peft" if Role.MAGNITUDE in roles else "lycoris" if Role.DORA_SCALE in roles else ""
+        rs += (Role.MAGNITUDE,) if dora == "peft" else (Role.DORA_SCALE,) if dora == "lycoris" else ()
+        self.add(DeltaKind.LORA, "weight", rs, c, transpose=bool(cfg and cfg.fan_in_fan_out), dora=dora)
+        if Role.UP_BIAS in roles:
+            self.add(DeltaKind.DIFF, "bias", (Role.UP_BIAS,), c)
+        self.used.add(Role.ALPHA)
+
+    def embedding(self) -> None:
+        """A PEFT embedding pair: a LoRA pair applied transposed."""
+        roles = self.roles
+        if Role.EMB_DOWN not in roles or Role.EMB_UP not in roles:
+            return
+        c = self.scale(Role.EMB_DOWN)
+        self.roles = {**roles, Role.DOWN: roles[Role.EMB_DOWN], Role.UP: roles[Role.EMB_UP]}
+        self.used.update((Role.EMB_DOWN, Role.EMB_UP, Role.ALPHA))
+        self.add(DeltaKind.LORA, "weight", (Role.DOWN, Role.UP), c, transpose=True)
+
+    def loha(self) -> None:
+        """A complete LoHa set (with Tucker cores when both are present)."""
+        roles = self.roles
+        if not all(r in roles for r in _LOHA):
+            return
+        tucker = (Role.HADA_T1, Role.HADA_T2) if Role.HADA_T1 in roles and Role.HADA_T2 in roles else ()
+        dora = "lycoris" if Role.DORA_SCALE in roles else ""
+        self.add(DeltaKind.LOHA, "weight", _LOHA + tucker, self.scale(Role.HADA_W1_B), dora=dora)
+        self.used.update((Role.ALPHA, Role.DORA_SCALE))
+
+    def lokr(self) -> None:
+        """The LoKr factors present (which ones are needed is checked with the shapes)."""
+        rs = tuple(r for r in _LOKR if r in self.roles)
+        if rs:
+            self.add(DeltaKind.LOKR, "weight", rs, _lokr_scale(self.ctx, self.module, self.roles))
+            self.used.add(Role.ALPHA)
+
+    def leftovers(self) -> None:
+        """Every tensor no step used, as ``Unmatched`` with the reason."""
+        for role, key in self.roles.items():
+            if role not in self.used:
+                self.ctx.out.unmatched.append(Unmatched(key, _leftover_reason(role)))
 
 
 def _leftover_reason(role: str) -> str:
-    if role in ("down", "emb_down"):
+    if role in (Role.DOWN, Role.EMB_DOWN):
         return "A/down factor without its B/up factor"
-    if role in ("up", "emb_up"):
+    if role in (Role.UP, Role.EMB_UP):
         return "B/up factor without its A/down factor"
     if role.startswith(("hada_", "lokr_")):
         return f"incomplete {role.split('_')[0].upper()} factor set ({role} alone)"
@@ -506,12 +539,12 @@ def _scale(ctx: _Ctx, module: str, alpha_key: str | None, rank: int) -> float:
 def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
     """α/dim where a factor is decomposed (dim = w2_b's rank, else w1_b's), else 1."""
     dim = None
-    for r in ("lokr_w1_b", "lokr_w2_b"):
+    for r in (Role.LOKR_W1_B, Role.LOKR_W2_B):
         if r in roles:
             dim = ctx.lf.tensors[roles[r]].shape[0]
     if dim is None:
         return 1.0
-    return _scale(ctx, module, roles.get("alpha"), dim)
+    return _scale(ctx, module, roles.get(Role.ALPHA), dim)
 
 
 def _add(ctx: _Ctx, d: Delta) -> None:
@@ -532,10 +565,10 @@ def _add(ctx: _Ctx, d: Delta) -> None:
     for f in d.factors:
         if not is_float(f.dtype):
             raise MatchError(f"{lf.path}: '{f.key}' has dtype {f.dtype}, expected a float type")
-    shapes = {f.role: f.shape for f in d.factors if f.role not in ("magnitude", "dora_scale")}
+    shapes = {f.role: f.shape for f in d.factors if f.role not in (Role.MAGNITUDE, Role.DORA_SCALE)}
     why = delta_shape_error(d.kind, shapes, tuple(w.shape), transpose=d.transpose)
     if why is None and d.dora:
-        mag = next(f for f in d.factors if f.role in ("magnitude", "dora_scale"))
+        mag = next(f for f in d.factors if f.role in (Role.MAGNITUDE, Role.DORA_SCALE))
         if d.dora == "peft":  # one magnitude per output feature
             need: tuple[int, ...] = (w.shape[1] if d.transpose else w.shape[0],)
         else:  # LyCORIS dora_scale: per output row ([out, 1, …]) or per input column ([1, in, …])

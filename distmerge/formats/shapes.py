@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from distmerge.formats.kinds import FULL_KINDS, DeltaKind
+
 __all__ = ["implied_shape", "delta_shape_error"]
 
 
@@ -15,10 +17,10 @@ def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int
     >>> implied_shape("lora", {"down": (4, 16, 3, 3), "up": (8, 4, 1, 1)})
     (8, 144)
     """
-    if kind in ("diff", "set"):
+    if kind in FULL_KINDS:
         (s,) = [v for v in shapes.values()]
         return tuple(s)
-    if kind == "lora":
+    if kind == DeltaKind.LORA:
         a, b = shapes["down"], shapes["up"]
         if len(a) < 2 or len(b) < 2:
             raise ValueError(f"factors must be at least 2-D, found A {a} and B {b}")
@@ -34,7 +36,7 @@ def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int
                 raise ValueError(f"lora_mid {m} does not match rank {a[0]}")
             return (b[0], a[1] * math.prod(m[2:]))
         return (b[0], math.prod(a[1:]))
-    if kind == "loha":
+    if kind == DeltaKind.LOHA:
         w1a, w1b, w2a, w2b = (shapes[r] for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         if w1a[1] != w1b[0] or w2a[1] != w2b[0]:
             raise ValueError(f"LoHa factor ranks disagree: w1 {w1a}@{w1b}, w2 {w2a}@{w2b}")
@@ -46,7 +48,7 @@ def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int
                 f"LoHa halves differ: ({w1a[0]}, {math.prod(w1b[1:])}) vs ({w2a[0]}, {math.prod(w2b[1:])})"
             )
         return (w1a[0], math.prod(w1b[1:]))
-    if kind == "lokr":
+    if kind == DeltaKind.LOKR:
         w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
         if "lokr_w2" in shapes:
             w2 = shapes["lokr_w2"]
@@ -74,7 +76,7 @@ def delta_shape_error(
         got = implied_shape(kind, shapes)
     except ValueError as e:
         return str(e)
-    if kind in ("diff", "set"):
+    if kind in FULL_KINDS:
         return None if got == tuple(w_shape) else f"delta has shape {got}, base needs {tuple(w_shape)}"
     out, inner = got
     if transpose:

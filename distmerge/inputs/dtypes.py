@@ -7,7 +7,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ITEMSIZES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "itemsize", "is_float"]
+__all__ = ["ITEMSIZES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "code_of_torch_name", "itemsize", "is_float"]
 
 # code -> (torch dtype name, bytes per element); ``torch_dtypes`` maps the names to torch dtypes.
 _TABLE: dict[str, tuple[str, int]] = {
@@ -50,6 +50,16 @@ CLI_DTYPES: dict[str, str | None] = {
     "fp8_e5m2": "F8_E5M2",
     "float8_e5m2": "F8_E5M2",
 }
+
+
+def code_of_torch_name(name: str) -> str | None:
+    """The code of a torch dtype from its name (``str(torch.bfloat16)``), without torch.
+
+    >>> code_of_torch_name("torch.bfloat16"), code_of_torch_name("torch.complex64")
+    ('BF16', None)
+    """
+    name = name.removeprefix("torch.")
+    return next((code for code, (n, _) in _TABLE.items() if n == name), None)
 
 
 def itemsize(code: str) -> int:

@@ -20,8 +20,9 @@ import json
 import os
 import pickle
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -31,7 +32,7 @@ from distmerge.inputs.header import read_header
 from distmerge.inputs.hub import local_path
 from distmerge.inputs.torch_dtypes import code_of
 
-__all__ = ["TensorMeta", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
+__all__ = ["TensorMeta", "TensorSource", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -44,22 +45,40 @@ class TensorMeta:
     shape: tuple[int, ...]
 
 
+class TensorSource(Protocol):
+    """Where tensors are read from by (file, key): a ``LoraReader``, or an in-memory stand-in."""
+
+    def read(self, path: str, key: str) -> torch.Tensor: ...
+
+
 @dataclass
 class LoraFile:
-    """A LoRA file's table of contents: key -> dtype and shape, plus any metadata and config."""
+    """A LoRA file's table of contents: key -> dtype and shape, plus any metadata and config.
+
+    ``reader`` serves ``read`` (a ``LoraReader`` made on first use when not given; an in-memory
+    source lets a state dict pose as a file).
+    """
 
     path: str
-    kind: str  #: ``safetensors`` or ``pickle``
+    kind: str  #: ``safetensors``, ``pickle`` (or ``memory`` for a state dict)
     tensors: dict[str, TensorMeta]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None  #: a sibling ``adapter_config.json`` (PEFT), if any
-    _reader: LoraReader | None = field(default=None, repr=False, compare=False)
+    reader: TensorSource | None = field(default=None, repr=False, compare=False)
 
     def read(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU)."""
-        if self._reader is None:
-            self._reader = LoraReader()
-        return self._reader.read(self.path, key)
+        if self.reader is None:
+            self.reader = LoraReader()
+        return self.reader.read(self.path, key)
+
+    @property
+    def _reader(self) -> TensorSource | None:  # the earlier name of ``reader``
+        return self.reader
+
+    @_reader.setter
+    def _reader(self, reader: TensorSource | None) -> None:
+        self.reader = reader
 
 
 def _resolve_path(path: str) -> tuple[str, dict[str, Any] | None]:
@@ -155,19 +174,18 @@ def open_lora(path: str | os.PathLike[str]) -> LoraFile:
             metas[k] = TensorMeta(code_of(v.dtype), tuple(v.shape))
         except KeyError:
             raise FormatError(f"{file}: key '{k}' has dtype {v.dtype}, which distmerge cannot read") from None
-    reader = LoraReader()
-    reader._pickles[file] = sd
-    return LoraFile(file, "pickle", metas, {}, config, reader)
+    return LoraFile(file, "pickle", metas, {}, config, LoraReader(pickles={file: sd}))
 
 
 class LoraReader:
     """Reads LoRA tensors by (file, key), keeping each file open for the reader's lifetime.
 
-    One reader serves one work unit, so a pickle is mapped once per unit, not once per tensor.
+    One reader serves one work unit, so a pickle is mapped once per unit, not once per tensor;
+    ``pickles`` hands it pickles already loaded (path -> tensors).
     """
 
-    def __init__(self) -> None:
-        self._pickles: dict[str, dict[str, torch.Tensor]] = {}
+    def __init__(self, pickles: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
+        self._pickles: dict[str, dict[str, torch.Tensor]] = dict(pickles or {})
         self._st: dict[str, Any] = {}
 
     def read(self, path: str, key: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge.inputs.checkpoint import BaseCheckpoint
-from distmerge.output.publish import write_atomic
+from distmerge.output.atomic import write_atomic
 from distmerge.plan.merge_plan import MergePlan
 from distmerge.tasks.checksum import sha256_file
 

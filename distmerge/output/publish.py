@@ -24,6 +24,9 @@ from typing import Any
 
 from distmerge.errors import OutputError
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
+from distmerge.inputs.paths import inside
+from distmerge.inputs.rawio import EndOfFile, pread_exact
+from distmerge.output.atomic import write_atomic
 from distmerge.plan.merge_plan import MergePlan
 from distmerge.tasks.checksum import ALGORITHMS, crc32, crc32_combine, format_crc32
 from distmerge.tasks.writer import create_file, start_writeback
@@ -63,10 +66,6 @@ def part_path(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}{_PART}")
 
 
-def _inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def manifest_path(target: OutputTarget) -> str:
     """Where the resume manifest of a run into ``target`` lives."""
     name = f".{target.single_file}" if target.single_file else ""
@@ -85,13 +84,13 @@ def refuse_inputs_as_output(output: str | os.PathLike[str], base: BaseCheckpoint
     base_real = os.path.realpath(base.path)
     if any(os.path.realpath(f) == real for f in base.files):
         raise OutputError(f"{out}: output must not be the base checkpoint; choose another --output")
-    if os.path.isdir(base_real) and _inside(real, base_real):  # a single-file base may have neighbours
+    if os.path.isdir(base_real) and inside(real, base_real):  # a single-file base may have neighbours
         raise OutputError(
             f"{out}: output must not be the base checkpoint or inside its folder ({base_real}); choose another --output"
         )
     for lora in loras:
         lr = os.path.realpath(lora)
-        if real == lr or (os.path.isdir(lr) and _inside(real, lr)):
+        if real == lr or (os.path.isdir(lr) and inside(real, lr)):
             raise OutputError(f"{out}: output must not be a LoRA input or inside one ({lora})")
     return out
 
@@ -223,23 +222,6 @@ def _stage_extras(directory: str, staging: Staging, files: Mapping[str, str], te
             f.write(text)
 
 
-def write_atomic(path: str, text: str, *, tmp: str | None = None, durable: bool = True) -> None:
-    """Write ``text`` to ``tmp`` (default ``path + ".tmp"``), fsync it (unless not ``durable``),
-    then rename it to ``path``: readers see the old file or the whole new one, never a part.
-
-    An fsync on ext4 (``data=ordered``) commits the journal, which first writes out every dirty
-    block allocated since the last commit, the part files' gigabytes included; so files rewritten
-    while tasks run (the resume manifest) are not fsynced.
-    """
-    tmp = tmp or path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _part_matches(part: str, header: bytes, size: int) -> bool:
     try:
         if os.path.getsize(part) != size:
@@ -256,11 +238,13 @@ def _hash_range(h: hashlib._Hash, fd: int, start: int, end: int, buf: bytearray,
     view = memoryview(buf)
     pos = start
     while pos < end:
-        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
-        if n == 0:
-            raise OutputError(f"{path}: file ends at byte {pos}, expected at least {end}")
-        h.update(view[:n])  # hashlib releases the GIL for blocks this size
-        pos += n
+        block = view[: min(len(buf), end - pos)]
+        try:
+            pread_exact(fd, block, pos)
+        except EndOfFile as e:
+            raise OutputError(f"{path}: file ends at byte {e.offset}, expected at least {end}") from None
+        h.update(block)  # hashlib releases the GIL for blocks this size
+        pos += len(block)
 
 
 def shard_crc32s(plan: MergePlan, unit_crcs: dict[int, int]) -> dict[str, str]:
@@ -290,7 +274,13 @@ class Writeback:
     so the disk works while later units compute and the final fsync finds little left to write.
 
     Example:
-            wb = Writeback(); wb.unit_done(part, start, nbytes); ...; wb.close(); fsync_files(parts)
+        >>> import os, tempfile
+        >>> part = os.path.join(tempfile.mkdtemp(), "part")
+        >>> with open(part, "wb") as f:
+        ...     _ = f.write(bytes(8192))
+        >>> wb = Writeback()
+        >>> wb.unit_done(part, 0, 4096); wb.unit_done(part, 4096, 4096)
+        >>> wb.close(); fsync_files([part])
     """
 
     def __init__(self) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distmerge.errors import PlanError
+from distmerge.formats.kinds import TextEnum
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import BaseCheckpoint
 from distmerge.inputs.dtypes import itemsize
@@ -24,6 +25,7 @@ from distmerge.plan.fp8 import ScaledLayout, scaled_layout
 from distmerge.plan.layout import LaidTensor, layout_shard
 
 __all__ = [
+    "Action",
     "PlannedTensor",
     "ShardPlan",
     "WorkUnit",
@@ -79,6 +81,20 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+class Action(TextEnum):
+    """What a task does with one planned tensor (``PlannedTensor.action``)."""
+
+    MERGE = "merge"  #: add deltas
+    CONVERT = "convert"  #: a dtype change only
+    COPY = "copy"  #: the bytes as they are
+    DERIVED = "derived"  #: a scale, computed with its weight
+
+    @property
+    def passthrough(self) -> bool:
+        """No bytes of this tensor are computed on its own turn (copied, or written with its weight)."""
+        return self in (Action.COPY, Action.DERIVED)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor: where its base bytes are, where its output bytes go, what to add."""
@@ -101,14 +117,14 @@ class PlannedTensor:
     derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
 
     @property
-    def action(self) -> str:
+    def action(self) -> Action:
         """``merge`` (deltas to add), ``convert`` (dtype change only), ``copy`` (bytes as is) or
         ``derived`` (a scale computed with its weight)."""
         if self.derived_from:
-            return "derived"
+            return Action.DERIVED
         if self.deltas:
-            return "merge"
-        return "convert" if (self.out_dtype != self.src_dtype or self.quant) else "copy"
+            return Action.MERGE
+        return Action.CONVERT if (self.out_dtype != self.src_dtype or self.quant) else Action.COPY
 
     @property
     def whole(self) -> bool:
@@ -145,7 +161,7 @@ class WorkUnit:
         task's buffer rings, ``unit._piece_bytes``)."""
         peak = 0
         for t in self.tensors:
-            if t.action in ("copy", "derived"):
+            if t.action.passthrough:
                 continue
             full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
             if t.quant:
@@ -244,43 +260,87 @@ def make_plan(
             many work units so that work stays balanced.
         unit_size: target bytes per unit, overriding the workers-based choice.
     """
+    by_target = _by_target(base, deltas)
+    fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
+    for key in by_target:
+        fp8.check_merge(key, base.tensors)
+    specs = _output_specs(base, fp8)
+    groups, total = _shard_groups(base, fp8, specs, single_file, max_shard_size)
+    names = [single_file] if single_file else shard_names(base.stem, len(groups))
+    target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
+    builder = _ShardBuilder(
+        base,
+        specs,
+        by_target,
+        fp8,
+        derived=fp8.recomputed(set(by_target)),
+        attach={s: w for w, s in fp8.pairs.items()},
+        meta={"format": "pt", **(metadata or {})},
+        unit_bytes=target,
+    )
+    for name, keys in zip(names, groups):
+        builder.add(name, keys)
+    return MergePlan(base.stem, bool(single_file), tuple(builder.shards), tuple(builder.units), target)
+
+
+def _by_target(base: BaseCheckpoint, deltas: Sequence[Delta]) -> dict[str, tuple[Delta, ...]]:
+    """The deltas of each target, in order; every target must be a base key."""
     by_target: dict[str, list[Delta]] = {}
     for d in deltas:
         if d.target not in base.tensors:
             raise PlanError(f"delta from {d.source} targets '{d.target}', which is not in the base")
         by_target.setdefault(d.target, []).append(d)
-    fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
-    for key in by_target:
-        fp8.check_merge(key, base.tensors)
-    specs = _output_specs(base, fp8)
+    return {k: tuple(v) for k, v in by_target.items()}
 
+
+def _shard_groups(
+    base: BaseCheckpoint,
+    fp8: ScaledLayout,
+    specs: Mapping[str, tuple[str, tuple[int, ...]]],
+    single_file: str | None,
+    max_shard_size: int | str,
+) -> tuple[list[list[str]], int]:
+    """The output keys of each shard (a weight and its attached scale never apart), and the
+    total output bytes."""
     blocks = fp8.blocks(list(base.tensors))
     sizes = [(b[0], sum(math.prod(specs[k][1]) * itemsize(specs[k][0]) for k in b)) for b in blocks]
     limit = math.inf if single_file else parse_size(max_shard_size)
     members = {b[0]: b for b in blocks}
     cut = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
     groups = [[k for lead in g for k in members[lead]] for g in cut]
-    names = [single_file] if single_file else shard_names(base.stem, len(groups))
-    meta = {"format": "pt", **(metadata or {})}
-    total = sum(n for _, n in sizes)
-    target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
-    derived = fp8.recomputed(set(by_target))
-    attach = {s: w for w, s in fp8.pairs.items()}
+    return groups, sum(n for _, n in sizes)
 
-    shards: list[ShardPlan] = []
-    units: list[WorkUnit] = []
-    for name, keys in zip(names, groups):
+
+@dataclass
+class _ShardBuilder:
+    """Lays out the shards one at a time and cuts each into work units (numbered across shards)."""
+
+    base: BaseCheckpoint
+    specs: Mapping[str, tuple[str, tuple[int, ...]]]
+    by_target: Mapping[str, tuple[Delta, ...]]
+    fp8: ScaledLayout
+    derived: Mapping[str, str]  #: scale -> weight, for scales computed with their weight
+    attach: Mapping[str, str]  #: scale -> weight, for scales laid out right after their weight
+    meta: Mapping[str, str]
+    unit_bytes: int  #: the target bytes per work unit
+    shards: list[ShardPlan] = field(default_factory=list)
+    units: list[WorkUnit] = field(default_factory=list)
+
+    def add(self, name: str, keys: Sequence[str]) -> None:
+        """Plan shard ``name`` holding output ``keys``."""
+        attach = self.attach
         layout = layout_shard(
-            [(k, *specs[k]) for k in keys],
-            metadata=meta,
+            [(k, *self.specs[k]) for k in keys],
+            metadata=self.meta,
             attach={s: w for s, w in attach.items() if s in keys} if attach else None,
         )
-        planned = [_planned(base, e, tuple(by_target.get(e.key, ())), fp8, derived) for e in layout.entries]
-        shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
+        planned = [
+            _planned(self.base, e, self.by_target.get(e.key, ()), self.fp8, self.derived) for e in layout.entries
+        ]
+        self.shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
         joined = [bool(attach) and p.key in attach for p in planned]
-        for start, end in partition_units([p.out_nbytes for p in planned], target, joined):
-            units.append(WorkUnit(len(units), name, tuple(planned[start:end])))
-    return MergePlan(base.stem, bool(single_file), tuple(shards), tuple(units), target)
+        for start, end in partition_units([p.out_nbytes for p in planned], self.unit_bytes, joined):
+            self.units.append(WorkUnit(len(self.units), name, tuple(planned[start:end])))
 
 
 def _output_specs(base: BaseCheckpoint, fp8: ScaledLayout) -> dict[str, tuple[str, tuple[int, ...]]]:

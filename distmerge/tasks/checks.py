@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.formats.kinds import DeltaKind
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.header import TensorInfo
@@ -30,7 +31,8 @@ from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.checksum import file_digest
 from distmerge.tasks.fp8 import FP8_MAX, quantize
 from distmerge.tasks.mergemath import Term, merge_tensor
-from distmerge.tasks.unit import load_terms, read_bytes
+from distmerge.tasks.reading import OpenFiles, read_bytes, read_scalar
+from distmerge.tasks.terms import load_terms
 
 __all__ = ["CheckGroup", "GroupResult", "TensorCheck", "ValueStats", "check_group", "show_value", "ulp_distance"]
 
@@ -197,7 +199,7 @@ def check_group(group: CheckGroup) -> GroupResult:
     Raises:
         DistmergeError: a LoRA factor cannot be read (an input problem, not a finding).
     """
-    fds: dict[str, int] = {}
+    files = OpenFiles()
     reader = LoraReader()
     failures: list[tuple[int, int, str]] = []
     n_failures = merged = rows_compared = 0
@@ -213,23 +215,22 @@ def check_group(group: CheckGroup) -> GroupResult:
         for c in group.checks:
             try:
                 if c.quant and not c.deltas:
-                    found = _check_quantized(c, fds)
+                    found = _check_quantized(c, files)
                 elif c.deltas:
                     merged += 1
                     check = _check_scaled if c.quant else _check_merged
-                    found, one, nrows = check(c, group, fds, reader)
+                    found, one, nrows = check(c, group, files, reader)
                     rows_compared += nrows
                     stats = stats.merge(one)
                 else:
-                    found = _check_untouched(c, fds)
+                    found = _check_untouched(c, files)
             except OSError as e:
                 found = [(_STRUCTURE, 0, (f"{c.out.path}: '{c.key}': cannot read ({e.strerror or e})"))]
             if found:
                 n_failures += 1
                 failures += found
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        files.close()
     failures.sort(key=lambda f: (f[0], -f[1]))
     return GroupResult(
         group.index,
@@ -242,12 +243,6 @@ def check_group(group: CheckGroup) -> GroupResult:
         digest,
         group.hash_path,
     )
-
-
-def _fd(fds: dict[str, int], path: str) -> int:
-    if path not in fds:
-        fds[path] = os.open(path, os.O_RDONLY)
-    return fds[path]
 
 
 def _geometry(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -296,9 +291,9 @@ def _reference_rows(w: torch.Tensor, terms: Sequence[Term], n: int, per: int, ro
     idx = torch.tensor(list(rows), dtype=torch.long)
     acc = w.to(torch.float64)
     for t in terms:  # load_terms puts replacements first
-        if t.kind == "set":
+        if t.kind == DeltaKind.SET:
             acc = t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
-        elif t.kind == "diff":
+        elif t.kind == DeltaKind.DIFF:
             acc = acc + t.coef * t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
         else:
             up, down = t.get("up"), t.get("down")
@@ -405,7 +400,7 @@ class _Compare:
 
 
 def _check_merged(
-    c: TensorCheck, g: CheckGroup, fds: dict[str, int], reader: LoraReader
+    c: TensorCheck, g: CheckGroup, files: OpenFiles, reader: LoraReader
 ) -> tuple[list[tuple[int, int, str]], ValueStats, int]:
     """Finite check over all values, then sampled rows against the float64 reference.
     Returns (failures, statistics, rows compared)."""
@@ -414,7 +409,7 @@ def _check_merged(
     if n * per == 0:
         return [], ValueStats(), 0
     name = os.path.basename(o.path)
-    out_fd, base_fd = _fd(fds, o.path), _fd(fds, b.path)
+    out_fd, base_fd = files.fd(o.path), files.fd(b.path)
     sample = _sample(c.key, n, g.rows, g.seed, g.full)
     terms = load_terms(c.deltas, reader.read)
     full_ref = None
@@ -456,105 +451,126 @@ def _nonfinite(c: TensorCheck, out: torch.Tensor, r0: int, per: int, name: str) 
     return [(_NONFINITE, 0, f"{c.key} {_where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
 
 
-def _read_scalar(fds: dict[str, int], info: TensorInfo) -> torch.Tensor:
-    """A one-element tensor as a float32 0-d tensor."""
-    raw = read_bytes(_fd(fds, info.path), info.offset, info.nbytes)
-    return torch.frombuffer(raw, dtype=to_torch(info.dtype)).to(torch.float32).reshape(())
-
-
 def _check_scaled(
-    c: TensorCheck, g: CheckGroup, fds: dict[str, int], reader: LoraReader
+    c: TensorCheck, g: CheckGroup, files: OpenFiles, reader: LoraReader
 ) -> tuple[list[tuple[int, int, str]], ValueStats, int]:
     """A merged scaled-fp8 tensor: finite, a fresh scale (its largest code is ±fp8_max), and sampled
     rows of ``(W·s0 + Σ coef·ΔW) / s`` (float64) within 1 fp8 ulp of the output codes."""
-    b, o = c.base, c.out
-    assert c.scale is not None
-    n, per = _geometry(b.shape)
-    name = os.path.basename(o.path)
-    fmax = FP8_MAX[o.dtype]
-    s = _read_scalar(fds, c.scale)
-    s0 = _read_scalar(fds, c.base_scale) if c.base_scale is not None else None
-    q = _read_rows(_fd(fds, o.path), o, per, range(n))
-    qf = q.to(torch.float32)
-    scale = show_value(float(s), c.scale.dtype)
-    if not bool(torch.isfinite(qf).all()) or not (math.isfinite(float(s)) and float(s) > 0):
-        flat = int((~torch.isfinite(qf)).reshape(-1).nonzero()[0]) if not bool(torch.isfinite(qf).all()) else 0
-        return (
-            [
+    out = _ScaledOutput.read(c, files)
+    found = out.structure()
+    if found:
+        return found, ValueStats(), 0
+    sample = _sample(c.key, out.n, g.rows, g.seed, g.full)
+    if not sample:
+        return [], ValueStats(), 0
+    ref = _scaled_reference(c, files, reader, out, sample)
+    cmp = _Compare(c.out.dtype, c.key)
+    cmp.add(out.q.index_select(0, torch.tensor(sample, dtype=torch.long)), ref, sample)
+    stats, worst, nbad = cmp.result()
+    if worst is None:
+        return [], stats, len(sample)
+    return [out.value_failure(worst, nbad, stats.values)], stats, len(sample)
+
+
+@dataclass(frozen=True)
+class _ScaledOutput:
+    """A merged scaled-fp8 output tensor as read back: its codes, its scale and the base's."""
+
+    c: TensorCheck
+    fmax: float  #: the largest fp8 code of the output dtype
+    s: float  #: the output's (fresh) scale
+    scale_text: str  #: ``s`` as ``show_value`` prints it in the scale's dtype
+    s0: torch.Tensor | None  #: the base's scale (float32 0-d), if the base is scaled fp8
+    q: torch.Tensor  #: the codes, ``[n, per]``
+    n: int
+    per: int
+
+    @classmethod
+    def read(cls, c: TensorCheck, files: OpenFiles) -> _ScaledOutput:
+        assert c.scale is not None
+        n, per = _geometry(c.base.shape)
+        fmax = FP8_MAX[c.out.dtype]
+        s = read_scalar(files.fd(c.scale.path), c.scale.offset, c.scale.dtype, c.scale.nbytes)
+        bs = c.base_scale
+        s0 = read_scalar(files.fd(bs.path), bs.offset, bs.dtype, bs.nbytes) if bs is not None else None
+        q = _read_rows(files.fd(c.out.path), c.out, per, range(n))
+        return cls(c, fmax, float(s), show_value(float(s), c.scale.dtype), s0, q, n, per)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.c.out.path)
+
+    def structure(self) -> list[tuple[int, int, str]]:
+        """A non-finite value or scale, or a scale that is not fresh, as a failure (else empty)."""
+        c, qf, fmax = self.c, self.q.to(torch.float32), self.fmax
+        if not bool(torch.isfinite(qf).all()) or not (math.isfinite(self.s) and self.s > 0):
+            flat = int((~torch.isfinite(qf)).reshape(-1).nonzero()[0]) if not bool(torch.isfinite(qf).all()) else 0
+            return [
                 (
                     _NONFINITE,
                     0,
                     (
-                        f"{c.key} {_where(b.shape, flat // per)}: value {float(qf.reshape(-1)[flat])} "
-                        f"× scale {scale} is not finite ({name})"
+                        f"{c.key} {_where(c.base.shape, flat // self.per)}: value {float(qf.reshape(-1)[flat])} "
+                        f"× scale {self.scale_text} is not finite ({self.name})"
                     ),
                 )
-            ],
-            ValueStats(),
-            0,
-        )
-    top = float(qf.abs().max()) if qf.numel() else 0.0
-    if top != fmax and not (top == 0.0 and float(s) == 1.0):
-        return (
-            [
+            ]
+        top = float(qf.abs().max()) if qf.numel() else 0.0
+        if top != fmax and not (top == 0.0 and self.s == 1.0):
+            return [
                 (
                     _VALUE,
                     0,
                     (
                         f"{c.key}: largest |code| is {top:g}, expected {fmax:g} (a fresh scale "
-                        f"amax/{fmax:g}; the scale is {scale}) ({name})"
+                        f"amax/{fmax:g}; the scale is {self.scale_text}) ({self.name})"
                     ),
                 )
-            ],
-            ValueStats(),
-            0,
+            ]
+        return []
+
+    def value_failure(self, w: _Worst, nbad: int, values: int) -> tuple[int, int, str]:
+        """The failure of the worst code ``w`` (``nbad`` of ``values`` compared codes fail)."""
+        c, code, sf = self.c, self.c.out.dtype, self.s
+        return (
+            _VALUE,
+            w.ulp,
+            (
+                f"{c.key} {_where(c.base.shape, w.row)}: code {show_value(w.out, code)} vs expected "
+                f"{show_value(w.ref, code)} at scale {self.scale_text}, i.e. {w.out * sf:.9g} vs "
+                f"{w.ref * sf:.9g} ({_error_text(w.ulp, w.out, w.ref, 'fp8 ulp')}; {nbad} of "
+                f"{values} compared values beyond tolerance) ({self.name})"
+            ),
         )
-    sample = _sample(c.key, n, g.rows, g.seed, g.full)
-    if not sample:
-        return [], ValueStats(), 0
+
+
+def _scaled_reference(
+    c: TensorCheck, files: OpenFiles, reader: LoraReader, out: _ScaledOutput, sample: Sequence[int]
+) -> torch.Tensor:
+    """``(W·s0 + Σ coef·ΔW) / s`` in float64 for the rows ``sample``, clamped to ±fp8_max."""
+    b, n, per = c.base, out.n, out.per
     terms = load_terms(c.deltas, reader.read)
-    w = _read_rows(_fd(fds, b.path), b, per, range(n) if not all(d.row_local for d in c.deltas) else sample)
-    w = w.to(torch.float32) * s0 if s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
-    if all(d.row_local for d in c.deltas):
+    local = all(d.row_local for d in c.deltas)
+    w = _read_rows(files.fd(b.path), b, per, sample if local else range(n))
+    w = w.to(torch.float32) * out.s0 if out.s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
+    if local:
         ref = _reference_rows(w, terms, n, per, sample)
     else:
         full = merge_tensor(w.reshape(b.shape).to(torch.float64), terms, out_dtype=torch.float64)
         ref = full.reshape(n, per).index_select(0, torch.tensor(sample, dtype=torch.long))
-    ref = (ref / float(s)).clamp(-fmax, fmax)
-    cmp = _Compare(o.dtype, c.key)
-    cmp.add(q.index_select(0, torch.tensor(sample, dtype=torch.long)), ref, sample)
-    stats, w_, nbad = cmp.result()
-    if w_ is None:
-        return [], stats, len(sample)
-    sf = float(s)
-    return (
-        [
-            (
-                _VALUE,
-                w_.ulp,
-                (
-                    f"{c.key} {_where(b.shape, w_.row)}: code {show_value(w_.out, o.dtype)} vs expected "
-                    f"{show_value(w_.ref, o.dtype)} at scale {scale}, i.e. {w_.out * sf:.9g} vs "
-                    f"{w_.ref * sf:.9g} ({_error_text(w_.ulp, w_.out, w_.ref, 'fp8 ulp')}; {nbad} of "
-                    f"{stats.values} compared values beyond tolerance) ({name})"
-                ),
-            )
-        ],
-        stats,
-        len(sample),
-    )
+    return (ref / out.s).clamp(-out.fmax, out.fmax)
 
 
-def _check_quantized(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:
+def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, str]]:
     """A tensor ``--dtype fp8_*`` quantized without deltas: weight and scale bytes equal the base
     quantized (deterministic round-to-nearest, fresh scale)."""
     b, o = c.base, c.out
     assert c.scale is not None
     n, per = _geometry(b.shape)
-    w = _read_rows(_fd(fds, b.path), b, per, range(n)).to(torch.float32)
+    w = _read_rows(files.fd(b.path), b, per, range(n)).to(torch.float32)
     want_q, want_s = quantize(w, o.dtype, scale_dtype=to_torch(c.scale.dtype))
-    got = read_bytes(_fd(fds, o.path), o.offset, o.nbytes)
-    got_s = read_bytes(_fd(fds, c.scale.path), c.scale.offset, c.scale.nbytes)
+    got = read_bytes(files.fd(o.path), o.offset, o.nbytes)
+    got_s = read_bytes(files.fd(c.scale.path), c.scale.offset, c.scale.nbytes)
     if bytes(got_s) != want_s.reshape(-1).view(torch.uint8).numpy().tobytes():
         sd = c.scale.dtype
         got_v = float(torch.frombuffer(got_s, dtype=to_torch(sd))[0].item())
@@ -602,12 +618,12 @@ def _first_difference(got: bytearray, want: bytearray, code: str) -> tuple[int, 
     return elem, f"{show_value(gv, code)} vs expected {show_value(wv, code)} ({_error_text(u, gv, wv, unit)})"
 
 
-def _check_untouched(c: TensorCheck, fds: dict[str, int]) -> list[tuple[int, int, str]]:
+def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, str]]:
     """Byte compare with the base (converted to the output dtype when it differs)."""
     b, o = c.base, c.out
     if o.nbytes == 0:
         return []
-    out_fd, base_fd = _fd(fds, o.path), _fd(fds, b.path)
+    out_fd, base_fd = files.fd(o.path), files.fd(b.path)
     _n, per = _geometry(b.shape)
     src_size, out_size = itemsize(b.dtype), itemsize(o.dtype)
     step = max(1, _CHUNK // max(src_size, out_size, 1))  # elements per chunk

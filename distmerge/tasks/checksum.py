@@ -16,9 +16,10 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
+
+from distmerge.inputs.rawio import pread_exact
 
 
 def crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
@@ -84,11 +85,10 @@ def crc_range(fd: int, offset: int, nbytes: int, crc: int = 0, buf: bytearray | 
     view = memoryview(buf)
     pos, end = offset, offset + nbytes
     while pos < end:
-        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
-        if n == 0:
-            raise OSError(errno.EIO, f"unexpected end of file at byte {pos}")
-        crc = crc32(view[:n], crc)
-        pos += n
+        block = view[: min(len(buf), end - pos)]
+        pread_exact(fd, block, pos)
+        crc = crc32(block, crc)
+        pos += len(block)
     return crc
 
 

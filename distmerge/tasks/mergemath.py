@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.formats.kinds import FULL_KINDS, DeltaKind, Role
+
 __all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "NonFiniteError", "OutOfRangeError"]
 
 
@@ -46,17 +48,17 @@ class OutOfRangeError(NonFiniteError):
 class Term:
     """One delta with its tensors loaded, ``factors[i]`` playing ``roles[i]``."""
 
-    kind: str
+    kind: str  #: a ``DeltaKind``
     coef: float
     factors: tuple[torch.Tensor, ...]
-    roles: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()  #: ``Role`` values
     transpose: bool = False
     dora: str = ""
     strength: float = 1.0  #: the user's weight (LyCORIS DoRA blends its rescale by it)
 
     def get(self, role: str) -> torch.Tensor | None:
         if not self.roles:  # positional: lora (A, B), diff/set (D,)
-            names = {"lora": ("down", "up"), "diff": ("diff",), "set": ("set",)}.get(self.kind, ())
+            names = _POSITIONAL.get(self.kind, ())
             return dict(zip(names, self.factors)).get(role)
         return dict(zip(self.roles, self.factors)).get(role)
 
@@ -66,6 +68,14 @@ class Term:
         if f is None:
             raise KeyError(role)
         return f
+
+
+#: the roles of a term's factors given without roles, by kind
+_POSITIONAL: dict[str, tuple[str, ...]] = {
+    DeltaKind.LORA: (Role.DOWN, Role.UP),
+    DeltaKind.DIFF: (Role.DIFF,),
+    DeltaKind.SET: (Role.SET,),
+}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,24 +111,24 @@ def delta_weight(
 
     shape = tuple(shape)
     target = (shape[1], shape[0]) + shape[2:] if t.transpose else shape
-    if t.kind in ("diff", "set"):
+    if t.kind in FULL_KINDS:
         d = f(t.kind) if t.get(t.kind) is not None else t.factors[0].to(device=device, dtype=dtype)
         return d.reshape(shape)
-    if t.kind == "lora":
+    if t.kind == DeltaKind.LORA:
         a, b = f("down"), f("up")
         if t.get("mid") is not None:
             mid = f("mid")
             d = torch.einsum("oa,ab...,bi->oi...", b.flatten(1), mid, a.flatten(1))
         else:
             d = _mm(b, a)
-    elif t.kind == "loha":
+    elif t.kind == DeltaKind.LOHA:
         if t.get("hada_t1") is not None:
             m1 = torch.einsum("ijkl,jr,ip->prkl", f("hada_t1"), f("hada_w1_b"), f("hada_w1_a"))
             m2 = torch.einsum("ijkl,jr,ip->prkl", f("hada_t2"), f("hada_w2_b"), f("hada_w2_a"))
             d = m1 * m2
         else:
             d = _mm(f("hada_w1_a"), f("hada_w1_b")) * _mm(f("hada_w2_a"), f("hada_w2_b"))
-    elif t.kind == "lokr":
+    elif t.kind == DeltaKind.LOKR:
         w1 = f("lokr_w1") if t.get("lokr_w1") is not None else _mm(f("lokr_w1_a"), f("lokr_w1_b"))
         if t.get("lokr_w2") is not None:
             w2 = f("lokr_w2")
@@ -193,9 +203,9 @@ def merge_tensor(
         acc = w.to(cdt, copy=True).contiguous()
     flat = acc.view(acc.shape[0], -1) if acc.dim() >= 1 else acc.view(1, 1)
     for t in terms:
-        if t.kind == "set":
+        if t.kind == DeltaKind.SET:
             acc.copy_(delta_weight(t, acc.shape, dtype=cdt, device=acc.device))
-        elif t.kind == "lora" and not t.transpose and not t.dora and t.get("mid") is None:
+        elif t.kind == DeltaKind.LORA and not t.transpose and not t.dora and t.get("mid") is None:
             a2 = t.factor("down").flatten(1).to(device=acc.device, dtype=cdt)
             b2 = t.factor("up").flatten(1).to(device=acc.device, dtype=cdt)
             flat.addmm_(b2, a2, alpha=t.coef)

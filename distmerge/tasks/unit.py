@@ -18,8 +18,18 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
   the scale tensor laid out right after it (``fp8.quantize``).
 
 Example:
-        given a plan from distmerge.plan.make_plan and a prepared part file:
-        result = run_unit(plan.units[0], "/out/.model-00001-of-00001.safetensors.distmerge-part")
+    >>> import os, tempfile
+    >>> from distmerge.inputs.checkpoint import open_base
+    >>> from distmerge.plan.merge_plan import make_plan
+    >>> from distmerge.tasks.writer import create_file, write_safetensors
+    >>> base = os.path.join(tempfile.mkdtemp(), "base.safetensors")
+    >>> _ = write_safetensors(base, {"w": torch.ones(4, 4, dtype=torch.bfloat16)})
+    >>> plan = make_plan(open_base(base), [], out_dtype="F32", single_file="out.safetensors")
+    >>> part = base + ".part"  # what ``output.prepare`` creates for the driver
+    >>> create_file(part, plan.shards[0].header, plan.shards[0].size)
+    >>> result = run_unit(plan.units[0], part)
+    >>> result.nbytes, result.merged
+    (64, 0)
 """
 
 from __future__ import annotations
@@ -28,21 +38,23 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from distmerge.errors import DistmergeError, ShardWriteError
-from distmerge.formats.normalize import Delta
+from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
-from distmerge.plan.merge_plan import CHUNK_BYTES, PlannedTensor, WorkUnit
+from distmerge.plan.merge_plan import CHUNK_BYTES, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
+from distmerge.tasks.reading import OpenFiles, read_bytes, read_into, read_scalar
+from distmerge.tasks.terms import load_terms
 from distmerge.tasks.writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
 
 __all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
@@ -68,27 +80,6 @@ class UnitResult:
     direct_bytes: int = 0  #: of ``nbytes``, written with O_DIRECT (the rest via the page cache)
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset`` with ``preadv`` (which may return less than asked)."""
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(5, f"unexpected end of file at byte {offset}")
-        view, offset = view[n:], offset + n
-
-
-def read_bytes(fd: int, offset: int, nbytes: int) -> bytearray:
-    """Read exactly ``nbytes`` at ``offset`` into a fresh buffer."""
-    buf = bytearray(nbytes)
-    _pread_exact(fd, memoryview(buf), offset)
-    return buf
-
-
-def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:
-    """Fill the uint8 tensor ``buf`` from ``offset`` (no intermediate copy)."""
-    _pread_exact(fd, buf.numpy().data.cast("B"), offset)
-
-
 def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` covering ``shape[0]`` with about ``chunk_bytes`` of float32 each.
 
@@ -102,28 +93,6 @@ def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[t
     return [(r, min(r + per, shape[0])) for r in range(0, shape[0], per)]
 
 
-def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
-    """Load each delta's factors with ``read(path, key)``; replacements (``set``) come first."""
-    terms = []
-    for d in sorted(deltas, key=lambda d: d.kind != "set"):
-        try:
-            factors = tuple(read(f.path, f.key) for f in d.factors)
-        except DistmergeError:
-            raise
-        except Exception as e:  # a factor that existed at plan time but cannot be read now
-            raise ShardWriteError(
-                f"{d.source}: cannot read factor for '{d.target}' ({type(e).__name__}: {e})"
-            ) from None
-        for f, t in zip(d.factors, factors):  # even at weight 0: a NaN factor is a broken file
-            if t.is_floating_point() and not bool(torch.isfinite(t.float() if t.dtype.itemsize == 1 else t).all()):
-                raise ShardWriteError(
-                    f"merged tensor '{d.target}' would hold NaN/Inf values: '{f.key}' in "
-                    f"{d.source} holds NaN/Inf (a damaged file, or saved after a diverged step)"
-                )
-        terms.append(Term(d.kind, d.coef, factors, tuple(f.role for f in d.factors), d.transpose, d.dora, d.strength))
-    return terms
-
-
 def _chunkable(t: PlannedTensor) -> bool:
     """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
     exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
@@ -131,26 +100,36 @@ def _chunkable(t: PlannedTensor) -> bool:
 
 
 def _slice_rows(t: Term, r0: int, r1: int) -> Term:
-    if t.kind == "lora":
-        rows = {"up": t.factor("up").flatten(1)[r0:r1], "down": t.factor("down")}
-        return Term("lora", t.coef, (rows["down"], rows["up"]), ("down", "up"), strength=t.strength)
+    if t.kind == DeltaKind.LORA:
+        up, down = t.factor(Role.UP).flatten(1)[r0:r1], t.factor(Role.DOWN)
+        return Term(DeltaKind.LORA, t.coef, (down, up), (Role.DOWN, Role.UP), strength=t.strength)
     (d,) = t.factors
     return Term(t.kind, t.coef, (d[r0:r1],), t.roles, strength=t.strength)
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One piece of output: rows ``[r0, r1)`` of tensor ``t`` (or the whole tensor)."""
+    """One piece of output: rows ``[r0, r1)`` of tensor ``t`` (or the whole tensor), with the
+    tensor's delta terms sliced to those rows."""
 
     t: PlannedTensor
     r0: int
     r1: int
     terms: tuple[Term, ...] = ()
 
+    def byte_range(self, *, out: bool) -> tuple[int, int]:
+        """(offset, length) of the piece's bytes in the output file, or with ``out=False`` in its source."""
+        t = self.t
+        if len(t.shape) < 2:
+            return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
+        row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
+        start = t.out_offset if out else t.src_offset
+        return start + self.r0 * row, (self.r1 - self.r0) * row
+
 
 def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
     """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
-    if t.out_nbytes == 0 or t.action in ("copy", "derived") or not _chunkable(t):
+    if t.out_nbytes == 0 or t.action.passthrough or not _chunkable(t):
         return [(0, t.shape[0] if t.shape else 1)]
     return row_chunks(t.shape)
 
@@ -158,7 +137,7 @@ def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
 def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
     for t in unit.tensors:
         terms: tuple[Term, ...] = ()
-        if t.deltas and t.action != "copy":  # factors upcast once per tensor, not once per chunk
+        if t.deltas and t.action != Action.COPY:  # factors upcast once per tensor, not once per chunk
             cdt = torch.float64 if t.src_dtype == "F64" else torch.float32
             terms = tuple(
                 replace(x, factors=tuple(f.to(cdt) for f in x.factors)) for x in load_terms(t.deltas, reader.read)
@@ -195,7 +174,7 @@ def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
     """Largest (source, output, float32) bytes of any piece of ``unit``."""
     src = out = acc = 0
     for t in unit.tensors:
-        if t.action in ("copy", "derived") or t.out_nbytes == 0:
+        if t.action.passthrough or t.out_nbytes == 0:
             continue
         r0, r1 = max(_pieces(t), key=lambda p: p[1] - p[0])
         rows = (r1 - r0) if len(t.shape) >= 1 else 1
@@ -206,37 +185,13 @@ def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
     return src, out, acc
 
 
-def _byte_range(t: PlannedTensor, r0: int, r1: int, *, out: bool) -> tuple[int, int]:
-    if len(t.shape) < 2:
-        return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
-    row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
-    start = t.out_offset if out else t.src_offset
-    return start + r0 * row, (r1 - r0) * row
-
-
-class _Files:
-    """Input file descriptors, opened once per unit."""
-
-    def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
-
-    def fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-
 def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring, out_ring: _Ring) -> torch.Tensor:
     """The output bytes of one piece, in a buffer of ``out_ring`` (never aliasing ``raw``)."""
     t = job.t
     rows = job.r1 - job.r0
     shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
     w = raw.view(to_torch(t.src_dtype)).reshape(shape)
-    out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=_byte_range(t, job.r0, job.r1, out=True)[0])
+    out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=job.byte_range(out=True)[0])
     if not job.terms:
         return out.copy_(w)
     if device.type == "cuda":
@@ -261,13 +216,6 @@ def _nonfinite(t: PlannedTensor, e: NonFiniteError) -> ShardWriteError:
         f"merged tensor '{t.key}' {what} after adding deltas from "
         f"{sources} ({e}; check the LoRA factors and --weight/--alpha)"
     )
-
-
-def _read_scale(fd: int, src: tuple[str, int, str]) -> torch.Tensor:
-    """The base scale at ``src`` ((path, offset, dtype) of a one-element tensor) as float32 0-d."""
-    _, offset, code = src
-    raw = read_bytes(fd, offset, itemsize(code))
-    return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
 
 
 def _compute_scaled(
@@ -309,6 +257,137 @@ def _compute_scaled(
     return out, scale.reshape(scale_out.shape).contiguous()
 
 
+@dataclass
+class _Rings:
+    """A unit's working buffers: the piece being computed and the one being read, one float
+    accumulator, and the output buffers of the queued writes plus the one being filled."""
+
+    read: _Ring
+    acc: _Ring
+    out: _Ring
+
+    @classmethod
+    def for_unit(cls, unit: WorkUnit) -> _Rings:
+        src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
+        return cls(_Ring(src_bytes, 2), _Ring(acc_bytes, 1), _Ring(out_bytes, _WRITE_BACKLOG + 2))
+
+
+@dataclass
+class _Where:
+    """What an I/O error message names: the output file, then the input file and key of the
+    tensor being worked on."""
+
+    path: str
+    key: str = ""
+
+    def at(self, t: PlannedTensor) -> None:
+        self.path, self.key = t.src_path, t.key
+
+    def error(self, e: OSError) -> ShardWriteError:
+        where = f"{self.path}: '{self.key}'" if self.key else self.path
+        return ShardWriteError(f"{where}: {e.strerror or e}")
+
+
+@dataclass
+class _Tally:
+    """What a unit has produced so far: the CRC of its bytes in file order, the merged keys."""
+
+    crc: int = 0
+    merged: set[str] = field(default_factory=set)
+
+
+class _UnitRun:
+    """The steps of one unit: read a piece (on the I/O thread), compute it, account for its bytes,
+    write it (on the I/O thread). A weight's fresh fp8 scale is computed with the weight and kept
+    in ``derived`` until its own turn."""
+
+    def __init__(self, unit: WorkUnit, dev: torch.device, files: OpenFiles, sink: OutputFile) -> None:
+        self.unit, self.dev, self.files, self.sink = unit, dev, files, sink
+        self.rings = _Rings.for_unit(unit)
+        self.by_key = {t.key: t for t in unit.tensors}
+        self.scales0 = {  # the base scale of each scaled-fp8 weight
+            t.key: read_scalar(files.fd(t.scale_src[0]), t.scale_src[1], t.scale_src[2])
+            for t in unit.tensors
+            if t.quant and t.scale_src
+        }
+        self.derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
+
+    def read(self, job: _Job) -> torch.Tensor | None:
+        """The source bytes of ``job`` (None where nothing is computed: copies, derived scales)."""
+        t = job.t
+        if t.out_nbytes == 0 or t.action.passthrough:
+            return None
+        off, n = job.byte_range(out=False)
+        buf = self.rings.read.take(torch.uint8, (n,))
+        read_into(self.files.fd(t.src_path), off, buf)
+        return buf
+
+    def compute(self, job: _Job, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """The output bytes of ``job`` (None: copied file to file by ``write``)."""
+        t = job.t
+        if t.derived_from:
+            return self.derived.pop(t.key)
+        if raw is not None and t.quant:
+            scale_out = self.by_key[t.scale_key]
+            out, self.derived[t.scale_key] = _compute_scaled(
+                job, raw, self.dev, self.rings.acc, self.rings.out, self.scales0.get(t.key), scale_out
+            )
+            return out
+        return None if raw is None else _compute(job, raw, self.dev, self.rings.acc, self.rings.out)
+
+    def account(self, job: _Job, out: torch.Tensor | None, tally: _Tally) -> None:
+        """Chain ``job``'s output bytes onto the CRC and note a merged tensor."""
+        t = job.t
+        if out is not None:
+            tally.crc = crc32(tensor_bytes(out), tally.crc)
+        elif t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes
+            tally.crc = crc_range(self.files.fd(t.src_path), t.src_offset, t.src_nbytes, tally.crc)
+        if job.terms:
+            tally.merged.add(t.key)
+
+    def write(self, job: _Job, out: torch.Tensor | None) -> None:
+        t = job.t
+        if t.out_nbytes == 0:
+            return
+        if out is None:
+            copy_range(self.files.fd(t.src_path), t.src_offset, self.sink.fd, t.out_offset, t.src_nbytes)
+            return
+        off, _ = job.byte_range(out=True)
+        self.sink.write(tensor_bytes(out), off, out.data_ptr())
+
+    def run(self, io: ThreadPoolExecutor, reader: LoraReader, where: _Where, tally: _Tally) -> None:
+        """Every piece in order, the next read and up to ``_WRITE_BACKLOG`` writes in flight."""
+        jobs = _jobs(self.unit, reader)
+        job = next(jobs, None)
+        nxt: Future | None = io.submit(self.read, job) if job else None
+        writes: deque[Future] = deque()
+        while job is not None:
+            where.at(job.t)
+            assert nxt is not None  # set whenever job is
+            raw = nxt.result()
+            following = next(jobs, None)
+            nxt = io.submit(self.read, following) if following else None
+            out = self.compute(job, raw)
+            self.account(job, out, tally)
+            writes.append(io.submit(self.write, job, out))
+            while len(writes) > _WRITE_BACKLOG:
+                writes.popleft().result()
+            job = following
+        for w in writes:
+            w.result()
+
+
+def _torch_device(device: str, threads: int | None) -> torch.device:
+    """Set torch up for the task: intra-op threads, and full float32 GEMMs on a GPU."""
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    dev = torch.device(device)
+    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the delta to 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
+
+
 def run_unit(
     unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None, direct_io: bool = True
 ) -> UnitResult:
@@ -331,103 +410,33 @@ def run_unit(
             tensor is not finite. The message names the file and key.
     """
     start, started = time.perf_counter(), time.time()
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
-    dev = torch.device(device)
-    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the delta to 10 mantissa bits
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    files = _Files()
-    reader = LoraReader()
-    merged: set[str] = set()
-    crc = 0
-    current = [dest, ""]  # (file, key) for error messages
+    dev = _torch_device(device, threads)
+    files = OpenFiles()
+    where, tally = _Where(dest), _Tally()
     sink: OutputFile | None = None
     direct = 0
     try:
         sink = OutputFile(dest, direct=direct_io)
         with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
-            src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
-            read_ring = _Ring(src_bytes, 2)  # the piece being computed + the one being read
-            acc_ring = _Ring(acc_bytes, 1)
-            out_ring = _Ring(out_bytes, _WRITE_BACKLOG + 2)  # queued writes + the one being filled
-
-            def read(job: _Job) -> torch.Tensor | None:
-                t = job.t
-                if t.out_nbytes == 0 or t.action in ("copy", "derived"):
-                    return None
-                off, n = _byte_range(t, job.r0, job.r1, out=False)
-                buf = read_ring.take(torch.uint8, (n,))
-                read_into(files.fd(t.src_path), off, buf)
-                return buf
-
-            def write(job: _Job, out: torch.Tensor | None) -> None:
-                t = job.t
-                if t.out_nbytes == 0:
-                    return
-                if out is None:
-                    copy_range(files.fd(t.src_path), t.src_offset, sink.fd, t.out_offset, t.src_nbytes)
-                    return
-                off, _ = _byte_range(t, job.r0, job.r1, out=True)
-                sink.write(tensor_bytes(out), off, out.data_ptr())
-
-            by_key = {t.key: t for t in unit.tensors}
-            scales0 = {
-                t.key: _read_scale(files.fd(t.scale_src[0]), t.scale_src)
-                for t in unit.tensors
-                if t.quant and t.scale_src
-            }
-            derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
-            jobs = _jobs(unit, reader)
-            job = next(jobs, None)
-            nxt: Future | None = io.submit(read, job) if job else None
-            writes: deque[Future] = deque()
-            while job is not None:
-                current[:] = [job.t.src_path, job.t.key]
-                assert nxt is not None  # set whenever job is
-                raw = nxt.result()
-                following = next(jobs, None)
-                nxt = io.submit(read, following) if following else None
-                t = job.t
-                out: torch.Tensor | None
-                if t.derived_from:
-                    out = derived.pop(t.key)
-                elif raw is not None and t.quant:
-                    out, derived[t.scale_key] = _compute_scaled(
-                        job, raw, dev, acc_ring, out_ring, scales0.get(t.key), by_key[t.scale_key]
-                    )
-                else:
-                    out = None if raw is None else _compute(job, raw, dev, acc_ring, out_ring)
-                if out is not None:
-                    crc = crc32(tensor_bytes(out), crc)
-                elif job.t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes
-                    crc = crc_range(files.fd(job.t.src_path), job.t.src_offset, job.t.src_nbytes, crc)
-                if job.terms:
-                    merged.add(job.t.key)
-                writes.append(io.submit(write, job, out))
-                while len(writes) > _WRITE_BACKLOG:
-                    writes.popleft().result()
-                job = following
-            for w in writes:
-                w.result()
+            _UnitRun(unit, dev, files, sink).run(io, LoraReader(), where, tally)
     except DistmergeError:
         raise
     except OSError as e:
-        where = f"{current[0]}: '{current[1]}'" if current[1] else current[0]
-        raise ShardWriteError(f"{where}: {e.strerror or e}") from None
+        raise where.error(e) from None
     finally:
         files.close()
         if sink is not None:
             direct = sink.direct_bytes
             sink.close()
+    seconds = time.perf_counter() - start
     return UnitResult(
         unit.index,
         unit.shard,
         unit.nbytes,
-        time.perf_counter() - start,
+        seconds,
         dev.type,
-        len(merged),
-        crc,
+        len(tally.merged),
+        tally.crc,
         started=started,
         direct_bytes=direct,
     )

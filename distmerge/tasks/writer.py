@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from distmerge.errors import ShardWriteError
+from distmerge.inputs.rawio import pread_exact, pwrite_all
 from distmerge.inputs.torch_dtypes import code_of
 from distmerge.plan.layout import ShardLayout, layout_shard
 
@@ -99,16 +100,6 @@ def reserve(fd: int, size: int) -> bool:
     return False
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n == 0:
-            raise OSError(errno.EIO, "pwrite wrote 0 bytes")
-        view, offset = view[n:], offset + n
-
-
 #: O_DIRECT needs the file offset, the length and the buffer address aligned to the device's
 #: logical block; 4096 covers every common device (512 and 4096 byte sectors)
 DIRECT_ALIGN = 4096
@@ -175,7 +166,14 @@ class OutputFile:
     (``--checksum sha256``, ``--resume``).
 
     Example:
-            out = OutputFile(part); out.write(tensor_bytes(t), offset, t.data_ptr()); out.close()
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "part")
+        >>> create_file(path, b"", 8)
+        >>> t = torch.arange(2, dtype=torch.float32)
+        >>> out = OutputFile(path)
+        >>> out.write(tensor_bytes(t), 0, t.data_ptr()); out.close()
+        >>> open(path, "rb").read() == t.numpy().tobytes()
+        True
     """
 
     def __init__(self, path: str, *, direct: bool = True) -> None:
@@ -239,11 +237,9 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> 
         else:
             buf = buf or bytearray(min(n, _COPY_CHUNK))
             view = memoryview(buf)[: min(n, len(buf))]
-            got = os.preadv(src_fd, [view], src_off)
-            if got == 0:
-                raise OSError(errno.EIO, f"unexpected end of input file at byte {src_off}")
-            pwrite_all(dst_fd, view[:got], dst_off)
-            done = got
+            pread_exact(src_fd, view, src_off, what="input file")
+            pwrite_all(dst_fd, view, dst_off)
+            done = len(view)
         src_off, dst_off, n = src_off + done, dst_off + done, n - done
 
 

@@ -1,0 +1,133 @@
+"""The numbers and choices a user gives, checked before anything runs (and without torch).
+
+Example:
+    >>> validate_options(weights=[1.0, -0.5], alpha=2.0, dtype="bf16")
+    'BF16'
+    >>> try:
+    ...     validate_options(weights=[float("nan")], alpha=1.0)
+    ... except UsageError as e:
+    ...     print(e)
+    --weight nan is not a finite number; give each LoRA a weight like 1.0, 0.5 or -1.0
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from distmerge.app.options import DEVICES, MergeOptions
+from distmerge.errors import PlanError, UsageError
+from distmerge.inputs.dtypes import CLI_DTYPES, code_of_torch_name
+from distmerge.plan.merge_plan import parse_size
+from distmerge.tasks.checksum import ALGORITHMS
+
+__all__ = ["F32_MAX", "check_options", "lora_specs", "resolve_dtype", "validate_options"]
+
+#: the largest finite float32: every coefficient is applied in float32
+F32_MAX = 3.4028234663852886e38
+
+
+def resolve_dtype(dtype: Any) -> str | None:
+    """``None``/``keep`` -> None; ``bf16``/``fp16``/``fp32`` or a torch dtype -> safetensors code."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str):  # a torch dtype
+        code = code_of_torch_name(str(dtype))
+        if code not in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
+            raise UsageError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 or keep")
+        return code
+    key = str(dtype).lower()
+    if key not in CLI_DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2")
+    return CLI_DTYPES[key]
+
+
+def lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
+    """``[path | (path, weight), …]`` -> ``[(path, weight), …]`` (weight 1.0 by default).
+
+    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)])
+    [('a.pth', 1.0), ('b.safetensors', -0.5)]
+    """
+    out = []
+    for item in loras:
+        if isinstance(item, (tuple, list)):
+            path, weight = item
+            out.append((os.fspath(path), float(weight)))
+        else:
+            out.append((os.fspath(item), 1.0))  # type: ignore[call-overload]
+    if not out:
+        raise UsageError("no LoRA given; pass at least one --lora")
+    return out
+
+
+def _finite(name: str, value: float, hint: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UsageError(f"{name} {value} is not a finite number; {hint}")
+    if abs(value) > F32_MAX:
+        raise UsageError(
+            f"{name} {value:g} overflows float32 (largest {F32_MAX:.4g}), in which every delta "
+            "is added; use a weight of ordinary size"
+        )
+
+
+def _count(name: str, value: int | None, low: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_options(opts: MergeOptions, specs: Sequence[tuple[str, float]]) -> str | None:
+    """``validate_options`` for a whole ``MergeOptions`` and the LoRAs' weights."""
+    return validate_options(
+        weights=[w for _, w in specs],
+        alpha=opts.alpha,
+        dtype=opts.dtype,
+        max_shard_size=opts.max_shard_size,
+        unit_size=opts.unit_size,
+        max_retries=opts.max_retries,
+        num_workers=opts.num_workers,
+        num_cpus=opts.num_cpus,
+        checksum=opts.checksum,
+        device=opts.device,
+    )
+
+
+def validate_options(
+    *,
+    weights: Sequence[float],
+    alpha: float,
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    unit_size: int | str | None = None,
+    max_retries: int = 3,
+    num_workers: int | None = None,
+    num_cpus: int | None = None,
+    checksum: str = "crc32",
+    device: str = "auto",
+) -> str | None:
+    """Check every number and choice a user gives; return the output dtype's code (None: keep).
+
+    Raises:
+        UsageError: a NaN/Inf/overflowing weight or alpha (alone or multiplied), a bad size, count,
+            dtype, checksum or device. One line each; the CLI exits 2.
+    """
+    _finite("--alpha", alpha, "the global multiplier is usually 1.0")
+    for w in weights:
+        _finite("--weight", w, "give each LoRA a weight like 1.0, 0.5 or -1.0")
+        _finite(f"--weight {w:g} x --alpha", w * alpha, "lower one of them")
+    out_code = resolve_dtype(dtype)
+    for name, size in (("--max-shard-size", max_shard_size), ("--unit-size", unit_size)):
+        if size is not None:
+            try:
+                parse_size(size)
+            except PlanError as e:
+                raise UsageError(f"{name}: {e}") from None
+    _count("--max-retries", max_retries, 0)
+    _count("--num-workers", num_workers, 1)
+    _count("--num-cpus", num_cpus, 1)
+    if checksum not in ALGORITHMS:
+        raise UsageError(f"--checksum {checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
+    if device not in DEVICES:
+        raise UsageError(f"--device {device!r} is not supported; use {', '.join(DEVICES)}")
+    return out_code
