@@ -30,6 +30,8 @@ _LAZY = {
     "MergeReport": "distmerge.app.report",
     "MergeOptions": "distmerge.app.options",
     "RaySession": "distmerge.cluster",
+    "extract": "distmerge.app.extract",
+    "ExtractReport": "distmerge.app.extract",
     "load_state_dict_from_safetensors": "distmerge.app.compat",
     "merge_lora_into_state_dict": "distmerge.app.compat",
 }
@@ -49,6 +51,8 @@ __all__ = [
     "MergeReport",
     "MergeOptions",
     "RaySession",
+    "extract",
+    "ExtractReport",
     "load_state_dict_from_safetensors",
     "merge_lora_into_state_dict",
     "DistmergeError",

@@ -277,16 +277,14 @@ class _Merge:
         direct_io = ledger.direct_io_safe and self.inputs.previous is None
         claims = UnitClaims()
         inline = self._inline(todo, dests, claims, ledger, direct_io)
-        if inline is not None and not self.session.wait_or(inline.finished):
-            done = inline.join()  # raises the error that stopped it
-            self.phases.mark("units done")  # all merged before Ray was up: no task needed
-            return done
-        settings = self._settings()
-        if inline is not None:
-            inline.stop()  # Ray is up: its tasks take the units not yet taken
-            if inline.failed:
-                inline.join()
         try:
+            if inline is not None and not self.session.wait_or(inline.finished):
+                return self._all_inline(inline)
+            settings = self._settings()
+            if inline is not None:
+                inline.stop()  # Ray is up: its tasks take the units not yet taken
+                if inline.failed:
+                    inline.join()
             results = run_units(
                 todo,
                 dests,
@@ -295,10 +293,19 @@ class _Merge:
                 direct_io=direct_io,
                 claim=claims.claim,
             )
-        finally:
-            done_inline = inline.join() if inline is not None else []
+        except BaseException:
+            if inline is not None:
+                inline.stop()  # an error or Ctrl-C: the driver takes no further unit either
+            raise
+        done_inline = inline.join() if inline is not None else []
         self.phases.mark("units done")
         return sorted(results + done_inline, key=lambda r: r.index)
+
+    def _all_inline(self, inline: InlineRunner) -> list[UnitResult]:
+        """Every unit merged on the driver before Ray's workers were ready: no task needed."""
+        done = inline.join()  # raises the error that stopped it
+        self.phases.mark("units done")
+        return done
 
     def _inline(
         self, todo: list, dests: dict[str, str], claims: UnitClaims, ledger: UnitLedger, direct_io: bool

@@ -1,4 +1,5 @@
-"""The ``distmerge`` command line: ``merge``, ``run`` (job files), ``inspect``, ``verify`` and ``demo``.
+"""The ``distmerge`` command line: ``merge``, ``run`` (job files), ``inspect``, ``verify``, ``extract``
+and ``demo``.
 
 Every ``DistmergeError`` becomes one line on stderr and exit code 1 (a ``UsageError``, like
 argparse's own errors, exits 2); Ctrl-C exits 130 after cancelling the Ray tasks and removing part
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
             from distmerge.app.verify import cmd_verify
 
             return cmd_verify(args)
+        if args.command == "extract":
+            from distmerge.app.extract import cmd_extract
+
+            return cmd_extract(args, progress)
         if args.command == "run":
             from distmerge.app.jobfile import cmd_run
 

@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 
 from distmerge import __version__
 from distmerge.app.options import flag_of, meta_of, option_fields
+from distmerge.plan.extract_plan import LAYOUTS, OUT_DTYPES
 
-__all__ = ["build_parser", "add_verify_parser", "add_run_parser", "add_merge_flags"]
+__all__ = ["build_parser", "add_verify_parser", "add_run_parser", "add_extract_parser", "add_merge_flags"]
 
 _BASE_FLAGS = ("--base", "--base_model_path", "--base-model-path")
 _TYPES: dict[str, Any] = {"float": float, "int": int}
@@ -205,6 +206,84 @@ def add_run_parser(subparsers: argparse._SubParsersAction, common: argparse.Argu
     return p
 
 
+def _add_extract_inputs(p: argparse.ArgumentParser) -> None:
+    """``extract``'s two checkpoints and its output."""
+    p.add_argument(*_BASE_FLAGS, dest="base", required=True, metavar="PATH", help="the base checkpoint")
+    p.add_argument(
+        "--tuned",
+        "--tuned_model_path",
+        dest="tuned",
+        required=True,
+        metavar="PATH",
+        help="the fine-tuned checkpoint (same keys, shapes and dtypes as the base)",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        dest="output",
+        required=True,
+        metavar="PATH",
+        help="the LoRA .safetensors file (a folder for --layout peft)",
+    )
+
+
+def _add_extract_method(p: argparse.ArgumentParser) -> None:
+    """How ``extract`` reduces and writes each difference: rank or energy, layout, dtype."""
+    p.add_argument("--rank", type=int, default=None, metavar="R", help="LoRA rank (default 64; with --energy: the cap)")
+    p.add_argument(
+        "--energy",
+        type=float,
+        default=None,
+        metavar="E",
+        help="smallest rank per matrix keeping this fraction of ||dW||_F^2, e.g. 0.9",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="comfy",
+        help="key layout: comfy (diffusion_model.…lora_down/up, default), peft (adapter folder), "
+        "diffusers (transformer.…lora_A/B), roll (base_model.model.…lora_A.default)",
+    )
+    p.add_argument(
+        "--dtype", choices=OUT_DTYPES, default="bf16", help="dtype of the factors and differences (default bf16)"
+    )
+    p.add_argument(
+        "--min-diff",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="tensors with max|tuned - base| <= D count as identical and are skipped (default 0)",
+    )
+    p.add_argument("--exact", action="store_true", help="exact SVD (torch.linalg.svd) for every matrix (slow)")
+
+
+def add_extract_parser(
+    subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """Add ``distmerge extract`` to ``subparsers`` (with the ``common`` -q/-v options).
+
+    >>> p = argparse.ArgumentParser(); sub = p.add_subparsers(dest="command")
+    >>> _ = add_extract_parser(sub, argparse.ArgumentParser(add_help=False))
+    >>> a = p.parse_args(["extract", "--base", "b", "--tuned", "t", "-o", "l.safetensors", "--energy", "0.9"])
+    >>> a.command, a.rank, a.energy, a.layout, a.dtype, a.device, a.max_retries, a.resume
+    ('extract', None, 0.9, 'comfy', 'bf16', 'auto', 3, False)
+    """
+    p = subparsers.add_parser(
+        "extract", parents=[common], help="turn a fine-tune into a LoRA: SVD of tuned - base, as Ray tasks"
+    )
+    _add_extract_inputs(p)
+    _add_extract_method(p)
+    _add_option(p, "resume", help="continue a crashed run into --output")
+    _add_option(p, "overwrite", help="replace an existing output")
+    _add_option(p, "report", help="write a JSON report here (per-tensor rank, energy, time)")
+    _add_option(p, "num_workers")
+    _add_option(p, "address")
+    _add_option(p, "device")
+    _add_option(p, "num_cpus")
+    _add_option(p, "max_retries")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``distmerge`` parser with every subcommand."""
     parser = _Parser(
@@ -225,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_verify_parser(sub, common)
     add_run_parser(sub, common)
+    add_extract_parser(sub, common)
     d = sub.add_parser(
         "demo", parents=[common], help="generate a small Wan2.2-shaped checkpoint and ROLL LoRA, then merge them"
     )
