@@ -130,11 +130,12 @@ def given_inputs(a: argparse.Namespace) -> Inputs:
     return Inputs(a.base, a.lora, _du(a.base), _du(a.lora), {"given": True})
 
 
-def ensure_inputs(a: argparse.Namespace) -> Inputs:
-    """Generate (or reuse from ``a.workdir``) the base folder and the ROLL LoRA."""
-    from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
+def wan_config(a: argparse.Namespace):
+    """The generated base's ``WanConfig`` (full Wan2.2-A14B width unless overridden): ``--dim``,
+    ``--ffn``, ``--blocks``, ``--text-dim``, ``--dtype``."""
+    from distmerge.app.synth import WanConfig
 
-    cfg = WanConfig(
+    return WanConfig(
         dim=a.dim,
         ffn=a.ffn,
         blocks=a.blocks,
@@ -143,6 +144,13 @@ def ensure_inputs(a: argparse.Namespace) -> Inputs:
         freq_dim=256,
         dtype={"bf16": "BF16", "fp32": "F32"}[a.dtype],
     )
+
+
+def ensure_inputs(a: argparse.Namespace) -> Inputs:
+    """Generate (or reuse from ``a.workdir``) the base folder and the ROLL LoRA."""
+    from distmerge.app.synth import make_factors, write_lora, write_wan_base
+
+    cfg = wan_config(a)
     base = os.path.join(a.workdir, f"base-{_tag(a)}-s{a.shards}")
     marker = os.path.join(a.workdir, f".base-{_tag(a)}-s{a.shards}.done")  # outside the base: cp copies the folder
     if not os.path.exists(marker):
@@ -462,11 +470,17 @@ def command(
         os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
         *shlex.split(a.distmerge_args),
     ]
+    return (argv, *distmerge_env())
+
+
+def distmerge_env() -> tuple[dict[str, str], str, str]:
+    """The environment of one distmerge run: always the embedded local Ray, in a Ray temp folder of
+    its own and with a token, so the RSS sampler finds its processes (see the module docstring)."""
     ray_tmp = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     token = uuid.uuid4().hex
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "DISTMERGE_BENCH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)  # always the embedded local Ray
-    return argv, env, ray_tmp, token
+    env.pop("RAY_ADDRESS", None)
+    return env, ray_tmp, token
 
 
 def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]:

@@ -46,9 +46,7 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import asdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,17 +105,11 @@ def _write_tuned(base: str, tuned: str, a: argparse.Namespace) -> None:
 
 def ensure_pair(a: argparse.Namespace) -> tuple[str, str]:
     """Generate (or reuse from ``a.workdir``) the base folder and its fine-tune."""
-    from distmerge.app.synth import WanConfig, write_wan_base
+    from bench import wan_config  # the same generated shapes as the merge benchmark
 
-    cfg = WanConfig(
-        dim=a.dim,
-        ffn=a.ffn,
-        blocks=a.blocks,
-        in_dim=16,
-        text_dim=a.text_dim,
-        freq_dim=256,
-        dtype={"bf16": "BF16", "fp32": "F32"}[a.dtype],
-    )
+    from distmerge.app.synth import write_wan_base
+
+    cfg = wan_config(a)
     base, tuned = (os.path.join(a.workdir, f"{w}-{_tag(a)}") for w in ("base", f"tuned-a{a.alpha}-k{a.delta_rank}"))
     for path, make in (
         (base, lambda: write_wan_base(base, cfg, num_shards=a.shards)),
@@ -250,11 +242,9 @@ def command(method: str, base: str, tuned: str, dest: str, a: argparse.Namespace
         os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
         *shlex.split(a.distmerge_args),
     ]
-    ray_tmp = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    token = uuid.uuid4().hex
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "DISTMERGE_BENCH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
-    return argv, env, ray_tmp, token
+    from bench import distmerge_env  # the RSS sampler finds the run's Ray processes by these
+
+    return (argv, *distmerge_env())
 
 
 def _quality(method: str, log_dir: str, rnd: int) -> dict:

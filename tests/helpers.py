@@ -13,6 +13,41 @@ from distmerge.app.synth import WanConfig
 #: a tiny Wan-shaped model: same key set and shape pattern as Wan2.2, ~1 MB in fp32
 TINY = WanConfig(dim=64, ffn=96, blocks=2, in_dim=16, text_dim=32, freq_dim=16, dtype="F32")
 
+#: the diffusers config of TINY (dim 64 = 2 heads × 32, ffn 96, 2 blocks, text 32, freq 16); T2V, so
+#: no image embedder and no added k/v projections: the key sets of both namings match one to one
+DIFFUSERS_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": TINY.text_dim,
+    "freq_dim": TINY.freq_dim,
+    "ffn_dim": TINY.ffn,
+    "num_layers": TINY.blocks,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+assert DIFFUSERS_CONFIG["num_attention_heads"] * DIFFUSERS_CONFIG["attention_head_dim"] == TINY.dim
+
+
+def tiny_llm_config(**overrides: object) -> dict[str, object]:
+    """Keyword arguments of a tiny decoder-only config (Llama, Qwen2): 2 layers, hidden 32, GQA 4/2."""
+    return {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    } | overrides
+
 
 def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file or of an output/base folder (index or single file)."""

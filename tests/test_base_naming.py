@@ -41,7 +41,7 @@ import distmerge
 from distmerge.app.synth import BLOCK_LINEARS, wan_shapes, write_wan_base
 from distmerge.errors import MatchError
 
-from .helpers import TINY, load_checkpoint
+from .helpers import DIFFUSERS_CONFIG, TINY, load_checkpoint
 
 pytestmark = [
     pytest.mark.ray,
@@ -49,26 +49,6 @@ pytestmark = [
     pytest.mark.filterwarnings(r"ignore:.*LoRA tensor\(s\) have invalid shape"),
 ]
 
-#: the diffusers config of TINY (dim 64 = 2 heads × 32, ffn 96, 2 blocks, text 32, freq 16); T2V, so
-#: no image embedder and no added k/v projections: the key sets of both namings match one to one
-DIFFUSERS_CONFIG = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 32,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": TINY.text_dim,
-    "freq_dim": TINY.freq_dim,
-    "ffn_dim": TINY.ffn,
-    "num_layers": TINY.blocks,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-}
-assert DIFFUSERS_CONFIG["num_attention_heads"] * DIFFUSERS_CONFIG["attention_head_dim"] == TINY.dim
 
 RANK = 4
 NAMINGS = ["wan", "comfy", "comfy-bare", "diffusers"]

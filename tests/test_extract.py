@@ -39,7 +39,7 @@ from distmerge.errors import FormatError, OutputError, PlanError, ShardWriteErro
 from distmerge.formats.keymap import diffusers_param_to_wan, wan_param_to_diffusers
 
 from .conftest import snapshot
-from .helpers import TINY, load_checkpoint
+from .helpers import DIFFUSERS_CONFIG, TINY, load_checkpoint, tiny_llm_config
 
 pytestmark = [
     pytest.mark.ray,
@@ -253,38 +253,12 @@ def test_min_diff_skips_small_differences(ray_local, root, tmp_path):
 # --------------------------------------------------------------------------------------------- diffusers
 
 
-DIFFUSERS_CONFIG = {  # TINY as a diffusers WanTransformer3DModel (T2V: no image embedder, no added k/v)
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 32,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": TINY.text_dim,
-    "freq_dim": TINY.freq_dim,
-    "ffn_dim": TINY.ffn,
-    "num_layers": TINY.blocks,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-}
-
-
 @pytest.fixture(scope="module")
 def wan_diffusers_pair(root):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**DIFFUSERS_CONFIG).eval()
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tuned = _tuned(base, seed=21)
-    base_dir, tuned_dir = os.path.join(root, "wt-base"), os.path.join(root, "wt-tuned")
-    model.save_pretrained(base_dir)
-    model.load_state_dict(tuned)
-    model.save_pretrained(tuned_dir)
-    return base_dir, tuned_dir, base, tuned
+    return _saved_pair(WanTransformer3DModel(**DIFFUSERS_CONFIG).eval(), root, "wt", seed=21)
 
 
 @pytest.mark.parametrize("layout", ["comfy", "diffusers"])
@@ -320,25 +294,20 @@ def _qwen(seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    cfg = Qwen2Config(**tiny_llm_config())
     return Qwen2ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
 def llm_pair(root):
-    model = _qwen()
+    return _saved_pair(_qwen(), root, "qwen", seed=31)
+
+
+def _saved_pair(model, root: str, name: str, *, seed: int):
+    """``model`` saved as a base and, with ``_tuned`` weights, as its fine-tune (both folders)."""
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tuned = _tuned(base, seed=31)
-    base_dir, tuned_dir = os.path.join(root, "qwen-base"), os.path.join(root, "qwen-tuned")
+    tuned = _tuned(base, seed=seed)
+    base_dir, tuned_dir = os.path.join(root, f"{name}-base"), os.path.join(root, f"{name}-tuned")
     model.save_pretrained(base_dir)
     model.load_state_dict(tuned)
     model.save_pretrained(tuned_dir)
@@ -591,55 +560,21 @@ def test_the_extract_grammar_loads_without_torch_or_ray():
     assert r.returncode == 0, r.stderr
 
 
+def _console(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``distmerge extract ARGS`` as a user runs it (the console module, no inherited Ray address)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "distmerge", "extract", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def test_console_script_extract(root, tmp_path):
     base_path, tuned_path, _, _ = _write_pair(root, "wan")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = _out(tmp_path, "comfy")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distmerge",
-            "extract",
-            "--base",
-            base_path,
-            "--tuned",
-            tuned_path,
-            "--output",
-            out,
-            "--rank",
-            "3",
-            "-q",
-            "--num-cpus",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    pair = ["--base", base_path, "--tuned", tuned_path, "--output", out]
+    r = _console(*pair, "--rank", "3", "-q", "--num-cpus", "2", timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith("extracted 25 LoRA pairs") and os.path.isfile(out)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distmerge",
-            "extract",
-            "--base",
-            base_path,
-            "--tuned",
-            tuned_path,
-            "--output",
-            out,
-            "--energy",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    bad = _console(*pair, "--energy", "2", timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -54,6 +54,8 @@ from transformers import (
 import distmerge
 from distmerge.errors import DistmergeError, MatchError
 
+from .helpers import tiny_llm_config
+
 pytestmark = pytest.mark.ray
 
 SENTENCE = "hello merged world, the model loads!"
@@ -102,18 +104,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 def _qwen(tok: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = Qwen2Config(**tiny_llm_config(vocab_size=320, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     return Qwen2ForCausalLM(cfg).eval()
 
 

@@ -22,24 +22,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import distmerge
 from distmerge.errors import FormatError, MatchError
 
-from .helpers import load_checkpoint
+from .helpers import load_checkpoint, tiny_llm_config
 
 pytestmark = pytest.mark.ray
 
 
 def _llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        **overrides,
-    )
+    cfg = LlamaConfig(**tiny_llm_config(**overrides))
     return LlamaForCausalLM(cfg).eval()
 
 
