@@ -81,6 +81,16 @@ class _DropNotices(logging.Filter):
         return not (msg.startswith("Token authentication is enabled") or msg.startswith("SIGTERM handler is not set"))
 
 
+def _usable_cpus() -> int:
+    """The CPUs an embedded Ray will advertise (its own count: container CPU quotas included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # a Ray without it: the machine's count
+        return os.cpu_count() or 1
+
+
 def _nvidia_gpus() -> bool:
     """Whether this machine shows NVIDIA GPUs (``/proc/driver/nvidia/gpus``), without torch."""
     try:
@@ -452,7 +462,7 @@ class RaySession:
         session on a machine without NVIDIA GPUs (or ``device="cpu"``); None otherwise."""
         if not self.local or (device != "cpu" and _nvidia_gpus()):
             return None
-        return max(1, num_workers or self.num_cpus or os.cpu_count() or 1)
+        return max(1, num_workers or self.num_cpus or _usable_cpus())
 
     def settings(
         self,
