@@ -75,3 +75,25 @@ def test_the_command_line_grammar_loads_without_torch_or_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_inspect_of_a_safetensors_lora_loads_neither_torch_nor_ray(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = str(tmp_path / "lora.safetensors")
+    save_file(
+        {
+            "blocks.0.self_attn.q.lora_down.weight": torch.ones(4, 64),
+            "blocks.0.self_attn.q.lora_up.weight": torch.ones(64, 4),
+            "blocks.0.self_attn.q.alpha": torch.tensor(8.0, dtype=torch.bfloat16),
+        },
+        lora,
+    )
+    code = (
+        "import sys; from distmerge.app.cli import main; rc = main(['inspect', '--lora', sys.argv[1]]);"
+        "print(rc, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, lora], capture_output=True, text=True, check=True).stdout
+    assert "α=8 scale=2" in out, out  # alpha 8 / rank 4, read from the file's bytes
+    assert out.strip().splitlines()[-1] == "0 []", out

@@ -522,10 +522,9 @@ def _leftover_reason(role: str) -> str:
 
 def _scale(ctx: _Ctx, module: str, alpha_key: str | None, rank: int) -> float:
     if alpha_key is not None:
-        t = ctx.lf.read(alpha_key)
-        if t.numel() != 1:
-            raise MatchError(f"{ctx.lf.path}: '{alpha_key}' should be a scalar, found shape {tuple(t.shape)}")
-        alpha = float(t.float().item())
+        shape, alpha = ctx.lf.scalar(alpha_key)
+        if alpha is None:
+            raise MatchError(f"{ctx.lf.path}: '{alpha_key}' should be a scalar, found shape {shape}")
         if not math.isfinite(alpha) or rank <= 0:
             raise MatchError(
                 f"{ctx.lf.path}: '{alpha_key}' = {alpha} with rank {rank}; expected a finite alpha and a positive rank"

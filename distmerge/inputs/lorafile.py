@@ -17,20 +17,24 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from safetensors import safe_open
 
 from distmerge.errors import FormatError
 from distmerge.inputs.header import read_header
 from distmerge.inputs.hub import local_path
-from distmerge.inputs.torch_dtypes import code_of
+from distmerge.inputs.rawio import read_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TensorMeta", "TensorSource", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
 
@@ -43,6 +47,13 @@ _WRAPPER_KEYS = ("state_dict", "module", "model_state")
 class TensorMeta:
     dtype: str
     shape: tuple[int, ...]
+    offset: int = -1  #: absolute offset of its bytes in a safetensors file (-1: not known)
+    nbytes: int = 0
+
+
+#: how a one-element tensor of these safetensors codes decodes without torch (BF16: the top half of
+#: a float32)
+_SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
 
 
 class TensorSource(Protocol):
@@ -71,6 +82,26 @@ class LoraFile:
         if self.reader is None:
             self.reader = LoraReader()
         return self.reader.read(self.path, key)
+
+    def scalar(self, key: str) -> tuple[tuple[int, ...], float | None]:
+        """The shape of a tensor that should hold one value (an ``.alpha``), and that value (None
+        when it holds more or fewer): decoded from the file's bytes for a safetensors file (no torch
+        needed), else read as a tensor."""
+        meta = self.tensors[key]
+        if self.reader is None and meta.offset >= 0 and (meta.dtype in _SCALARS or meta.dtype == "BF16"):
+            if math.prod(meta.shape) != 1:
+                return meta.shape, None
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                raw = bytes(read_bytes(fd, meta.offset, meta.nbytes))
+            finally:
+                os.close(fd)
+            if meta.dtype == "BF16":
+                return meta.shape, float(struct.unpack("<f", b"\0\0" + raw)[0])
+            value = struct.unpack(_SCALARS[meta.dtype], raw)[0]
+            return meta.shape, float(struct.unpack("<f", struct.pack("<f", value))[0])  # as float32, like torch
+        t = self.read(key)
+        return tuple(t.shape), (float(t.float().item()) if t.numel() == 1 else None)
 
     @property
     def _reader(self) -> TensorSource | None:  # the earlier name of ``reader``
@@ -112,6 +143,8 @@ def _resolve_path(path: str) -> tuple[str, dict[str, Any] | None]:
 
 
 def _torch_load(path: str) -> object:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -122,6 +155,8 @@ def _torch_load(path: str) -> object:
 
 
 def _load_pickle(path: str) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what counts
             warnings.simplefilter("ignore")
@@ -161,12 +196,14 @@ def open_lora(path: str | os.PathLike[str]) -> LoraFile:
     file, config = _resolve_path(os.fspath(path))
     if file.endswith(".safetensors"):
         h = read_header(file)
-        metas = {k: TensorMeta(t.dtype, t.shape) for k, t in h.tensors.items()}
+        metas = {k: TensorMeta(t.dtype, t.shape, t.offset, t.nbytes) for k, t in h.tensors.items()}
         return LoraFile(file, "safetensors", metas, h.metadata, config)
     if not file.endswith(PICKLE_SUFFIXES):
         raise FormatError(
             f"{file}: unknown LoRA file type; expected {', '.join(_LORA_SUFFIXES)} or a PEFT adapter folder"
         )
+    from distmerge.inputs.torch_dtypes import code_of  # a pickle holds torch tensors: torch is loaded
+
     sd = _load_pickle(file)
     metas = {}
     for k, v in sd.items():
