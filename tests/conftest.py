@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from distmerge.app.synth import make_factors, write_wan_base
+from distmerge.app.synth import make_factors, write_lora, write_wan_base
 
-from .helpers import TINY
+from .helpers import TINY, start_local_ray
 
 
 @pytest.fixture(autouse=True)
@@ -32,21 +32,17 @@ def tiny_factors():
 
 
 @pytest.fixture(scope="module")
+def lora(tiny_factors, tmp_path_factory) -> str:
+    """TINY's factors as a ROLL ``diffusion_module.pth`` (a module may define its own ``lora``)."""
+    path = str(tmp_path_factory.mktemp("lora") / "diffusion_module.pth")
+    write_lora(path, tiny_factors)
+    return path
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """One local Ray per test module: 2 CPUs, dashboard off, small object store."""
-    import ray
-
-    os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 << 20,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

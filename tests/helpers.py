@@ -49,6 +49,26 @@ def tiny_llm_config(**overrides: object) -> dict[str, object]:
     } | overrides
 
 
+def start_local_ray(**overrides: object):
+    """A fresh embedded Ray for a test module (any running one is shut down first): 2 CPUs,
+    dashboard off, a 100 MB object store, quiet; ``overrides`` change any of these."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    if ray.is_initialized():
+        ray.shutdown()
+    options: dict[str, object] = {
+        "address": "local",
+        "num_cpus": 2,
+        "include_dashboard": False,
+        "object_store_memory": 100 << 20,
+        "logging_level": "WARNING",
+        "log_to_driver": False,
+    }
+    ray.init(**(options | overrides))
+    return ray
+
+
 def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file or of an output/base folder (index or single file)."""
     if os.path.isfile(path):

@@ -19,8 +19,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 import distmerge
 from distmerge import cluster
-from distmerge.app.synth import write_lora
 from distmerge.errors import ClusterError
+
+from .helpers import start_local_ray
 
 pytestmark = pytest.mark.ray
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the fake GPU needs a machine without CUDA")
@@ -30,28 +31,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def fake_gpu():
     """A local Ray whose one node advertises a GPU; the node, as ``ray.nodes()`` has it."""
-    os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        object_store_memory=100 << 20,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    start_local_ray(num_gpus=1)
     node = next(n for n in ray.nodes() if n["Alive"])
     yield {"id": node["NodeID"], "ip": node["NodeManagerAddress"]}
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_factors, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("lora") / "diffusion_module.pth")
-    write_lora(path, tiny_factors)
-    return path
 
 
 @pytest.fixture(scope="module")

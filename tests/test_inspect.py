@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from distmerge.app.inspect import format_description, inspect_lora
-from distmerge.app.synth import write_lora
+from distmerge.app.synth import BLOCK_LINEARS, write_lora
 from distmerge.tasks.writer import write_safetensors
 
 
@@ -21,21 +21,7 @@ def test_describes_seko_groups_with_alpha_and_scale(tiny_base, tiny_factors, tmp
     d = inspect_lora(path, tiny_base)
     assert d.layout == "diffusion_model" and d.deltas == len(tiny_factors) and d.ok
     groups = {g["group"]: g for g in d.groups}
-    assert set(groups) == {
-        f"blocks.N.{m}"
-        for m in (
-            "self_attn.q",
-            "self_attn.k",
-            "self_attn.v",
-            "self_attn.o",
-            "cross_attn.q",
-            "cross_attn.k",
-            "cross_attn.v",
-            "cross_attn.o",
-            "ffn.0",
-            "ffn.2",
-        )
-    }
+    assert set(groups) == {f"blocks.N.{m}" for m in BLOCK_LINEARS}  # the layers the generator wrote factors for
     q = groups["blocks.N.self_attn.q"]
     assert (q["modules"], q["rank"], q["alpha"], q["scale"]) == (2, 4, 2.0, 0.5)
     assert d.matched_targets == len(tiny_factors) and d.unmatched == []

@@ -13,7 +13,7 @@ import distmerge
 from distmerge.app.synth import write_lora
 from distmerge.cluster import DispatchSettings, Slot, placement_slots, task_options
 
-from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
+from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge, start_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -22,16 +22,7 @@ pytestmark = pytest.mark.ray
 def roll_like():
     """A 2-CPU node with one (logical) GPU, and a ROLL-style per-node placement group holding the
     GPU and every CPU, with a ROLL-style actor inside it."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        object_store_memory=80 << 20,
-        log_to_driver=False,
-    )
+    start_local_ray(num_gpus=1, object_store_memory=80 << 20, logging_level="INFO")
     pg = placement_group([{"GPU": 1, "CPU": 2}])
     ray.get(pg.ready())
 

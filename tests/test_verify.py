@@ -112,13 +112,6 @@ def _assert_one_line(rep) -> None:
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_factors, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("lora") / "diffusion_module.pth")
-    write_lora(path, tiny_factors)
-    return path
-
-
-@pytest.fixture(scope="module")
 def good(ray_local, tiny_base, lora, tmp_path_factory) -> str:
     """A correct fp32 merge in 3+ shards with checksums (copied before any test changes it)."""
     out = str(tmp_path_factory.mktemp("merged") / "out")
