@@ -65,7 +65,7 @@ def inspect_lora(lora: str | os.PathLike[str], base: str | os.PathLike[str] | No
         base=None if base_ck is None else base_ck.path,
     )
     try:
-        n = normalize(lf, base_ck.tensors if base_ck else None)
+        n = normalize(lf, base_ck.tensors if base_ck else None, base_config=base_ck.model_config() if base_ck else None)
     except MatchError as e:
         desc.error = str(e)
         n = normalize(lf, None)

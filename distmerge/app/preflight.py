@@ -68,9 +68,10 @@ def collect_deltas(
     deltas: list[Delta] = []
     unmatched: list[tuple[str, Unmatched]] = []
     infos = []
+    config = base.model_config()
     for path, weight in loras:
         lf = open_lora(path)
-        n = normalize(lf, base.tensors, strength=weight * alpha)
+        n = normalize(lf, base.tensors, strength=weight * alpha, base_config=config)
         deltas += n.deltas
         unmatched += [(lf.path, u) for u in n.unmatched]
         infos.append(

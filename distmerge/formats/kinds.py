@@ -34,6 +34,7 @@ class DeltaKind(TextEnum):
     """What a delta's factors are (the arithmetic of each is in ``tasks.mergemath``)."""
 
     LORA = "lora"  #: low-rank pair: down (A), up (B), optional mid
+    EXPERTS = "experts"  #: one low-rank pair per expert of a fused 3-D tensor (A rows, B columns by expert)
     LOHA = "loha"  #: LoHa: Hadamard product of two low-rank pairs
     LOKR = "lokr"  #: LoKr: Kronecker product of two factors
     DIFF = "diff"  #: a full ΔW

@@ -31,9 +31,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distmerge.errors import FormatError, MatchError
+from distmerge.formats.experts import ParamWrappers, warn_converted_expert_ranks, wrapper_module
 from distmerge.formats.keymap import (
     UNDERSCORE_PREFIXES,
     decode_wan_underscore,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from distmerge.inputs.lorafile import LoraFile  # annotations only: normalizing needs no torch
 
 __all__ = [
+    "Piece",
     "FactorRef",
     "Delta",
     "Unmatched",
@@ -61,6 +63,7 @@ __all__ = [
     "normalize",
     "detect_layout",
     "delta_shape_error",
+    "check_delta",
 ]
 
 
@@ -72,14 +75,31 @@ class _Meta(Protocol):
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A block of a factor assembled from several stored tensors: ``key`` in ``path`` sliced to
+    ``rows`` and ``cols`` (``(start, stop, step)``, None: all), placed at ``at`` (row, column) of
+    the factor. Megatron's tensor-parallel shards and PEFT's fused expert factors are read this way.
+    """
+
+    path: str
+    key: str
+    rows: tuple[int, int, int] | None = None
+    cols: tuple[int, int, int] | None = None
+    at: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
 class FactorRef:
-    """One LoRA tensor a task must read: ``key`` in ``path``, playing ``role``."""
+    """One LoRA tensor a task must read: ``key`` in ``path``, playing ``role``; or, with
+    ``pieces``, a 2-D factor of ``shape`` assembled from those blocks (``path``/``key`` then name
+    the first piece, for messages)."""
 
     path: str
     key: str
     dtype: str
     shape: tuple[int, ...]
     role: str = ""  #: a ``Role`` (normalize always sets one)
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -106,6 +126,7 @@ class Delta:
     module: str = ""
     transpose: bool = False
     dora: str = ""
+    experts: int = 0  #: ``experts`` kind: the number of experts E (the target is ``(E, out, in)``)
 
     @property
     def coef(self) -> float:
@@ -127,6 +148,8 @@ class Delta:
         roles = {f.role: f for f in self.factors}
         if self.kind == DeltaKind.LORA:
             return roles[Role.DOWN].shape[0]
+        if self.kind == DeltaKind.EXPERTS:
+            return roles[Role.DOWN].shape[0] // max(1, self.experts)
         if self.kind == DeltaKind.LOHA:
             return roles[Role.HADA_W1_B].shape[0]
         return None
@@ -343,7 +366,13 @@ class _Ctx:
         )
 
 
-def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float = 1.0) -> NormalizedLora:
+def normalize(
+    lf: LoraFile,
+    base: Mapping[str, _Meta] | None,
+    *,
+    strength: float = 1.0,
+    base_config: Mapping[str, Any] | None = None,
+) -> NormalizedLora:
     """Turn one LoRA file into ``Delta`` values against ``base`` (key -> dtype/shape).
 
     Args:
@@ -351,16 +380,22 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float
         base: the base tensors (``TensorInfo`` or anything with a ``dtype`` code and ``shape``);
             ``None`` to describe the file alone (no target or shape checks; ``inspect``).
         strength: the user's weight for this LoRA times the global alpha.
+        base_config: the base's ``config.json`` (MoE expert counts, the model family), if any.
 
     Raises:
         FormatError: an empty file, or a family distmerge does not merge (OFT/BOFT, GLoRA, …).
         MatchError: factors whose ranks or shapes do not fit their base tensor, a delta on a
             non-float (e.g. quantized) tensor, or a bad ``alpha`` value.
     """
+    if lf.megatron is not None:
+        from distmerge.formats.megatron import normalize_megatron
+
+        return normalize_megatron(lf.megatron, base, strength=strength, base_config=base_config)
     keys = list(lf.tensors)
     if not keys:
         raise FormatError(f"{lf.path}: the LoRA file holds no tensors")
     ctx = _Ctx(lf, base, detect_layout(keys, has_config=lf.config is not None), strength)
+    keys = _param_wrappers(ctx, keys, base_config)
     modules: dict[str, dict[str, str]] = {}
     for key in keys:
         body = strip_prefixes(key, ctx.layout.prefixes).replace(".base_layer.", ".")
@@ -391,6 +426,26 @@ def normalize(lf: LoraFile, base: Mapping[str, _Meta] | None, *, strength: float
     for module, roles in modules.items():
         _group(ctx, module, roles)
     return ctx.out
+
+
+def _param_wrappers(ctx: _Ctx, keys: list[str], base_config: Mapping[str, Any] | None) -> list[str]:
+    """Turn a PEFT adapter's ``target_parameters`` pairs (MoE experts) into deltas; the other keys
+    are returned for the module path."""
+    cfg = ctx.config
+    if cfg is None:
+        return keys
+    if cfg.rank_pattern:
+        warn_converted_expert_ranks(ctx.lf.path, cfg.rank_pattern, cfg.r, base_config)
+    if not cfg.target_parameters:
+        return keys
+    bodies = {strip_prefixes(k, ctx.layout.prefixes): k for k in keys}
+    wrapped = {b: k for b, k in bodies.items() if wrapper_module(b, cfg.target_parameters)}
+    metas = {b: ctx.lf.tensors[k] for b, k in wrapped.items()}
+    wrappers = ParamWrappers(ctx.lf.path, metas, cfg.target_parameters, wrapped)
+    for d in wrappers.deltas(ctx.base, base_config, cfg, ctx.strength):
+        _add(ctx, d)
+    taken = set(wrapped.values())
+    return [k for k in keys if k not in taken]
 
 
 def _classify(body: str) -> tuple[str | None, str]:
@@ -547,23 +602,32 @@ def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
 
 
 def _add(ctx: _Ctx, d: Delta) -> None:
-    lf, base = ctx.lf, ctx.base
-    if base is None:
-        ctx.out.deltas.append(d)
-        return
-    w = base.get(d.target)
-    if w is None:
+    base = ctx.base
+    if base is not None and d.target not in base:
         for f in d.factors:
             ctx.out.unmatched.append(Unmatched(f.key, ctx.missing(d.target)))
         return
+    check_delta(ctx.lf.path, base, d)
+    ctx.out.deltas.append(d)
+
+
+def check_delta(path: str, base: Mapping[str, _Meta] | None, d: Delta) -> None:
+    """Refuse a delta that cannot merge into its base tensor (dtypes, shapes, DoRA magnitudes).
+
+    Raises:
+        MatchError: naming the LoRA file, the factors and the base tensor.
+    """
+    if base is None:
+        return
+    w = base[d.target]
     if not is_float(w.dtype):
         raise MatchError(
-            f"{lf.path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}: "
+            f"{path}: '{d.factors[0].key}' targets '{d.target}', which is {w.dtype}: "
             "quantized or integer base tensors are not supported (merge into a float base)"
         )
     for f in d.factors:
         if not is_float(f.dtype):
-            raise MatchError(f"{lf.path}: '{f.key}' has dtype {f.dtype}, expected a float type")
+            raise MatchError(f"{path}: '{f.key}' has dtype {f.dtype}, expected a float type")
     shapes = {f.role: f.shape for f in d.factors if f.role not in (Role.MAGNITUDE, Role.DORA_SCALE)}
     why = delta_shape_error(d.kind, shapes, tuple(w.shape), transpose=d.transpose)
     if why is None and d.dora:
@@ -579,5 +643,4 @@ def _add(ctx: _Ctx, d: Delta) -> None:
             )
     if why:
         names = " and ".join(f"'{f.key}' {f.shape}" for f in d.factors)
-        raise MatchError(f"{lf.path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")
-    ctx.out.deltas.append(d)
+        raise MatchError(f"{path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")

@@ -51,6 +51,8 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     fan_in_fan_out: bool = False
+    #: PEFT ``target_parameters`` (``mlp.experts.gate_up_proj`` …): parameters adapted directly
+    target_parameters: tuple[str, ...] = ()
 
     @classmethod
     def from_peft(cls, cfg: Mapping[str, Any], source: str) -> AdapterConfig:
@@ -61,10 +63,9 @@ class AdapterConfig:
                 f"{source}: peft_type {ptype} is not supported (distmerge merges LORA, "
                 "LOHA and LOKR adapters; OFT/BOFT rotate W instead of adding a delta)"
             )
-        if cfg.get("target_parameters"):
-            raise FormatError(
-                f"{source}: PEFT 'target_parameters' adapters (ParamWrapper, e.g. MoE expert tensors) are not supported"
-            )
+        targets = cfg.get("target_parameters") or ()
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise FormatError(f"{source}: 'target_parameters' should be a list of parameter names, found {targets!r}")
         init = str(cfg.get("init_lora_weights", "")).lower()
         if init.startswith(_MUTATING_INITS):
             logger.warning(
@@ -90,6 +91,7 @@ class AdapterConfig:
             alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
             use_dora=bool(cfg.get("use_dora", False)),
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+            target_parameters=tuple(targets),
         )
 
     @classmethod

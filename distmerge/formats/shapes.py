@@ -72,6 +72,8 @@ def delta_shape_error(
     >>> delta_shape_error("lora", {"down": (4, 16), "up": (8, 2)}, (8, 16))
     'A has rank 4 but B has rank 2'
     """
+    if kind == DeltaKind.EXPERTS:
+        return _experts_shape_error(shapes, w_shape, transpose=transpose)
     try:
         got = implied_shape(kind, shapes)
     except ValueError as e:
@@ -86,4 +88,30 @@ def delta_shape_error(
             f"the delta is ({out}, {inner}) but base needs ({w_shape[0] if w_shape else '?'}, "
             f"{math.prod(w_shape[1:])}) for shape {tuple(w_shape)}"
         )
+    return None
+
+
+def _experts_shape_error(
+    shapes: Mapping[str, tuple[int, ...]], w_shape: tuple[int, ...], *, transpose: bool
+) -> str | None:
+    """A fused expert tensor ``(E, out, in)`` (``(E, in, out)`` with ``transpose``) takes A
+    ``(E·r, in)`` and B ``(out, E·r)``.
+
+    >>> _experts_shape_error({"down": (8, 6), "up": (5, 8)}, (4, 5, 6), transpose=False) is None
+    True
+    >>> _experts_shape_error({"down": (8, 6), "up": (5, 8)}, (3, 5, 6), transpose=False)
+    'A has 8 rows, not a multiple of the base's 3 experts'
+    """
+    a, b = shapes["down"], shapes["up"]
+    if len(w_shape) != 3 or len(a) != 2 or len(b) != 2:
+        return f"expects a 3-D expert tensor and 2-D factors, found base {tuple(w_shape)}, A {a}, B {b}"
+    e, out, inner = w_shape
+    if transpose:
+        out, inner = inner, out
+    if a[0] % e:
+        return f"A has {a[0]} rows, not a multiple of the base's {e} experts"
+    if b[1] != a[0]:
+        return f"A has {a[0]} rows (experts x rank) but B has {b[1]} columns"
+    if (b[0], a[1]) != (out, inner):
+        return f"each expert's delta is ({b[0]}, {a[1]}) but the base's experts are ({out}, {inner})"
     return None

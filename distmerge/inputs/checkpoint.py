@@ -43,6 +43,20 @@ class BaseCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def model_config(self) -> dict | None:
+        """The base folder's transformers ``config.json`` (None when there is none, or for a single
+        file given alone); a file that is not a JSON object is an error naming it."""
+        folder = self.path if os.path.isdir(self.path) else None
+        cfg = os.path.join(folder, "config.json") if folder else ""
+        if not cfg or not os.path.isfile(cfg):
+            return None
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{cfg}: cannot read the base's config ({e})") from None
+        return obj if isinstance(obj, dict) else None
+
 
 def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
     """Locate the base checkpoint at ``path`` and read every shard header.

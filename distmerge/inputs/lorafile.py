@@ -36,7 +36,9 @@ from distmerge.inputs.rawio import read_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorMeta", "TensorSource", "LoraFile", "open_lora", "LoraReader", "PICKLE_SUFFIXES"]
+    from distmerge.inputs.megatron import MegatronCheckpoint
+
+__all__ = ["TensorMeta", "TensorSource", "LoraFile", "open_lora", "load_pickle", "LoraReader", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -76,6 +78,8 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None  #: a sibling ``adapter_config.json`` (PEFT), if any
     reader: TensorSource | None = field(default=None, repr=False, compare=False)
+    #: a Megatron checkpoint (``kind == "megatron"``): its rank files (``inputs.megatron``)
+    megatron: MegatronCheckpoint | None = field(default=None, repr=False, compare=False)
 
     def read(self, key: str) -> torch.Tensor:
         """Load one tensor (CPU)."""
@@ -154,7 +158,9 @@ def _torch_load(path: str) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_pickle(path: str) -> dict[str, torch.Tensor]:
+def load_pickle(path: str) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded with ``weights_only`` (mapped where possible); a Megatron rank
+    file (``model_optim_rng.pt``) gives its ``model`` dict less TransformerEngine's ``_extra_state``."""
     import torch
 
     try:
@@ -172,6 +178,8 @@ def _load_pickle(path: str) -> dict[str, torch.Tensor]:
         raise FormatError(
             f"{path}: cannot load torch pickle ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
         ) from None
+    if os.path.basename(path) == "model_optim_rng.pt" and isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = {k: v for k, v in obj["model"].items() if not str(k).endswith("._extra_state")}
     if isinstance(obj, dict) and len(obj) == 1:
         ((only_key, only),) = obj.items()
         if only_key in _WRAPPER_KEYS and isinstance(only, dict):
@@ -193,6 +201,13 @@ def open_lora(path: str | os.PathLike[str]) -> LoraFile:
     Raises:
         FormatError: missing/unreadable file, refused pickle, non-tensor contents, unknown dtype.
     """
+    from distmerge.inputs.megatron import open_megatron
+
+    local = local_path(os.fspath(path))
+    ck = open_megatron(local)
+    if ck is not None:
+        metas = {f"{os.path.relpath(f.path, ck.path)}:{k}": m for f in ck.files for k, m in f.tensors.items()}
+        return LoraFile(ck.path, "megatron", metas, {}, None, megatron=ck)
     file, config = _resolve_path(os.fspath(path))
     if file.endswith(".safetensors"):
         h = read_header(file)
@@ -204,7 +219,7 @@ def open_lora(path: str | os.PathLike[str]) -> LoraFile:
         )
     from distmerge.inputs.torch_dtypes import code_of  # a pickle holds torch tensors: torch is loaded
 
-    sd = _load_pickle(file)
+    sd = load_pickle(file)
     metas = {}
     for k, v in sd.items():
         try:
@@ -233,5 +248,5 @@ class LoraReader:
             return handle.get_tensor(key)
         sd = self._pickles.get(path)
         if sd is None:
-            sd = self._pickles[path] = _load_pickle(path)
+            sd = self._pickles[path] = load_pickle(path)
         return sd[key]

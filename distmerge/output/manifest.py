@@ -39,7 +39,16 @@ def _lora_sha256(path: str) -> str:
     for name in sorted(os.listdir(path)):
         if name == "adapter_config.json" or name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
             h.update(name.encode() + b"\0" + sha256_file(os.path.join(path, name)).encode())
+    for where, dirs, names in sorted(os.walk(path))[1:]:  # a Megatron checkpoint: configs and rank files
+        dirs.sort()
+        for name in sorted(n for n in names if n in _MEGATRON_FILES):
+            rel = os.path.relpath(os.path.join(where, name), path)
+            h.update(rel.encode() + b"\0" + sha256_file(os.path.join(where, name)).encode())
     return h.hexdigest()
+
+
+#: the files of a Megatron checkpoint below its adapter folder that decide the merge
+_MEGATRON_FILES = ("model_optim_rng.pt", "mca_config.json", "adapter_config.json", "latest_checkpointed_iteration.txt")
 
 
 def fingerprint(

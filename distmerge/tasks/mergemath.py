@@ -8,6 +8,8 @@ one rounding to the output dtype at the end. ΔW per kind (roles in brackets):
   Tucker) ``ΔW[o,i,…] = Σ_ab B[o,a]·mid[a,b,…]·A[b,i]``;
 * ``loha`` [hada_w1_a/b, hada_w2_a/b, optional hada_t1/t2]: ``(w1a@w1b) ⊙ (w2a@w2b)``;
 * ``lokr`` [lokr_w1 or w1_a/w1_b, lokr_w2 or w2_a/w2_b, optional lokr_t2]: ``kron(w1, w2)``;
+* ``experts`` [down A ``(E·r, in)``, up B ``(out, E·r)``, both grouped by expert]: a fused 3-D
+  expert tensor, ``ΔW[e] = B[:, e·r:(e+1)·r] @ A[e·r:(e+1)·r]``;
 * ``diff`` [the full ΔW]; ``set`` [a replacement: W' = T].
 
 ``transpose`` uses ΔWᵀ (PEFT embeddings and ``fan_in_fan_out``). A ``dora`` term rescales
@@ -33,7 +35,16 @@ import torch
 
 from distmerge.formats.kinds import FULL_KINDS, DeltaKind, Role
 
-__all__ = ["Term", "compute_dtype", "merge_tensor", "lora_delta", "delta_weight", "NonFiniteError", "OutOfRangeError"]
+__all__ = [
+    "Term",
+    "compute_dtype",
+    "merge_tensor",
+    "lora_delta",
+    "experts_delta",
+    "delta_weight",
+    "NonFiniteError",
+    "OutOfRangeError",
+]
 
 
 class NonFiniteError(ValueError):
@@ -95,6 +106,19 @@ def lora_delta(
     return (b.flatten(1).to(dtype) @ a.flatten(1).to(dtype)).reshape(tuple(shape))
 
 
+def experts_delta(a: torch.Tensor, b: torch.Tensor, experts: int) -> torch.Tensor:
+    """ΔW of a fused expert tensor, ``(E, out, in)``: expert ``e`` takes rows ``e·r…(e+1)·r`` of A
+    and the same columns of B.
+
+    >>> a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])   # E=2, r=1, in=2
+    >>> b = torch.tensor([[1.0, 2.0]])               # out=1
+    >>> experts_delta(a, b, 2).tolist()
+    [[[1.0, 0.0]], [[0.0, 2.0]]]
+    """
+    r = a.shape[0] // experts
+    return torch.einsum("oer,eri->eoi", b.reshape(b.shape[0], experts, r), a.reshape(experts, r, a.shape[1]))
+
+
 def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.flatten(1) @ y.flatten(1)
 
@@ -114,6 +138,9 @@ def delta_weight(
     if t.kind in FULL_KINDS:
         d = f(t.kind) if t.get(t.kind) is not None else t.factors[0].to(device=device, dtype=dtype)
         return d.reshape(shape)
+    if t.kind == DeltaKind.EXPERTS:
+        d = experts_delta(f("down"), f("up"), shape[0])
+        return d.transpose(1, 2).reshape(shape) if t.transpose else d.reshape(shape)
     if t.kind == DeltaKind.LORA:
         a, b = f("down"), f("up")
         if t.get("mid") is not None:

@@ -19,10 +19,40 @@ import torch
 
 from distmerge.errors import DistmergeError, ShardWriteError
 from distmerge.formats.kinds import DeltaKind
-from distmerge.formats.normalize import Delta
+from distmerge.formats.normalize import Delta, FactorRef
+from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.mergemath import Term
 
-__all__ = ["load_terms"]
+__all__ = ["load_terms", "read_factor"]
+
+
+def _sel(t: torch.Tensor, span: tuple[int, int, int] | None, dim: int) -> torch.Tensor:
+    if span is None:
+        return t
+    start, stop, step = span
+    return t[start:stop:step] if dim == 0 else t[:, start:stop:step]
+
+
+def read_factor(f: FactorRef, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """The tensor of ``f``: the stored tensor itself, or the blocks of ``f.pieces`` placed in a
+    ``f.shape`` tensor of ``f.dtype`` (every element covered once: the plan guarantees it).
+
+    >>> from distmerge.formats.normalize import Piece
+    >>> src = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, 1)}
+    >>> f = FactorRef("x", "a", "F32", (2, 3), "down", (Piece("x", "a", cols=(0, 2, 1)), Piece("x", "b", at=(0, 2))))
+    >>> read_factor(f, lambda p, k: src[k]).tolist()
+    [[0.0, 1.0, 1.0], [3.0, 4.0, 1.0]]
+    """
+    if not f.pieces:
+        return read(f.path, f.key)
+    out = torch.empty(f.shape, dtype=to_torch(f.dtype))
+    for p in f.pieces:
+        block = _sel(_sel(read(p.path, p.key), p.rows, 0), p.cols, 1)
+        r, c = p.at
+        if block.dim() != 2 or r + block.shape[0] > f.shape[0] or c + block.shape[1] > f.shape[1]:
+            raise ValueError(f"'{p.key}' in {p.path}: block {tuple(block.shape)} does not fit {f.shape} at {p.at}")
+        out[r : r + block.shape[0], c : c + block.shape[1]] = block
+    return out
 
 
 def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
@@ -34,7 +64,7 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
     terms = []
     for d in sorted(deltas, key=lambda d: d.kind != DeltaKind.SET):
         try:
-            factors = tuple(read(f.path, f.key) for f in d.factors)
+            factors = tuple(read_factor(f, read) for f in d.factors)
         except DistmergeError:
             raise
         except Exception as e:  # a factor that existed at plan time but cannot be read now
@@ -47,5 +77,6 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
                     f"merged tensor '{d.target}' would hold NaN/Inf values: '{f.key}' in "
                     f"{d.source} holds NaN/Inf (a damaged file, or saved after a diverged step)"
                 )
-        terms.append(Term(d.kind, d.coef, factors, tuple(f.role for f in d.factors), d.transpose, d.dora, d.strength))
+        roles = tuple(f.role for f in d.factors)
+        terms.append(Term(d.kind, d.coef, factors, roles, d.transpose, d.dora, d.strength))
     return terms
