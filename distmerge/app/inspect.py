@@ -41,6 +41,9 @@ class LoraDescription:
     matched_targets: int = 0
     unmatched: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
+    #: what a training checkpoint says about itself (a Megatron checkpoint: strategy, adapters,
+    #: iteration, parallel sizes, model family, r and α)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -69,6 +72,8 @@ def inspect_lora(lora: str | os.PathLike[str], base: str | os.PathLike[str] | No
     except MatchError as e:
         desc.error = str(e)
         n = normalize(lf, None)
+    if lf.megatron is not None:
+        desc.checkpoint = _megatron_summary(lf.megatron)
     desc.layout = n.layout
     desc.layout_description = next(lay.description for lay in LAYOUTS if lay.name == n.layout)
     desc.deltas = len(n.deltas)
@@ -95,13 +100,48 @@ def inspect_lora(lora: str | os.PathLike[str], base: str | os.PathLike[str] | No
     return desc
 
 
+def _megatron_summary(ck: Any) -> dict[str, Any]:
+    c, a = ck.config, ck.adapter_config
+    return {
+        "strategy": "megatron (ROLL mcore_adapter)",
+        "adapter": ck.name,
+        "adapters": ck.adapters,
+        "iteration": ck.iteration,
+        "tp": c.tp,
+        "pp": c.pp,
+        "ep": c.ep,
+        "rank_files": len(ck.files),
+        "family": c.model_type or "unknown",
+        "experts": c.experts,
+        "topk": c.topk,
+        "r": a.get("r"),
+        "lora_alpha": a.get("lora_alpha"),
+        "use_rslora": bool(a.get("use_rslora")),
+    }
+
+
 def format_description(d: LoraDescription) -> str:
     """Human-readable multi-line text for the terminal."""
     lines = [
         f"{d.path}: {d.kind}, {d.tensors} tensors, {d.nbytes / 1e9:.3f} GB",
         f"  layout: {d.layout} — {d.layout_description}",
-        f"  {d.deltas} deltas in {len(d.groups)} module groups:",
     ]
+    if d.checkpoint:
+        c = d.checkpoint
+        moe = (
+            f", {c['experts']} experts (top-{c['topk']}: expert tensors at rank r // {c['topk']})"
+            if c["experts"]
+            else ""
+        )
+        lines += [
+            f"  strategy: {c['strategy']}; adapter '{c['adapter']}' (adapters here: {', '.join(c['adapters'])}), "
+            f"{c['iteration']}",
+            f"  parallel: TP {c['tp']} x PP {c['pp']} x EP {c['ep']} = {c['rank_files']} rank files; "
+            f"model family {c['family']}{moe}",
+            f"  r={c['r']} lora_alpha={c['lora_alpha']}{' rsLoRA' if c['use_rslora'] else ''}: every delta, experts "
+            "included, is scaled by alpha/r with this r (as in training)",
+        ]
+    lines.append(f"  {d.deltas} deltas in {len(d.groups)} module groups:")
     for g in d.groups:
         rank = f"r={g['rank']}" if g["rank"] is not None else "full"
         alpha = f" α={g['alpha']:g}" if g["alpha"] is not None else ""

@@ -17,7 +17,7 @@ full ``r``, also for experts, whose tensors have rank ``r // moe_router_topk``.
 
 Example:
     >>> _qkv_rows(heads=4, groups=2, d=2, tp=2)["k"]
-    [(0, 8, 10, 2), (1, 8, 10, 6)]
+    [(0, 4, 6, 0), (1, 4, 6, 2)]
 """
 
 from __future__ import annotations

@@ -228,6 +228,12 @@ LAYOUTS: tuple[Layout, ...] = (
         "lora_unet_blocks_0_self_attn_q.lora_down.weight",
         _P(r"^(?:lora_unet_|lycoris_)"),
     ),
+    Layout(
+        "megatron",
+        "Megatron LoRA checkpoint (ROLL mcore_adapter: iter_…/mp_rank_…/model_optim_rng.pt)",
+        "decoder.layers.0.self_attention.linear_qkv.lora_A.weight",
+        _P(r"^iter_\d+/mp_rank_\d+"),  # rank files are read by ``formats.megatron``, never detected
+    ),
     Layout("plain", "bare module names (…lora_A.weight)", "blocks.0.self_attn.q.lora_A.weight", _P(r".")),
 )
 
