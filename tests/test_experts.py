@@ -305,3 +305,26 @@ def test_inspect_names_expert_parameters(tmp_path):
     assert groups["model.layers.N.mlp.experts.gate_up_proj"]["rank"] == 2
     assert groups["model.layers.N.mlp.experts.down_proj"]["kind"] == "experts"
     assert not isinstance(desc.error, DistmergeError)
+
+
+def test_no_peft_at_run_time(tmp_path):
+    """ROLL's images pin PEFT 0.12 (older than target_parameters): reading and placing an expert
+    adapter imports neither PEFT nor transformers."""
+    import subprocess
+    import sys
+
+    model = _qwen3_moe(seed=13)
+    base_dir = str(tmp_path / "base")
+    model.save_pretrained(base_dir)
+    adapter = _adapter(model, tmp_path, "ad", r=2, lora_alpha=4)
+    code = (
+        "import sys\n"
+        "from distmerge.app.preflight import collect_deltas\n"
+        "from distmerge.inputs.checkpoint import open_base\n"
+        f"g = collect_deltas(open_base({base_dir!r}), [({adapter!r}, 1.0)])\n"
+        "assert len(g.deltas) == 24, len(g.deltas)\n"
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -183,6 +183,12 @@ def _modules(ck: MegatronCheckpoint) -> dict[tuple[int, str, int | None], _Modul
     for m in found.values():
         if sorted(m.a) != list(range(cfg.tp)) or sorted(m.b) != list(range(cfg.tp)):
             raise FormatError(f"{ck.path}: '{m.name}' lacks lora_A or lora_B on some of the {cfg.tp} TP ranks")
+        for shards in (m.a, m.b):
+            odd = next((s for s in shards.values() if s.shape != shards[0].shape or len(s.shape) != 2), None)
+            if odd is not None:
+                raise FormatError(
+                    f"{odd.path}: '{odd.key}' {odd.shape} differs in shape from TP rank 0's {shards[0].shape}"
+                )
     return found
 
 
@@ -239,9 +245,8 @@ class _Placer:
 
     def delta(self, target: str, m: _Module, part: _Part, c: float) -> Delta:
         _, a_shape, a_pieces, b_shape, b_pieces = part
-        dtype = m.a[0].dtype
-        a = FactorRef(a_pieces[0].path, a_pieces[0].key, dtype, a_shape, Role.DOWN, a_pieces)
-        b = FactorRef(b_pieces[0].path, b_pieces[0].key, dtype, b_shape, Role.UP, b_pieces)
+        a = FactorRef(a_pieces[0].path, a_pieces[0].key, m.a[0].dtype, a_shape, Role.DOWN, a_pieces)
+        b = FactorRef(b_pieces[0].path, b_pieces[0].key, m.b[0].dtype, b_shape, Role.UP, b_pieces)
         return Delta(target, DeltaKind.LORA, (a, b), c, self.strength, self.ck.path, m.name)
 
     def place(self, m: _Module) -> None:

@@ -22,6 +22,7 @@ import os
 import pickle
 import struct
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -233,20 +234,42 @@ class LoraReader:
     """Reads LoRA tensors by (file, key), keeping each file open for the reader's lifetime.
 
     One reader serves one work unit, so a pickle is mapped once per unit, not once per tensor;
-    ``pickles`` hands it pickles already loaded (path -> tensors).
+    ``pickles`` hands it pickles already loaded (path -> tensors). Safetensors reads are kept in a
+    small cache (``CACHE_BYTES``): the per-expert deltas of a fused MoE adapter all slice the same
+    two tensors, which are then read once per unit instead of once per expert.
     """
+
+    CACHE_BYTES = 256 << 20
 
     def __init__(self, pickles: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
         self._pickles: dict[str, dict[str, torch.Tensor]] = dict(pickles or {})
         self._st: dict[str, Any] = {}
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._cached = 0
 
     def read(self, path: str, key: str) -> torch.Tensor:
         if path.endswith(".safetensors"):
+            hit = self._cache.get((path, key))
+            if hit is not None:
+                self._cache.move_to_end((path, key))
+                return hit
             handle = self._st.get(path)
             if handle is None:
                 handle = self._st[path] = safe_open(path, framework="pt", device="cpu")
-            return handle.get_tensor(key)
+            t = handle.get_tensor(key)
+            self._remember((path, key), t)
+            return t
         sd = self._pickles.get(path)
         if sd is None:
             sd = self._pickles[path] = load_pickle(path)
         return sd[key]
+
+    def _remember(self, where: tuple[str, str], t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.CACHE_BYTES // 4:
+            return
+        self._cache[where] = t
+        self._cached += size
+        while self._cached > self.CACHE_BYTES:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.numel() * old.element_size()
