@@ -100,7 +100,7 @@ def _experts_shape_error(
     >>> _experts_shape_error({"down": (8, 6), "up": (5, 8)}, (4, 5, 6), transpose=False) is None
     True
     >>> _experts_shape_error({"down": (8, 6), "up": (5, 8)}, (3, 5, 6), transpose=False)
-    'A has 8 rows, not a multiple of the base's 3 experts'
+    "A has 8 rows, not a multiple of the base's 3 experts"
     """
     a, b = shapes["down"], shapes["up"]
     if len(w_shape) != 3 or len(a) != 2 or len(b) != 2:
