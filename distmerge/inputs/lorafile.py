@@ -234,12 +234,14 @@ class LoraReader:
     """Reads LoRA tensors by (file, key), keeping each file open for the reader's lifetime.
 
     One reader serves one work unit, so a pickle is mapped once per unit, not once per tensor;
-    ``pickles`` hands it pickles already loaded (path -> tensors). Safetensors reads are kept in a
-    small cache (``CACHE_BYTES``): the per-expert deltas of a fused MoE adapter all slice the same
-    two tensors, which are then read once per unit instead of once per expert.
+    ``pickles`` hands it pickles already loaded (path -> tensors). Whole safetensors tensors are
+    kept in a small cache (the last ``CACHE_ENTRIES``, at most ``CACHE_BYTES``): the per-expert
+    deltas of a fused MoE adapter all take strided columns of the same B, which is then read once
+    per unit instead of once per expert; their A rows are read alone (``read_rows``).
     """
 
-    CACHE_BYTES = 256 << 20
+    CACHE_BYTES = 512 << 20
+    CACHE_ENTRIES = 4
 
     def __init__(self, pickles: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
         self._pickles: dict[str, dict[str, torch.Tensor]] = dict(pickles or {})
@@ -264,12 +266,21 @@ class LoraReader:
             sd = self._pickles[path] = load_pickle(path)
         return sd[key]
 
+    def read_rows(self, path: str, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor; from a safetensors file only their bytes are read."""
+        if not path.endswith(".safetensors") or (path, key) in self._cache:
+            return self.read(path, key)[start:stop]
+        handle = self._st.get(path)
+        if handle is None:
+            handle = self._st[path] = safe_open(path, framework="pt", device="cpu")
+        return handle.get_slice(key)[start:stop]
+
     def _remember(self, where: tuple[str, str], t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()
-        if size > self.CACHE_BYTES // 4:
+        if size > self.CACHE_BYTES:
             return
         self._cache[where] = t
         self._cached += size
-        while self._cached > self.CACHE_BYTES:
+        while self._cached > self.CACHE_BYTES or len(self._cache) > self.CACHE_ENTRIES:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.numel() * old.element_size()

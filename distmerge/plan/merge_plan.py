@@ -39,6 +39,8 @@ __all__ = [
 
 #: float32 bytes of one row chunk when a task streams a big tensor (see ``unit.row_chunks``)
 CHUNK_BYTES = 32 << 20
+#: what a task may hold of whole LoRA factors whose columns it slices (``LoraReader.CACHE_BYTES``)
+_SLICED_SOURCES = 512 << 20
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -169,6 +171,8 @@ class WorkUnit:
             else:
                 work = 3 * full if t.whole else 4 * min(full, CHUNK_BYTES)
             work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
+            if any(p.cols for d in t.deltas for f in d.factors for p in f.pieces):
+                work += _SLICED_SOURCES  # whole factors kept for their strided columns (MoE experts)
             peak = max(peak, work)
         return peak + (64 << 20)
 

@@ -411,7 +411,7 @@ def _check_merged(
     name = os.path.basename(o.path)
     out_fd, base_fd = files.fd(o.path), files.fd(b.path)
     sample = _sample(c.key, n, g.rows, g.seed, g.full)
-    terms = load_terms(c.deltas, reader.read)
+    terms = load_terms(c.deltas, reader.read, reader.read_rows)
     full_ref = None
     if not all(d.row_local for d in c.deltas):  # DoRA, LoHa, LoKr, …: whole tensor in float64
         w = _read_rows(base_fd, b, per, range(n)).reshape(b.shape)
@@ -549,7 +549,7 @@ def _scaled_reference(
 ) -> torch.Tensor:
     """``(W·s0 + Σ coef·ΔW) / s`` in float64 for the rows ``sample``, clamped to ±fp8_max."""
     b, n, per = c.base, out.n, out.per
-    terms = load_terms(c.deltas, reader.read)
+    terms = load_terms(c.deltas, reader.read, reader.read_rows)
     local = all(d.row_local for d in c.deltas)
     w = _read_rows(files.fd(b.path), b, per, sample if local else range(n))
     w = w.to(torch.float32) * out.s0 if out.s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization

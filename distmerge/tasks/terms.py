@@ -23,7 +23,7 @@ from distmerge.formats.normalize import Delta, FactorRef
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.mergemath import Term
 
-__all__ = ["load_terms", "read_factor"]
+__all__ = ["load_terms", "read_factor", "RowReader"]
 
 
 def _sel(t: torch.Tensor, span: tuple[int, int, int] | None, dim: int) -> torch.Tensor:
@@ -33,9 +33,16 @@ def _sel(t: torch.Tensor, span: tuple[int, int, int] | None, dim: int) -> torch.
     return t[start:stop:step] if dim == 0 else t[:, start:stop:step]
 
 
-def read_factor(f: FactorRef, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+#: ``read_rows(path, key, start, stop)``: rows of a stored tensor, reading only their bytes
+RowReader = Callable[[str, str, int, int], torch.Tensor]
+
+
+def read_factor(
+    f: FactorRef, read: Callable[[str, str], torch.Tensor], read_rows: RowReader | None = None
+) -> torch.Tensor:
     """The tensor of ``f``: the stored tensor itself, or the blocks of ``f.pieces`` placed in a
-    ``f.shape`` tensor of ``f.dtype`` (every element covered once: the plan guarantees it).
+    ``f.shape`` tensor of ``f.dtype`` (every element covered once: the plan guarantees it). A block
+    of whole rows is read with ``read_rows`` when given (only its bytes); others slice ``read``'s.
 
     >>> from distmerge.formats.normalize import Piece
     >>> src = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, 1)}
@@ -47,7 +54,10 @@ def read_factor(f: FactorRef, read: Callable[[str, str], torch.Tensor]) -> torch
         return read(f.path, f.key)
     out = torch.empty(f.shape, dtype=to_torch(f.dtype))
     for p in f.pieces:
-        block = _sel(_sel(read(p.path, p.key), p.rows, 0), p.cols, 1)
+        if read_rows is not None and p.cols is None and p.rows is not None and p.rows[2] == 1:
+            block = read_rows(p.path, p.key, p.rows[0], p.rows[1])
+        else:
+            block = _sel(_sel(read(p.path, p.key), p.rows, 0), p.cols, 1)
         r, c = p.at
         if block.dim() != 2 or r + block.shape[0] > f.shape[0] or c + block.shape[1] > f.shape[1]:
             raise ValueError(f"'{p.key}' in {p.path}: block {tuple(block.shape)} does not fit {f.shape} at {p.at}")
@@ -55,8 +65,11 @@ def read_factor(f: FactorRef, read: Callable[[str, str], torch.Tensor]) -> torch
     return out
 
 
-def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]) -> list[Term]:
-    """Load each delta's factors with ``read(path, key)``; replacements (``set``) come first.
+def load_terms(
+    deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor], read_rows: RowReader | None = None
+) -> list[Term]:
+    """Load each delta's factors with ``read(path, key)`` (and ``read_rows`` for row blocks);
+    replacements (``set``) come first.
 
     Raises:
         ShardWriteError: a factor cannot be read, or holds NaN/Inf (the message names the file).
@@ -64,7 +77,7 @@ def load_terms(deltas: Sequence[Delta], read: Callable[[str, str], torch.Tensor]
     terms = []
     for d in sorted(deltas, key=lambda d: d.kind != DeltaKind.SET):
         try:
-            factors = tuple(read_factor(f, read) for f in d.factors)
+            factors = tuple(read_factor(f, read, read_rows) for f in d.factors)
         except DistmergeError:
             raise
         except Exception as e:  # a factor that existed at plan time but cannot be read now

@@ -140,7 +140,8 @@ def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
         if t.deltas and t.action != Action.COPY:  # factors upcast once per tensor, not once per chunk
             cdt = torch.float64 if t.src_dtype == "F64" else torch.float32
             terms = tuple(
-                replace(x, factors=tuple(f.to(cdt) for f in x.factors)) for x in load_terms(t.deltas, reader.read)
+                replace(x, factors=tuple(f.to(cdt) for f in x.factors))
+                for x in load_terms(t.deltas, reader.read, reader.read_rows)
             )
         pieces = _pieces(t)
         for r0, r1 in pieces:
