@@ -7,7 +7,8 @@ What is judged:
   ``expected.safetensors`` (bf16 rule: ≥ 99.9 % bit-exact, none beyond 1 ulp), and the merged folder
   loads with ``from_pretrained`` and reproduces the reference logits;
 * a dense Qwen3 at TP 2 × PP 2 whose rank files are cut by this module's own splitter from a known
-  PEFT adapter (q/k/v and gate/up sharing ``lora_A``, kv_channels ≠ hidden / heads): the merge equals
+  PEFT adapter (q/k/v and gate/up sharing ``lora_A``, kv_channels ≠ hidden / heads, two query groups
+  per TP rank, so the per-group qkv interleave is exercised): the merge equals
   a float64 merge of the adapter's factors and PEFT's own ``merge_and_unload``;
 * a Qwen3-MoE at TP 2 × PP 2 × EP 2: the experts' rank is r // topk but their scale is α / r with the
   full r (as training used); the merge equals a float64 reference and loads with ``from_pretrained``;
@@ -210,7 +211,7 @@ def test_real_example_matches_expected(where, tmp_path, ray_local):
 
 # --------------------------------------------------------------------------- 2. dense Qwen3, TP 2 × PP 2
 
-DENSE = {"hidden": 32, "heads": 4, "groups": 2, "head_dim": 16, "ffn": 48, "layers": 4, "r": 4, "alpha": 8.0}
+DENSE = {"hidden": 32, "heads": 8, "groups": 4, "head_dim": 8, "ffn": 48, "layers": 4, "r": 4, "alpha": 8.0}
 
 
 def _dense_peft(tmp_path) -> tuple[str, str, dict[str, torch.Tensor]]:
@@ -281,8 +282,17 @@ def test_dense_qwen3_tp2_pp2_matches_peft(tmp_path, ray_local):
     base_dir, ad_dir, peft_ref = _dense_peft(tmp_path)
     adapter = load_file(os.path.join(ad_dir, "adapter_model.safetensors"))
     modules = peft_to_megatron(adapter, c["layers"], c["heads"], c["groups"], c["head_dim"])
-    mca = mca_config(hidden_size=c["hidden"], kv_channels=c["head_dim"], num_layers=c["layers"])
+    mca = mca_config(
+        hidden_size=c["hidden"],
+        num_attention_heads=c["heads"],
+        num_query_groups=c["groups"],
+        kv_channels=c["head_dim"],
+        num_layers=c["layers"],
+    )
+    # kv_channels is not hidden / heads, and each TP rank holds two query groups: reading the fused
+    # qkv B as per-rank [q; k; v] blocks (right only for one group per rank) would fail here
     assert mca["kv_channels"] != mca["hidden_size"] // mca["num_attention_heads"]
+    assert mca["num_query_groups"] // mca["tensor_model_parallel_size"] == 2
     acfg = megatron_adapter_config(c["r"], c["alpha"], ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
     root = write_megatron(str(tmp_path / "checkpoint-1"), modules, mca, acfg)
     assert sorted(os.listdir(os.path.join(root, ADAPTER, ITER))) == [
@@ -314,7 +324,7 @@ def test_dense_qwen3_tp2_pp2_matches_peft(tmp_path, ray_local):
 
 # --------------------------------------------------------------------------- 3. Qwen3-MoE, TP 2 × PP 2 × EP 2
 
-MOE = {"hidden": 32, "heads": 4, "groups": 2, "head_dim": 8, "moe_ffn": 24, "layers": 4, "experts": 4, "topk": 2}
+MOE = {"hidden": 32, "heads": 8, "groups": 4, "head_dim": 8, "moe_ffn": 24, "layers": 4, "experts": 4, "topk": 2}
 
 
 def test_moe_qwen3_tp2_pp2_ep2_scales_experts_by_full_rank(tmp_path, ray_local):
@@ -350,8 +360,10 @@ def test_moe_qwen3_tp2_pp2_ep2_scales_experts_by_full_rank(tmp_path, ray_local):
     modules, terms = {}, {}
     for L in range(c["layers"]):
         a = _bf16_randn(r, H, g=g)
-        bq, bk, bv = _bf16_randn(c["heads"] * d, r, g=g), _bf16_randn(c["groups"] * d, r, g=g), _bf16_randn(
-            c["groups"] * d, r, g=g
+        bq, bk, bv = (
+            _bf16_randn(c["heads"] * d, r, g=g),
+            _bf16_randn(c["groups"] * d, r, g=g),
+            _bf16_randn(c["groups"] * d, r, g=g),
         )
         modules[(L, "qkv", None)] = (a, interleave_qkv(bq, bk, bv, c["heads"], c["groups"], d))
         for part, b in zip("qkv", (bq, bk, bv)):
@@ -373,6 +385,8 @@ def test_moe_qwen3_tp2_pp2_ep2_scales_experts_by_full_rank(tmp_path, ray_local):
         expert_model_parallel_size=2,
         expert_tensor_parallel_size=2,
         hidden_size=H,
+        num_attention_heads=c["heads"],
+        num_query_groups=c["groups"],
         kv_channels=d,
         num_layers=c["layers"],
         num_moe_experts=c["experts"],
@@ -467,7 +481,7 @@ def _router_lora(ck: str, base: str) -> list[str]:
 def _unmapped_family(ck: str, base: str) -> list[str]:
     for folder in (ck, os.path.join(ck, ADAPTER)):
         _set_family(folder, "gpt_oss", "hf_model_type")
-    return ["gpt_oss"]
+    return ["gpt_oss", "qwen3"]  # the base is still a qwen3: the mismatch is named first
 
 
 def _unmapped_family_base_too(ck: str, base: str) -> list[str]:

@@ -304,6 +304,7 @@ class _KeysOnly:
     tensors: dict[str, _Meta]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    megatron: None = None  #: never a Megatron checkpoint
 
     def read(self, key: str) -> Any:  # only .alpha tensors are read, and none is listed
         raise KeyError(key)
