@@ -421,6 +421,32 @@ def test_moe_qwen3_tp2_pp2_ep2_scales_experts_by_full_rank(tmp_path, ray_local):
     torch.testing.assert_close(logits, _logits(ref_dir, ids), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(logits, _logits(base_dir, ids), atol=1e-3)
 
+    # the same checkpoint into a base that stores each layer's experts fused, (E, 2F, H) and (E, H, F):
+    # one `experts` delta per fused tensor, assembled from all EP and TP ranks
+    fused_dir, fused, fused_ref = str(tmp_path / "fused"), {}, {}
+    os.makedirs(fused_dir)
+    for key, w in base.items():
+        if ".mlp.experts." not in key:
+            fused[key], fused_ref[key] = w, ref[key]
+    for L in range(c["layers"]):
+        pre = f"model.layers.{L}.mlp.experts"
+        for sd, src in ((fused, base), (fused_ref, ref)):
+            sd[f"{pre}.gate_up_proj"] = torch.stack(
+                [
+                    torch.cat([src[f"{pre}.{E}.gate_proj.weight"], src[f"{pre}.{E}.up_proj.weight"]])
+                    for E in range(c["experts"])
+                ]
+            )
+            sd[f"{pre}.down_proj"] = torch.stack([src[f"{pre}.{E}.down_proj.weight"] for E in range(c["experts"])])
+    save_file(fused, os.path.join(fused_dir, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(base_dir, "config.json"), fused_dir)
+    fused_out = str(tmp_path / "fused-out")
+    rep = distmerge.merge(fused_dir, [os.path.join(root, ADAPTER)], fused_out)
+    assert rep.unmatched == [] and rep.pairs_merged == c["layers"] * (4 + 2)
+    merged_fused = load_checkpoint(fused_out)
+    assert_close_to_reference(merged_fused, fused_ref)
+    _changed(merged_fused, fused, {k for k in fused if k.endswith("_proj") or k in terms})
+
 
 # --------------------------------------------------------------------------- 4. bad checkpoints, CLI
 
