@@ -32,11 +32,12 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from distmerge.errors import FormatError, MatchError
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.formats.scales import AdapterConfig
+from distmerge.formats.shapes import TensorLike
 
 __all__ = ["ParamWrappers", "expert_count", "EXPERT_PARTS", "wrapper_module", "warn_converted_expert_ranks"]
 
@@ -54,11 +55,7 @@ _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_
 _KEY = re.compile(r"^(.+?)((?:\.base_layer)*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
-class _Meta(Protocol):
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
+_Meta = TensorLike
 
 
 def wrapper_module(body: str, targets: Sequence[str]) -> str | None:

@@ -26,13 +26,14 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from distmerge.errors import FormatError, MatchError
 from distmerge.formats.experts import EXPERT_PARTS, expert_count
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.formats.normalize import Delta, FactorRef, NormalizedLora, Piece, Unmatched, check_delta
 from distmerge.formats.scales import AdapterConfig
+from distmerge.formats.shapes import TensorLike
 
 if TYPE_CHECKING:  # reading the checkpoint needs torch; mapping its names does not
     from distmerge.inputs.megatron import MegatronCheckpoint, MegatronConfig
@@ -60,11 +61,7 @@ _HF_DENSE = {
 _FUSED = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
 
 
-class _Meta(Protocol):
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
+_Meta = TensorLike
 
 
 @dataclass(frozen=True)

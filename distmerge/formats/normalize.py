@@ -31,7 +31,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from distmerge.errors import FormatError, MatchError
 from distmerge.formats.experts import ParamWrappers, warn_converted_expert_ranks, wrapper_module
@@ -45,7 +45,7 @@ from distmerge.formats.keymap import (
 from distmerge.formats.kinds import FULL_KINDS, DeltaKind, Role
 from distmerge.formats.naming import BaseNames
 from distmerge.formats.scales import AdapterConfig
-from distmerge.formats.shapes import delta_shape_error
+from distmerge.formats.shapes import TensorLike, delta_shape_error
 from distmerge.inputs.dtypes import is_float, itemsize
 
 if TYPE_CHECKING:
@@ -67,11 +67,7 @@ __all__ = [
 ]
 
 
-class _Meta(Protocol):
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
+_Meta = TensorLike
 
 
 @dataclass(frozen=True)

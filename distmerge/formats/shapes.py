@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Protocol
 
 from distmerge.formats.kinds import FULL_KINDS, DeltaKind
 
-__all__ = ["implied_shape", "delta_shape_error"]
+__all__ = ["implied_shape", "delta_shape_error", "TensorLike"]
+
+
+class TensorLike(Protocol):
+    """What the formats need to know of a tensor: a safetensors dtype code and a shape."""
+
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
 
 def implied_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
