@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distmerge.errors import FormatError, MatchError
+from distmerge.formats.deltas import Delta, FactorRef, Piece
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.formats.scales import AdapterConfig
 from distmerge.formats.shapes import TensorLike
@@ -157,9 +158,9 @@ class ParamWrappers:
         config: Mapping[str, Any] | None,
         adapter: AdapterConfig,
         strength: float,
-    ) -> list[Any]:
+    ) -> list[Delta]:
         """The deltas of every pair, scaled as ``adapter`` says for ``<module>.<parameter>``."""
-        out: list[Any] = []
+        out: list[Delta] = []
         for pair in self.pairs():
             plan = _PairPlan(self.path, self.metas, pair, base, config, adapter, strength)
             plan.file_keys = self.file_keys
@@ -190,23 +191,26 @@ class _PairPlan:
         self.adapter, self.strength = adapter, strength
         self.file_keys: dict[str, str] = {}
 
-    def _ref(self, key: str, shape: tuple[int, ...], role: str, pieces: tuple = ()) -> Any:
-        from distmerge.formats.normalize import FactorRef, Piece
-
+    def _ref(self, key: str, shape: tuple[int, ...], role: str, pieces: tuple[Piece, ...] = ()) -> FactorRef:
         real = self.file_keys.get(key, key)
         pieces = tuple(Piece(p.path, real, p.rows, p.cols, p.at) for p in pieces)
         return FactorRef(self.path, real, self.metas[key].dtype, shape, role, pieces)
 
     def _delta(
-        self, target: str, kind: DeltaKind, factors: tuple, c: float, *, experts: int = 0, transpose: bool = False
-    ):
-        from distmerge.formats.normalize import Delta
-
+        self,
+        target: str,
+        kind: DeltaKind,
+        factors: tuple[FactorRef, ...],
+        c: float,
+        *,
+        experts: int = 0,
+        transpose: bool = False,
+    ) -> Delta:
         return Delta(
             target, kind, factors, c, self.strength, self.path, self.name, transpose=transpose, experts=experts
         )
 
-    def deltas(self) -> list[Any]:
+    def deltas(self) -> list[Delta]:
         a, b = self.a.shape, self.b.shape
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise MatchError(
@@ -244,15 +248,13 @@ class _PairPlan:
             )
         return count, self.adapter.scale(self.name, r)
 
-    def _fused(self, target: str, shape: tuple[int, ...] | None) -> Any:
+    def _fused(self, target: str, shape: tuple[int, ...] | None) -> Delta:
         count = shape[0] if shape else self._config_count()
         e, c = self._experts(count)
         transpose = False
         if shape is not None:
             transpose = self._orientation(target, shape)
         r = self.a.shape[0] // e
-        from distmerge.formats.normalize import Piece
-
         by_expert = tuple(Piece(self.path, self.pair.b, cols=(x, e * r, e), at=(0, x * r)) for x in range(e))
         down = self._ref(self.pair.a, self.a.shape, Role.DOWN)
         up = self._ref(self.pair.b, self.b.shape, Role.UP, by_expert)
@@ -284,7 +286,7 @@ class _PairPlan:
             )
         return turned
 
-    def _per_expert(self) -> list[Any]:
+    def _per_expert(self) -> list[Delta]:
         assert self.base is not None
         for module in self._aliases(self.pair.module):
             for parts in EXPERT_PARTS.get(self.pair.param, ()):
@@ -295,14 +297,12 @@ class _PairPlan:
             f"weights ('{self.pair.module}.0.…') are in the base"
         )
 
-    def _split(self, module: str, parts: tuple[str, ...]) -> list[Any]:
+    def _split(self, module: str, parts: tuple[str, ...]) -> list[Delta]:
         """Per-expert LoRA pairs: A's rows of expert e, B's columns e, e+E, … and each part's rows."""
         assert self.base is not None
-        from distmerge.formats.normalize import Piece
-
         e, c = self._experts(expert_count(self.base, self.config, module))
         r = self.a.shape[0] // e
-        out = []
+        out: list[Delta] = []
         row = 0
         for part in parts:
             height = self.base[f"{module}.0.{part}.weight"].shape[0]

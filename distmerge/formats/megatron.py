@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distmerge.errors import FormatError, MatchError
+from distmerge.formats.deltas import Delta, FactorRef, NormalizedLora, Piece, Unmatched, check_delta
 from distmerge.formats.experts import EXPERT_PARTS, expert_count
 from distmerge.formats.kinds import DeltaKind, Role
-from distmerge.formats.normalize import Delta, FactorRef, NormalizedLora, Piece, Unmatched, check_delta
 from distmerge.formats.scales import AdapterConfig
 from distmerge.formats.shapes import TensorLike
 
@@ -222,7 +222,13 @@ def _family(ck: MegatronCheckpoint, base_config: Mapping[str, Any] | None) -> st
 class _Placer:
     """Turns modules into deltas on the base's tensors."""
 
-    def __init__(self, ck: MegatronCheckpoint, base: Mapping[str, _Meta] | None, strength: float, config: Any) -> None:
+    def __init__(
+        self,
+        ck: MegatronCheckpoint,
+        base: Mapping[str, _Meta] | None,
+        strength: float,
+        config: Mapping[str, Any] | None,
+    ) -> None:
         self.ck, self.base, self.strength, self.base_config = ck, base, strength, config
         self.adapter = AdapterConfig.from_peft(ck.adapter_config, f"{ck.path}/adapter_config.json")
         self.out = NormalizedLora(ck.path, "megatron")
