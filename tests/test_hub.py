@@ -142,12 +142,33 @@ def test_not_cached_names_the_download_command(cache):
     with pytest.raises(FormatError) as e:
         open_base(f"{WAN}/high_noise_model")
     msg = str(e.value)
-    assert msg == (
-        f"{WAN}/high_noise_model: not a local path and not in the Hugging Face cache "
-        f"({cache}); download it first: hf download {WAN} --include 'high_noise_model/*'"
+    assert msg.startswith(f"{WAN}/high_noise_model: not found: no such file or folder (")
+    assert msg.endswith(
+        f"and no {WAN} in the Hugging Face cache ({cache}); if it is a Hub repo, download it first: "
+        f"hf download {WAN} --include 'high_noise_model/*'"
     )
     with pytest.raises(FormatError, match=rf"download it first: hf download {LIGHTNING} {LORA_FILE}$"):
         open_lora(f"{LIGHTNING}/{LORA_FILE}")
+
+
+def test_mistyped_local_path_is_not_a_reference(cache, tmp_path, monkeypatch):
+    """``wan/nope.safetensors`` next to a ``wan/`` folder is a local path with a typo: "not found"
+    naming what that folder holds, at once, and no advice to download it."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan").mkdir()
+    (tmp_path / "wan" / "model.safetensors").write_bytes(b"")
+    start = time.perf_counter()
+    assert resolve("wan/nope.safetensors").reference is None
+    with pytest.raises(FormatError) as e:
+        open_base("wan/nope.safetensors")
+    msg = str(e.value)
+    assert "download" not in msg and "not found" in msg
+    assert f"no such file or folder in {tmp_path / 'wan'} (it holds model.safetensors)" in msg
+    with pytest.raises(FormatError, match="LoRA file not found: no such file or folder in"):
+        open_lora("wan/lora.safetensors")
+    assert time.perf_counter() - start < 1.0
 
 
 def test_sub_path_missing_from_the_snapshot(cache, wan_folder):
@@ -200,7 +221,7 @@ def test_cached_file_listing_checks_only_the_asked_sub_path(cache, wan_folder):
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_never_downloads_whatever_hf_hub_offline_says(cache, monkeypatch, offline, lora_src):
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    with pytest.raises(FormatError, match="not in the Hugging Face cache"):  # no_network: no request
+    with pytest.raises(FormatError, match="in the Hugging Face cache"):  # no_network: no request
         resolve(f"{LIGHTNING}/{LORA_FILE}")
     cache_repo(cache, LIGHTNING, {LORA_FILE: lora_src})
     assert resolve(f"{LIGHTNING}/{LORA_FILE}").commit == COMMIT
@@ -245,7 +266,8 @@ def test_cli_inspect_on_cached_references(cache, wan_folder, lora_src, capsys):
     assert err.count("\n") == 0 and err.endswith(f"hf download {LIGHTNING} nope.safetensors")
 
 
-def test_missing_huggingface_hub_is_one_line(cache, monkeypatch):
+def test_missing_huggingface_hub_is_one_line(cache, monkeypatch, wan_folder):
+    cache_repo(cache, WAN, folder_files(wan_folder, "high_noise_model"))  # in the cache: the hub is needed
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
     with pytest.raises(FormatError, match=r"needs huggingface_hub, which is not installed"):
         open_base(f"{WAN}/high_noise_model")

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distmerge import __version__
 from distmerge.app.flags import add_extract_parser  # the grammar lives with the other subcommands
+from distmerge.app.report import save_report
+from distmerge.app.validate import check_report_path
 from distmerge.errors import OutputError, PlanError, UsageError
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.output.atomic import write_atomic
@@ -138,10 +140,9 @@ class ExtractReport:
         )
         return d
 
-    def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+    def write_json(self, path: str | os.PathLike[str]) -> bool:
+        """``save_report`` of this report (a failure is a warning)."""
+        return save_report(self.to_dict(), path)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -402,6 +403,7 @@ def extract(
     opts = _options(rank, energy, layout, dtype, min_diff, exact)
     run = _Run(address, num_workers, device, num_cpus, max_retries, unit_size, resume)
     run.check()
+    check_report_path(report)
     base_ck, tuned_ck = _open_pair(base, tuned, opts, unit_size)
     target = _target(os.fspath(output), layout, base_ck, tuned_ck)
     with OutputLock(target.path, create_parent=target.folder):

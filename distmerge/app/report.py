@@ -10,11 +10,33 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["UnitReport", "MergeReport"]
+__all__ = ["UnitReport", "MergeReport", "save_report"]
+
+logger = logging.getLogger("distmerge.report")  # the name users see in -v logs
+
+
+def save_report(data: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """Write a run's JSON report at ``path`` (creating missing folders), after the output is
+    published: a failure then is a warning, never a failed run. Its place was checked before any
+    work (``validate.check_report_path``). Returns whether it was written.
+    """
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        logger.warning(
+            "%s: the report could not be written (%s); the output itself is published", path, e.strerror or e
+        )
+        return False
+    return True
 
 
 @dataclass
@@ -76,7 +98,6 @@ class MergeReport:
         d["nodes"] = self.per_node()
         return d
 
-    def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+    def write_json(self, path: str | os.PathLike[str]) -> bool:
+        """``save_report`` of this report (a failure is a warning)."""
+        return save_report(self.to_dict(), path)

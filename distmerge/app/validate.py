@@ -77,8 +77,34 @@ def _count(name: str, value: int | None, low: int) -> None:
         raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report") -> None:
+    """Refuse a report path that cannot be written, before any work: an existing folder, or a
+    place whose nearest existing folder is not writable (missing folders are created when the
+    report is written, as for a folder output).
+
+    >>> check_report_path("/etc/hostname/r.json", "-r")
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: -r /etc/hostname/r.json: cannot write there (/etc/hostname is a file, not a folder)
+    """
+    if not path:
+        return
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
+        raise UsageError(
+            f"{flag} {path}: is a folder; give a file name, e.g. {os.path.join(os.fspath(path), 'report.json')}"
+        )
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")
+
+
 def check_options(opts: MergeOptions, specs: Sequence[tuple[str, float]]) -> str | None:
-    """``validate_options`` for a whole ``MergeOptions`` and the LoRAs' weights."""
+    """``validate_options`` for a whole ``MergeOptions`` and the LoRAs' weights, and the report's path."""
+    check_report_path(opts.report)
     return validate_options(
         weights=[w for _, w in specs],
         alpha=opts.alpha,

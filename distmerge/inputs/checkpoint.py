@@ -23,6 +23,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from distmerge.errors import FormatError
 from distmerge.inputs.header import Header, TensorInfo, read_header
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.paths import missing
 
 __all__ = ["BaseCheckpoint", "open_base", "INDEX_SUFFIX"]
 
@@ -79,7 +80,7 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
         _refuse_lone_shard(p)
         return _assemble(p, os.path.basename(p)[: -len(".safetensors")], [p])
     if not os.path.isdir(p):
-        raise FormatError(f"{p}: base checkpoint not found")
+        raise FormatError(f"{p}: base checkpoint not found: {missing(p)}")
     names = sorted(os.listdir(p))
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:

@@ -1,9 +1,11 @@
 """Hugging Face cache references: ``owner/repo[/sub/path]`` and ``hf://owner/repo[@rev]/sub/path``.
 
 This module owns turning a ``--base`` / ``--lora`` string into a local path. A path that exists
-locally always wins. Otherwise a string spelled like a Hub repo id, optionally followed by a path
-inside the repo (and ``@revision`` after the repo name), is looked up in the local Hugging Face
-cache through ``huggingface_hub``, **offline**: nothing is ever downloaded at merge time. A
+locally always wins, and so does one whose first folder exists here (``wan/nope.safetensors`` with a
+``wan/`` folder is a mistyped local path, never a repo). Otherwise a string spelled like a Hub repo
+id, optionally followed by a path inside the repo (and ``@revision`` after the repo name), or any
+``hf://`` reference, is looked up in the local Hugging Face cache, **offline**: nothing is ever
+downloaded at merge time, and a repo with no folder in the cache is refused at once. A
 reference that is not cached is a one-line ``FormatError`` naming the ``hf download`` command to
 run. Anything else is returned unchanged, so the callers' own "not found" errors stay as they are.
 ``huggingface_hub`` is imported only when a reference is actually looked up.
@@ -33,6 +35,7 @@ import shlex
 from dataclasses import dataclass
 
 from distmerge.errors import FormatError
+from distmerge.inputs.paths import missing
 
 __all__ = ["HubRef", "Resolved", "cache_dir", "download_command", "local_path", "parse_reference", "resolve"]
 
@@ -137,6 +140,14 @@ def resolve(path: str | os.PathLike[str]) -> Resolved:
                 f"{spelled}: expected hf://owner/repo[@revision][/path/in/repo], found an invalid repo id or path"
             )
         return Resolved(spelled)
+    if not explicit and os.path.isdir(spelled.split("/", 1)[0]):
+        return Resolved(spelled)  # its first folder is here: a local path (the readers say what is missing)
+    if not os.path.isdir(os.path.join(cache_dir(), "models--" + ref.repo_id.replace("/", "--"))):
+        where = "" if explicit else f"{missing(spelled)}, and "
+        raise FormatError(
+            f"{spelled}: not found: {where}no {ref.repo_id} in the Hugging Face cache ({cache_dir()}); "
+            f"if it is a Hub repo, download it first: {download_command(ref)}"
+        )
     return _from_cache(spelled, ref)
 
 

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from distmerge.errors import FormatError
 from distmerge.inputs.header import read_header
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.paths import missing
 from distmerge.inputs.rawio import read_bytes
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def _resolve_path(path: str) -> tuple[str, dict[str, Any] | None]:
     if os.path.isfile(path):
         return path, None
     if not os.path.isdir(path):
-        raise FormatError(f"{path}: LoRA file not found")
+        raise FormatError(f"{path}: LoRA file not found: {missing(path)}")
     config = None
     cfg_path = os.path.join(path, "adapter_config.json")
     if os.path.isfile(cfg_path):

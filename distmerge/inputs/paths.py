@@ -1,17 +1,38 @@
-"""Path rules shared by the output checks and the job-file checks (no I/O).
+"""Path rules shared by the input, output and job-file checks.
 
 Example:
     >>> inside("/data/out/a", "/data/out"), inside("/data/outer", "/data/out"), inside("/data", "/data")
     (True, False, True)
+    >>> missing("/no/such/model.safetensors")
+    'no such file or folder (nothing of it exists below /)'
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["inside"]
+__all__ = ["inside", "missing"]
 
 
 def inside(child: str, parent: str) -> bool:
     """``child`` is ``parent`` or lies below it (plain string paths, compared as given)."""
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def missing(path: str) -> str:
+    """Why ``path`` cannot be read, naming the nearest folder of it that exists and what that
+    folder holds that looks like what was meant (a typo is then seen at a glance)."""
+    p = os.path.abspath(path)
+    parent = os.path.dirname(p)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if parent == os.path.dirname(p):
+        wanted = os.path.basename(p).lower()
+        try:
+            names = sorted(os.listdir(parent))
+        except OSError:
+            names = []
+        close = [n for n in names if n.lower()[:3] == wanted[:3]] or names
+        shown = ", ".join(close[:5]) + (", …" if len(close) > 5 else "")
+        return f"no such file or folder in {parent}" + (f" (it holds {shown})" if shown else " (an empty folder)")
+    return f"no such file or folder (nothing of it exists below {parent})"
