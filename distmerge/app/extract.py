@@ -37,6 +37,7 @@ from distmerge.app.report import save_report
 from distmerge.app.validate import check_report_path
 from distmerge.errors import OutputError, PlanError, UsageError
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
+from distmerge.inputs.hub import local_path
 from distmerge.output.atomic import write_atomic
 from distmerge.output.lock import OutputLock
 from distmerge.plan.extract_plan import (
@@ -405,7 +406,7 @@ def extract(
     run.check()
     check_report_path(report)
     base_ck, tuned_ck = _open_pair(base, tuned, opts, unit_size)
-    target = _target(os.fspath(output), layout, base_ck, tuned_ck)
+    target = _target(os.path.abspath(os.fspath(output)), layout, base_ck, tuned_ck)
     with OutputLock(target.path, create_parent=target.folder):
         _check_free(target, overwrite=overwrite, resume=resume)
         rep = _locked(base_ck, tuned_ck, opts, target, run, start=start, progress=progress)
@@ -444,7 +445,8 @@ def _open_pair(
 ) -> tuple[BaseCheckpoint, BaseCheckpoint]:
     """Both checkpoints, header-only, checked against each other and planned once, so that every
     plan error comes before Ray starts."""
-    base_ck, tuned_ck = open_base(base), open_base(tuned)
+    # absolute paths: the tasks run in Ray workers, whose working folder may differ
+    base_ck, tuned_ck = open_base(os.path.abspath(local_path(base))), open_base(os.path.abspath(local_path(tuned)))
     check_pair(base_ck, tuned_ck)
     make_extract_plan(base_ck, tuned_ck, opts, unit_size=unit_size)
     return base_ck, tuned_ck

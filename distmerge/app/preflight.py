@@ -156,9 +156,10 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
             the cache, an output that is an input or inside one.
     """
     base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
-    base_ck = open_base(base_ref.local)
+    # absolute: Ray's workers (and a caller's later os.chdir) must read the same files
+    base_ck = open_base(os.path.abspath(base_ref.local))
     lora_refs = [(resolve_reference(p), w) for p, w in specs]
-    local = [(r.local, w) for r, w in lora_refs]
+    local = [(os.path.abspath(r.local), w) for r, w in lora_refs]
     refuse_inputs_as_output(output, base_ck, [p for p, _ in local])
     return Located(base_ref, base_ck, lora_refs, local)
 

@@ -44,12 +44,14 @@ def resolve_dtype(dtype: Any) -> str | None:
     return CLI_DTYPES[key]
 
 
-def lora_specs(loras: Sequence[object]) -> list[tuple[str, float]]:
-    """``[path | (path, weight), …]`` -> ``[(path, weight), …]`` (weight 1.0 by default).
+def lora_specs(loras: Sequence[object] | str | os.PathLike[str]) -> list[tuple[str, float]]:
+    """``[path | (path, weight), …]`` (or one path alone) -> ``[(path, weight), …]`` (weight 1.0 by default).
 
-    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)])
-    [('a.pth', 1.0), ('b.safetensors', -0.5)]
+    >>> lora_specs(["a.pth", ("b.safetensors", -0.5)]), lora_specs("c.pth")
+    ([('a.pth', 1.0), ('b.safetensors', -0.5)], [('c.pth', 1.0)])
     """
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]  # one LoRA given alone, not a list of its characters
     out = []
     for item in loras:
         if isinstance(item, (tuple, list)):

@@ -387,12 +387,13 @@ def verify(
     """
     if rows < 0:
         raise PlanError(f"--rows must be >= 0, got {rows}")
-    base_ck = open_base(local_path(base))
-    specs = [(local_path(p), w) for p, w in lora_specs(loras)]
+    # absolute paths: the check tasks run in Ray workers, whose working folder may differ
+    base_ck = open_base(os.path.abspath(local_path(base)))
+    specs = [(os.path.abspath(local_path(p)), w) for p, w in lora_specs(loras)]
     gathered = collect_deltas(base_ck, specs, alpha=alpha, skip_unmatched=skip_unmatched)
     out_code, report = resolve_dtype(dtype), VerifyReport(ok=False, verdict="", tensors=len(base_ck.tensors))
     try:
-        out_ck = open_base(merged)
+        out_ck = open_base(os.path.abspath(os.fspath(merged)))
     except FormatError as e:
         return _finish(report, [(_STRUCTURE, 0, str(e))], full=full, rows=rows)
     report.shards = len(out_ck.files)
