@@ -68,3 +68,58 @@ def test_report_failure_after_publish_is_a_warning(tmp_path, caplog):
     assert save_report({"a": 1}, str(tmp_path / "x" / "r.json")) is True
     assert json.loads((tmp_path / "x" / "r.json").read_text()) == {"a": 1}
     assert os.path.isfile(tmp_path / "plain")
+
+
+def test_output_folder_that_cannot_be_written_says_why(tiny_base, lora, tmp_path, ray_local):
+    """An immutable output folder (EPERM even for root): the real reason, not a retry's ENOENT."""
+    import shutil
+    import subprocess
+
+    from distmerge.errors import OutputError
+
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr (e2fsprogs)")
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute")
+    try:
+        with pytest.raises(OutputError, match=r"cannot create the lock file .*: Operation not permitted \(.*read-only"):
+            distmerge.merge(tiny_base, [lora], str(frozen / "out"))
+        assert os.listdir(frozen) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)
+
+
+def test_mistyped_flag_is_named_with_the_nearest(capsys):
+    from distmerge.app.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--base", "b", "--lora", "l.pth", "--ouput", "out"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distmerge: error:") and "unknown option --ouput; did you mean --output?" in err
+    assert "\n" not in err
+
+
+def test_cli_takes_the_dtype_names_the_api_takes():
+    from distmerge.app.flags import build_parser
+    from distmerge.app.validate import resolve_dtype
+
+    for name, code in (("bfloat16", "BF16"), ("float16", "F16"), ("fp32", "F32")):
+        args = build_parser().parse_args(["merge", "--base", "b", "--lora", "l", "-o", "o", "--dtype", name])
+        assert resolve_dtype(args.dtype) == code
+
+
+def test_single_file_outputs(tiny_base, lora, tmp_path, ray_local):
+    """A single-file output creates its folders as a folder output does; the suffix is matched in
+    any case; another weight-file suffix is refused instead of becoming a folder of that name."""
+    deep = tmp_path / "new" / "deep" / "m.safetensors"
+    distmerge.merge(tiny_base, [lora], str(deep))
+    assert deep.is_file()
+    upper = tmp_path / "Merged.SAFETENSORS"
+    distmerge.merge(tiny_base, lora, str(upper))  # one LoRA path alone is one LoRA
+    assert upper.is_file()
+    with pytest.raises(UsageError, match=r"^--output .*merged\.sft: distmerge writes safetensors"):
+        distmerge.merge(tiny_base, [lora], str(tmp_path / "merged.sft"))
+    assert not (tmp_path / "merged.sft").exists()

@@ -29,6 +29,7 @@ from distmerge.app.preflight import (
     resolve_dtype,
 )
 from distmerge.app.report import MergeReport, UnitReport
+from distmerge.app.validate import check_output_name
 from distmerge.errors import PlanError
 from distmerge.formats.naming import detect_naming
 from distmerge.output.companions import RECIPE_NAME, config_for_dtype, make_recipe
@@ -110,6 +111,7 @@ def merge(
     opts, phases = _options(options, kwargs), _Phases()
     specs = lora_specs(loras)
     out_code = check_options(opts, specs)  # a usage error answers before Ray is even started
+    check_output_name(output)
     own = session is None
     if session is None:
         from distmerge.cluster import RaySession
@@ -118,8 +120,8 @@ def merge(
     session.start()  # Ray comes up while the inputs are read and the plan is cut
     try:
         found = locate(base, specs, output)
-        # a folder output's parents are created, as `mkdir -p` would; a file's folder must exist
-        with OutputLock(output, create_parent=not os.fspath(output).endswith(".safetensors")):
+        # the output's parent folders are created, as `mkdir -p` would (a file's as a folder's)
+        with OutputLock(output, create_parent=True):
             workers = session.expected_workers(opts.num_workers, opts.device) if not placement_groups else None
             inputs = read_inputs(found, output, opts, out_code, workers=workers)
             phases.mark("inputs read")
@@ -147,6 +149,7 @@ def check(
     opts = _options(options, kwargs)
     specs = lora_specs(loras)
     out_code = check_options(opts, specs)
+    check_output_name(output)
     return read_inputs(locate(base, specs, output), output, opts, out_code)
 
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 from typing import Any, NoReturn
 
 from distmerge import __version__
@@ -32,6 +33,24 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"distmerge: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """A mistyped long option is named, with the nearest real one, before argparse would
+        report some other option as missing (``--ouput`` -> "did you mean --output?")."""
+        if args is not None and self._subparsers is None:
+            self._refuse_unknown(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_unknown(self, args: list[str]) -> None:
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        for token in args:
+            if token == "--":
+                return
+            name = token.split("=", 1)[0]
+            if not name.startswith("--") or name in known or any(o.startswith(name) for o in known):
+                continue  # a value, a known option, or an abbreviation argparse resolves
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            self.error(f"unknown option {name}" + (f"; did you mean {near[0]}?" if near else ""))
+
 
 def _add_option(p: argparse.ArgumentParser, name: str, **override: Any) -> None:
     """One ``MergeOptions`` field as a flag; ``override`` replaces its default or help."""
@@ -42,6 +61,8 @@ def _add_option(p: argparse.ArgumentParser, name: str, **override: Any) -> None:
         kw["action"] = "store_true"
     elif m.choices:
         kw["choices"] = list(m.choices)
+        if m.metavar:
+            kw["metavar"] = m.metavar
     else:
         kw["metavar"] = m.metavar
         if m.kind in _TYPES:

@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from distmerge.inputs.dtypes import CLI_DTYPES
+
 __all__ = [
     "CHECKSUMS",
     "DEVICES",
@@ -36,6 +38,8 @@ __all__ = [
 
 #: the ``--dtype`` choices users see (``inputs.dtypes.CLI_DTYPES`` also takes the long torch names)
 DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+#: every spelling accepted (``bfloat16``, ``float32`` … as torch names them), as the Python API does
+DTYPE_NAMES = tuple(CLI_DTYPES)
 DEVICES = ("auto", "cpu", "cuda")
 CHECKSUMS = ("crc32", "sha256")
 
@@ -72,7 +76,8 @@ class MergeOptions:
         "keep",
         "output dtype of float tensors (default: keep the base's); fp8_* writes scaled fp8 "
         "block linears (ComfyUI's convention), other tensors keep their dtype",
-        choices=DTYPE_CHOICES,
+        choices=DTYPE_NAMES,
+        metavar="{" + ",".join(DTYPE_CHOICES) + "}",
     )
     max_shard_size: int | str = _opt("5GB", "shard size limit (default 5GB)", metavar="SIZE", kind="size")
     skip_unmatched: bool = _opt(

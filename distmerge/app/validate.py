@@ -20,6 +20,7 @@ from typing import Any
 from distmerge.app.options import DEVICES, MergeOptions
 from distmerge.errors import PlanError, UsageError
 from distmerge.inputs.dtypes import CLI_DTYPES, code_of_torch_name
+from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
 
@@ -102,6 +103,25 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")
+
+
+def check_output_name(output: str | os.PathLike[str], flag: str = "--output") -> None:
+    """Refuse an output named like a weight file distmerge does not write (``merged.sft``,
+    ``model.bin``), which would otherwise become a folder of that name.
+
+    >>> try:
+    ...     check_output_name("merged.sft")
+    ... except UsageError as e:
+    ...     print(str(e)[:62])
+    --output merged.sft: distmerge writes safetensors; name a sing
+    """
+    name = os.fspath(output).rstrip(os.sep)
+    stem, ext = os.path.splitext(os.path.basename(name))
+    if ext.lower() in OTHER_WEIGHT_SUFFIXES:
+        raise UsageError(
+            f"{flag} {output}: distmerge writes safetensors; name a single-file output '….safetensors' "
+            f"(e.g. {stem}.safetensors), or give a folder name for a model folder"
+        )
 
 
 def check_options(opts: MergeOptions, specs: Sequence[tuple[str, float]]) -> str | None:

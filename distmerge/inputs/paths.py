@@ -3,6 +3,8 @@
 Example:
     >>> inside("/data/out/a", "/data/out"), inside("/data/outer", "/data/out"), inside("/data", "/data")
     (True, False, True)
+    >>> is_file_output("out/Merged.SAFETENSORS"), is_file_output("out/low_noise_model")
+    (True, False)
     >>> missing("/no/such/model.safetensors")
     'no such file or folder (nothing of it exists below /)'
 """
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["inside", "missing"]
+__all__ = ["inside", "missing", "is_file_output", "OTHER_WEIGHT_SUFFIXES"]
+
+#: weight-file extensions an output cannot be written as (distmerge writes safetensors): an output
+#: named like one is refused instead of silently becoming a folder of that name
+OTHER_WEIGHT_SUFFIXES = (".sft", ".st", ".safetensor", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".pkl")
 
 
 def inside(child: str, parent: str) -> bool:
@@ -36,3 +42,8 @@ def missing(path: str) -> str:
         shown = ", ".join(close[:5]) + (", …" if len(close) > 5 else "")
         return f"no such file or folder in {parent}" + (f" (it holds {shown})" if shown else " (an empty folder)")
     return f"no such file or folder (nothing of it exists below {parent})"
+
+
+def is_file_output(path: str) -> bool:
+    """An output named ``….safetensors`` (in any case) is one file; any other name is a model folder."""
+    return os.fspath(path).rstrip(os.sep).lower().endswith(".safetensors")

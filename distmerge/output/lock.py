@@ -240,18 +240,29 @@ class OutputLock:
     def _open(self) -> tuple[int, bool]:
         """The lock file, created if needed; read-only when another user's file is not writable."""
         flags = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        err: OSError
         try:
             return os.open(self.path, os.O_RDWR | flags, 0o644), True
-        except PermissionError:
-            try:  # flock works on a read-only descriptor too
-                return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
-            except OSError as e:
-                err = e
+        except PermissionError as e:
+            err = e  # the real reason, unless another user's lock file is there to open read-only
+            if os.path.lexists(self.path):
+                try:  # flock works on a read-only descriptor too
+                    return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
+                except OSError as e2:
+                    err = e2
         except OSError as e:
             err = e
         if err.errno == errno.ELOOP:
             raise OutputError(f"{self.output}: lock file {self.path} is a symbolic link; remove it") from None
-        raise OutputError(f"{self.output}: cannot create the lock file {self.path}: {err.strerror}") from None
+        folder = os.path.dirname(self.path) or "."
+        why = (
+            f"{folder} is read-only or not yours to write"
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else ""
+        )
+        raise OutputError(
+            f"{self.output}: cannot create the lock file {self.path}: {err.strerror}" + (f" ({why})" if why else "")
+        ) from None
 
     @staticmethod
     def _write_details(fd: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from distmerge.errors import OutputError
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
-from distmerge.inputs.paths import inside
+from distmerge.inputs.paths import inside, is_file_output
 from distmerge.inputs.rawio import EndOfFile, pread_exact
 from distmerge.output.atomic import write_atomic
 from distmerge.plan.merge_plan import MergePlan
@@ -110,14 +110,14 @@ def resolve_output(
             non-empty folder (or file) without ``overwrite``, or its parent is not a folder.
     """
     out = refuse_inputs_as_output(output, base, loras)
-    if out.endswith(".safetensors"):
+    if is_file_output(out):
         directory, name = os.path.dirname(out), os.path.basename(out)
         if os.path.isdir(out):
             raise OutputError(f"{out}: is a folder; a .safetensors output must be a file path")
         if os.path.exists(out) and not overwrite:
             raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-        if not os.path.isdir(directory):
-            raise OutputError(f"{directory}: folder for the output file does not exist")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise OutputError(f"{directory}: is a file, so it cannot hold the output")
         return _check_unfinished(OutputTarget(directory, name, overwrite), resume)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"{out}: exists and is not a folder")
