@@ -162,7 +162,7 @@ BAD = {
         """,
         "dtype: int8",
         "merges[0].dtype",
-        "'keep', 'bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32', 'fp8_e4m3fn', 'float8_e4m3fn', 'fp8_e5m2' or",
+        "'keep', 'bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32', 'fp8_e4m3fn', 'float8_e4m3fn',",
     ),
     "bad_device": (
         """
