@@ -123,3 +123,24 @@ def test_single_file_outputs(tiny_base, lora, tmp_path, ray_local):
     with pytest.raises(UsageError, match=r"^--output .*merged\.sft: distmerge writes safetensors"):
         distmerge.merge(tiny_base, [lora], str(tmp_path / "merged.sft"))
     assert not (tmp_path / "merged.sft").exists()
+
+
+def test_device_cuda_without_a_gpu_fails_even_for_a_tiny_merge(tiny_base, lora, tmp_path):
+    """The units the driver merges itself while Ray starts used to ignore ``--device cuda``: a
+    small merge then ran on the CPU and exited 0."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "distmerge", "merge", "--base", tiny_base, "--lora", lora, "-o", str(out)]
+    r = subprocess.run(
+        [*cmd, "--device", "cuda", "--num-cpus", "2", "-q"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("distmerge: error: --device cuda was asked for")
+    assert not out.exists()

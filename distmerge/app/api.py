@@ -314,8 +314,11 @@ class _Merge:
         self, todo: list, dests: dict[str, str], claims: UnitClaims, ledger: UnitLedger, direct_io: bool
     ) -> InlineRunner | None:
         """Start merging units on the driver when Ray is not up yet and will run CPU tasks on this
-        machine (an embedded session without GPUs, the plan already cut): bytes are the same."""
+        machine (an embedded session without GPUs, the plan already cut): bytes are the same.
+        Never with ``--device cuda``: every unit then runs on a GPU, or the merge fails saying none is there."""
         if self.session.ready or not self.session.local or self.inputs.previous is not None or self.inputs.plan is None:
+            return None
+        if self.opts.device == "cuda":
             return None
         if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
             return None
