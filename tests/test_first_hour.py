@@ -144,3 +144,19 @@ def test_device_cuda_without_a_gpu_fails_even_for_a_tiny_merge(tiny_base, lora, 
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("distmerge: error: --device cuda was asked for")
     assert not out.exists()
+
+
+def test_lora_for_another_model_says_so_briefly(tiny_base, tmp_path, ray_local):
+    """An LLM adapter on a Wan base: one short line asking whether it is for another model, and no
+    advice to --skip-unmatched (which would only fail with "nothing matched")."""
+    from distmerge.errors import MatchError
+
+    peft = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "examples", "megatron_qwen3_tp2", "roll_peft")
+    if not os.path.isdir(peft):
+        pytest.skip("the shared example is not beside this checkout")
+    with pytest.raises(MatchError) as e:
+        distmerge.merge(tiny_base, [peft], str(tmp_path / "out"))
+    msg = str(e.value)
+    assert msg.startswith(f"no LoRA tensor matches the base {tiny_base}: is the LoRA for another model?")
+    assert "--skip-unmatched" not in msg and len(msg) < 400
+    assert not (tmp_path / "out").exists()

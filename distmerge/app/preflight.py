@@ -87,18 +87,18 @@ def collect_deltas(
             }
         )
         logger.info("%s: layout %s, %d deltas, %d unmatched", lf.path, n.layout, len(n.deltas), len(n.unmatched))
-    if unmatched and not skip_unmatched:
-        first = "; ".join(f"{os.path.basename(p)}: '{u.key}' ({u.reason})" for p, u in unmatched[:3])
+    if not deltas:  # nothing fits: another model's LoRA, and --skip-unmatched would not help
+        first = f"; first: '{unmatched[0][1].key}': {unmatched[0][1].reason}" if unmatched else ""
         raise MatchError(
-            f"{len(unmatched)} LoRA tensor(s) cannot be placed on the base "
-            f"{base.path}: {first}{'; …' if len(unmatched) > 3 else ''}. "
-            "Pass --skip-unmatched to merge the rest and list these in the report"
+            f"no LoRA tensor matches the base {base.path}: is the LoRA for another model? "
+            f"({len(unmatched)} tensor(s) of {', '.join(os.path.basename(p) for p, _ in loras)}, none placed{first})"
         )
-    if not deltas:
-        first = f" (first: '{unmatched[0][1].key}': {unmatched[0][1].reason})" if unmatched else ""
+    if unmatched and not skip_unmatched:
+        p, u = unmatched[0]
         raise MatchError(
-            f"no LoRA tensor matched the base {base.path}: 0 pairs to merge from "
-            f"{', '.join(p for p, _ in loras)}{first}"
+            f"{len(unmatched)} LoRA tensor(s) cannot be placed on the base {base.path} "
+            f"({len(deltas)} delta(s) can); first: {os.path.basename(p)}: '{u.key}' ({u.reason}). "
+            "Pass --skip-unmatched to merge the rest and list these in the report"
         )
     return Gathered(deltas, unmatched, infos)
 
