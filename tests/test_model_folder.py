@@ -437,7 +437,12 @@ def _busy_base(case: Case, tmp_path) -> tuple[str, set[str], set[str]]:
 def test_what_is_copied_from_the_base_folder(case, tmp_path, ray_local):
     base, copied, not_copied = _busy_base(case, tmp_path)
     out = str(tmp_path / "merged")
-    distmerge.merge(base, [case.adapter], out)
+    rep = distmerge.merge(base, [case.adapter], out)
+    skipped = {s["name"] for s in rep.files_skipped}  # listed, hidden ones too (README: "listed")
+    assert {".gitattributes", ".git/", ".cache/", ".model-00001-of-00005.safetensors.distmerge-part"} <= skipped, (
+        skipped
+    )
+    assert {"original/", "tokenizer/", "pytorch_model.bin"} <= skipped, skipped
     shards = _shards(out)
     expected = copied | set(shards) | {INDEX, RECIPE}
     assert set(os.listdir(out)) == expected, set(os.listdir(out)) ^ expected

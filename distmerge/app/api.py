@@ -32,7 +32,7 @@ from distmerge.app.report import MergeReport, UnitReport
 from distmerge.app.validate import check_output_name
 from distmerge.errors import PlanError
 from distmerge.formats.naming import detect_naming
-from distmerge.output.companions import RECIPE_NAME, config_for_dtype, make_recipe
+from distmerge.output.companions import HIDDEN, RECIPE_NAME, config_for_dtype, make_recipe
 from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.lock import OutputLock
 from distmerge.output.manifest import Manifest, fingerprint, fingerprint_changes
@@ -248,7 +248,8 @@ class _Merge:
             del files["config.json"]
         prepare(plan, i.target, self.staging, keep_parts=i.previous is not None, files=files, texts=texts)
         for skipped, why in i.companions.skipped if i.companions else ():
-            logger.warning("%s: not copied into the output: %s", os.path.join(i.base.path, skipped), why)
+            log = logger.info if why == HIDDEN else logger.warning  # listed in the report either way
+            log("%s: not copied into the output: %s", os.path.join(i.base.path, skipped), why)
         return recipe
 
     def _ledger(self, plan: MergePlan, fp: dict[str, Any], dests: dict[str, str]) -> UnitLedger:

@@ -85,6 +85,10 @@ def is_weight_file(name: str) -> bool:
     return low.endswith(WEIGHT_SUFFIXES)
 
 
+#: why a hidden entry of the base folder is not copied (listed in the report, not warned about)
+HIDDEN = "a hidden file or folder (git attributes, caches: not part of the model)"
+
+
 def find_companions(base: BaseCheckpoint) -> Companions:
     """The files to copy from ``base``'s folder (none when the base was given as one file)."""
     if not os.path.isdir(base.path):
@@ -93,7 +97,10 @@ def find_companions(base: BaseCheckpoint) -> Companions:
     skipped: list[tuple[str, str]] = []
     for name in sorted(os.listdir(base.path)):
         path = os.path.join(base.path, name)
-        if name.startswith(".") or name == RECIPE_NAME:
+        if name == RECIPE_NAME:
+            continue  # the output gets a recipe of its own
+        if name.startswith("."):
+            skipped.append((name + ("/" if os.path.isdir(path) else ""), HIDDEN))
             continue
         if os.path.isdir(path):
             skipped.append((name + "/", "a sub-folder (only the model folder's own files are copied)"))
