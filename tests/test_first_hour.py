@@ -160,3 +160,34 @@ def test_lora_for_another_model_says_so_briefly(tiny_base, tmp_path, ray_local):
     assert msg.startswith(f"no LoRA tensor matches the base {tiny_base}: is the LoRA for another model?")
     assert "--skip-unmatched" not in msg and len(msg) < 400
     assert not (tmp_path / "out").exists()
+
+
+def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path):
+    """On a real terminal (tmux): the finished bar, then the summary alone as the last line (the
+    summary used to be glued onto the bar, which was then redrawn below it)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux")
+    out, done = tmp_path / "out", tmp_path / "done"
+    cmd = (
+        f"env -u RAY_ADDRESS {sys.executable} -m distmerge merge --base {tiny_base} --lora {lora} -o {out} "
+        f"--num-cpus 2 --unit-size 20KB; echo $? > {done}; sleep 60"
+    )
+    tmux = ["tmux", "-L", f"dm-{os.getpid()}"]
+    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "160", "-y", "30", cmd], check=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert done.read_text().strip() == "0", screen
+    lines = [ln for ln in screen.splitlines() if ln.strip()]
+    assert lines[-1].startswith("merged ") and lines[-1].endswith(f"-> {out}"), screen
+    assert lines[-2].startswith("merging: 100%") and "units" in lines[-2], screen
+    assert sum("merging:" in ln for ln in lines) == 1 and "Exception ignored" not in screen, screen

@@ -44,6 +44,7 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
         report = merge(args.base, loras, args.output, options=opts, session=session, progress=progress)
     finally:
         session.close()
+    progress.close()  # the bar ends before anything else is printed
     for u in report.unmatched[:10]:
         print(f"distmerge: skipped unmatched '{u['key']}' in {u['file']}: {u['reason']}", file=sys.stderr)
     if len(report.unmatched) > 10:

@@ -46,6 +46,9 @@ def run_demo(
         num_workers=num_workers,
         progress=progress,
     )
+    if progress is not None and hasattr(progress, "close"):
+        progress.close()  # the bar ends before the next line
+    log(f"checking the {len(factors)} merged tensors against a float64 reference (a few seconds)…")
     worst = _check(base_dir, out_dir, factors)
     log(f"checked {len(factors)} merged tensors against a float64 reference: max |error| = {worst:.2e}")
     return report

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -29,16 +30,22 @@ class Progress:
         self.start = time.monotonic()
         self.bar: Any = None  # a tqdm bar once drawn
         self._last_pct = -1
+        self._lock = threading.Lock()  # calls come from the driver's threads and Ray's callbacks
 
     def __call__(self, done: int, total: int, done_bytes: int, total_bytes: int) -> None:
         if self.mode == "quiet":
             return
+        with self._lock:
+            self._draw(done, total, done_bytes, total_bytes)
+
+    def _draw(self, done: int, total: int, done_bytes: int, total_bytes: int) -> None:
         if done == 0:
             self.start = time.monotonic()
         if self.mode == "bar":
             if self.bar is None:
                 from tqdm import tqdm
 
+                tqdm.monitor_interval = 0  # no monitor thread: nothing left running at exit
                 self.bar = tqdm(
                     total=total_bytes,
                     unit="B",
@@ -67,6 +74,9 @@ class Progress:
         )
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        """End the bar (its last state stays on screen); the next call, for the next merge of a
+        job, starts a new one. The CLI closes it before printing its summary, the last line."""
+        with self._lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
