@@ -191,3 +191,33 @@ def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path)
     assert lines[-1].startswith("merged ") and lines[-1].endswith(f"-> {out}"), screen
     assert lines[-2].startswith("merging: 100%") and "units" in lines[-2], screen
     assert sum("merging:" in ln for ln in lines) == 1 and "Exception ignored" not in screen, screen
+
+
+@pytest.mark.parametrize("reader", ["cat > /dev/null", "true"])
+def test_interrupted_line_reaches_the_terminal_through_a_pipe(reader, tmp_path):
+    """``… 2>&1 | tee log`` and Ctrl-C: the pipe's reader may die with the same Ctrl-C, so the
+    interrupted line also goes to the terminal (tmux), whether the reader is alive or gone."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux")
+    done = tmp_path / "done"
+    code = (
+        "import time; from distmerge.app.cli import _say\n"
+        "class P:\n    def close(self): pass\n"
+        "time.sleep(0.5); _say(P(), 'distmerge: interrupted; LINE', terminal_too=True)"
+    )
+    cmd = f'{sys.executable} -c "{code}" 2>&1 | {reader}; touch {done}; sleep 60'
+    tmux = ["tmux", "-L", f"dm-{os.getpid()}-{reader[:3]}"]
+    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "120", "-y", "10", cmd], check=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert "distmerge: interrupted; LINE" in screen, screen

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 
 from distmerge.app.flags import build_parser
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        _say(progress, "distmerge: interrupted; pending tasks cancelled, part files removed, nothing published")
+        line = "distmerge: interrupted; pending tasks cancelled, part files removed, nothing published"
+        _say(progress, line, terminal_too=True)
         return 130
     except Exception as e:  # a bug: still one line unless -v asked for the traceback
         if args.verbose:
@@ -134,17 +136,20 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
             pass
 
 
-def _say(progress, line: str) -> None:
+def _say(progress, line: str, *, terminal_too: bool = False) -> None:
     """Print ``line`` on stderr after closing the progress bar, whatever stderr is: when it is a
     pipe whose reader died (``… 2>&1 | tee log``, where Ctrl-C ends ``tee`` too), the line goes to
-    the controlling terminal instead, and the exit code is never lost to a ``BrokenPipeError``."""
+    the controlling terminal instead, and the exit code is never lost to a ``BrokenPipeError``.
+    ``terminal_too`` (Ctrl-C): when stderr is a pipe, the line goes to the terminal as well, since
+    the pipe's reader may be dying of the same Ctrl-C and take the line with it."""
     try:
         progress.close()
     except OSError:
         pass
     try:
         print(line, file=sys.stderr, flush=True)
-        return
+        if not (terminal_too and _is_pipe(sys.stderr)):
+            return
     except OSError:
         sys.stderr = open(os.devnull, "w")  # later flushes must not raise either
     try:
@@ -152,6 +157,13 @@ def _say(progress, line: str) -> None:
             print(line, file=tty)
     except OSError:
         pass
+
+
+def _is_pipe(stream) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def entry() -> None:
