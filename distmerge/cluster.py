@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -89,6 +90,46 @@ def _usable_cpus() -> int:
         return max(1, int(get_num_cpus()))
     except Exception:  # a Ray without it: the machine's count
         return os.cpu_count() or 1
+
+
+#: how long ``HOST:PORT`` may stay unreachable before joining it is given up (Ray itself retries for minutes)
+REACH_TIMEOUT_S = 30.0
+
+
+def _reachable(address: str, timeout_s: float | None = None) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) whose port takes no TCP connection within
+    ``timeout_s``: a typo answers in one line instead of Ray's minutes of retries. ``auto`` and
+    other forms are left to Ray.
+
+    >>> try:
+    ...     _reachable("127.0.0.1:1", timeout_s=1)
+    ... except ClusterError as e:
+    ...     print(str(e)[:70])
+    --address 127.0.0.1:1: no Ray cluster answers there (Connection refuse
+    """
+    import socket
+
+    limit = REACH_TIMEOUT_S if timeout_s is None else timeout_s
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    deadline, why = time.monotonic() + limit, "timed out"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.5, min(5.0, left))):
+                return
+        except OSError as e:
+            why = e.strerror or str(e) or type(e).__name__
+            if isinstance(e, socket.gaierror):  # a host name that does not resolve: no use retrying
+                break
+        if time.monotonic() + 1.0 >= deadline or "refused" in why:
+            break
+        time.sleep(1.0)
+    raise ClusterError(
+        f"--address {address}: no Ray cluster answers there ({why}); check the host and the GCS port (default 6379)"
+    )
 
 
 def _nvidia_gpus() -> bool:
@@ -394,6 +435,8 @@ class RaySession:
             self._close_watchdog()
 
     def _init(self, address: str | None) -> None:
+        if address:
+            _reachable(address)
         try:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)

@@ -221,3 +221,27 @@ def test_interrupted_line_reaches_the_terminal_through_a_pipe(reader, tmp_path):
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
     assert "distmerge: interrupted; LINE" in screen, screen
+
+
+def test_unreachable_address_fails_at_once(tiny_base, lora, tmp_path):
+    """``--address HOST:PORT`` with nothing listening: one line naming the address, in seconds
+    (Ray itself retries for minutes). Only loopback is used here."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "distmerge", "merge", "--base", tiny_base, "--lora", lora, "-o", str(out)]
+        + ["--address", "127.0.0.1:1", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("distmerge: error: --address 127.0.0.1:1: no Ray cluster answers there"), last
+    assert time.monotonic() - start < 30 and not out.exists()
