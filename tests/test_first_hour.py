@@ -245,3 +245,34 @@ def test_unreachable_address_fails_at_once(tiny_base, lora, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("distmerge: error: --address 127.0.0.1:1: no Ray cluster answers there"), last
     assert time.monotonic() - start < 30 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, code, says",
+    [
+        (["merge", "--base", "b", "--lora", "l.pth", "-o", "o", "--weight", "nan"], 2, "--weight nan is not a finite"),
+        (["merge", "--base", "b", "--lora", "l.pth", "-o", "m.sft"], 2, "distmerge writes safetensors"),
+        (["verify", "{missing}"], 1, "no such file or folder; nothing to verify"),
+        (["verify", "{plain}"], 1, "records no recipe"),
+        (["merge", "--base", "b", "--lora", "l.pth", "-o", "{busy}"], 1, "another distmerge run (pid"),
+    ],
+)
+def test_at_once_answers_load_neither_torch_nor_ray(argv, code, says, tmp_path):
+    """Usage errors, a busy output and verify's recipe errors answer before torch or Ray is imported."""
+    import subprocess
+    import sys
+
+    from distmerge.output.lock import OutputLock
+
+    (tmp_path / "plain").mkdir()
+    names = {"missing": tmp_path / "nope", "plain": tmp_path / "plain", "busy": tmp_path / "busy"}
+    argv = [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
+    script = (
+        "import sys\nfrom distmerge.app.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(rc, sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+    )
+    with OutputLock(str(tmp_path / "busy")):  # another run holds this output
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == f"{code} []", (r.stdout, r.stderr)
+    assert says in r.stderr, r.stderr

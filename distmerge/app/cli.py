@@ -32,12 +32,17 @@ def _setup_logging(verbose: int) -> None:
 
 def _cmd_merge(args: argparse.Namespace, progress) -> int:
     from distmerge.app.options import from_args, pair_weights
-    from distmerge.app.validate import check_options
-    from distmerge.cluster import RaySession
+    from distmerge.app.validate import check_options, check_output_name
 
     opts = from_args(args)
     loras = pair_weights(args.lora, args.weight)
-    check_options(opts, loras)  # a usage error answers before Ray starts
+    check_options(opts, loras)  # a usage error answers before Ray (or torch) is even imported
+    check_output_name(args.output)
+    from distmerge.output.lock import refuse_if_locked
+
+    refuse_if_locked(args.output)  # so does a run into an output another run is writing
+    from distmerge.cluster import RaySession
+
     session = RaySession(opts.address, num_cpus=opts.num_cpus, fast_exit=args.fast_exit).start()
     try:
         from distmerge.app.api import merge  # torch loads while Ray starts
@@ -96,6 +101,9 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
         if args.command == "inspect":
             return _cmd_inspect(args)
         if args.command == "verify":
+            from distmerge.app.recipe import precheck
+
+            precheck(args)  # argument and recipe errors answer before torch and Ray load
             from distmerge.app.verify import cmd_verify
 
             return cmd_verify(args)

@@ -61,7 +61,7 @@ from distmerge.errors import OutputError
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
-__all__ = ["LockHolder", "OutputLock", "lock_path", "read_holder"]
+__all__ = ["refuse_if_locked", "LockHolder", "OutputLock", "lock_path", "read_holder"]
 
 logger = logging.getLogger("distmerge.lock")  # the name users see in -v logs
 
@@ -107,6 +107,29 @@ def lock_path(output: str | os.PathLike[str]) -> str:
     """
     _, real_parent, real_name = _resolve(output)
     return os.path.join(real_parent, f".{real_name}{LOCK_SUFFIX}")
+
+
+def refuse_if_locked(output: str | os.PathLike[str]) -> None:
+    """Answer at once when another run holds ``output``'s lock (before the caller loads torch or
+    Ray), writing nothing; the lock itself is still taken by ``OutputLock`` later.
+
+    >>> refuse_if_locked("/no-such-dir/merged")  # no lock file: nothing to say
+    """
+    path = lock_path(output)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return  # no lock file (or none we may read): OutputLock decides
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in _HELD and _names(path, fd):
+                raise OutputError(OutputLock(output)._refusal(OutputLock._holder(fd))) from None
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _parse(data: bytes) -> LockHolder | None:
