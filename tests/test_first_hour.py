@@ -276,3 +276,18 @@ def test_at_once_answers_load_neither_torch_nor_ray(argv, code, says, tmp_path):
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == f"{code} []", (r.stdout, r.stderr)
     assert says in r.stderr, r.stderr
+
+
+def test_job_errors_name_the_job_file_key(tiny_base, lora, tmp_path):
+    """A job's rerun into a published output says which job-file key to set (``distmerge run``
+    has no --overwrite flag)."""
+    from distmerge.errors import OutputError
+
+    (tmp_path / "out1").mkdir()
+    (tmp_path / "out1" / "model.safetensors").write_bytes(b"x")
+    text = f"merges:\n  - name: one\n    base: {tiny_base}\n    loras: [{lora}]\n    output: {tmp_path / 'out1'}\n"
+    with pytest.raises(OutputError) as e:
+        check_job(parse_job(text, source="job.yaml", base_dir=str(tmp_path)))
+    msg = str(e.value)
+    assert msg.startswith("merge 'one': ") and "set 'overwrite: true' (for this merge, or under defaults:)" in msg
+    assert "--overwrite" not in msg

@@ -422,7 +422,22 @@ def check_job(job: Job) -> None:
         try:
             check(m.base, [(lo.path, lo.weight) for lo in m.loras], m.output, options=m.options(job.ray))
         except DistmergeError as e:
-            raise type(e)(f"merge {m.name!r}: {e}") from e
+            raise type(e)(f"merge {m.name!r}: {_in_job_words(str(e))}") from e
+
+
+def _in_job_words(message: str) -> str:
+    """A merge's error as a job file's user fixes it: flags become the job file's keys.
+
+    >>> _in_job_words("out: folder is not empty; pass --overwrite to write into it")
+    "out: folder is not empty; set 'overwrite: true' (for this merge, or under defaults:) to write into it"
+    """
+    for flag, key in (
+        ("--overwrite", "overwrite: true"),
+        ("--resume", "resume: true"),
+        ("--skip-unmatched", "skip_unmatched: true"),
+    ):
+        message = message.replace(f"pass {flag}", f"set '{key}' (for this merge, or under defaults:)")
+    return message
 
 
 def run_job(
@@ -472,7 +487,7 @@ def run_job(
                     progress=progress,
                 )
             except DistmergeError as e:
-                raise type(e)(f"merge {m.name!r}: {e}") from e
+                raise type(e)(f"merge {m.name!r}: {_in_job_words(str(e))}") from e
             finally:
                 close = getattr(progress, "close", None)
                 if callable(close):
