@@ -291,3 +291,21 @@ def test_job_errors_name_the_job_file_key(tiny_base, lora, tmp_path):
     msg = str(e.value)
     assert msg.startswith("merge 'one': ") and "set 'overwrite: true' (for this merge, or under defaults:)" in msg
     assert "--overwrite" not in msg
+
+
+def test_diffusers_variant_beside_the_weights_is_not_ambiguous(tmp_path):
+    """A diffusers folder with ``diffusion_pytorch_model.safetensors`` and its ``.fp16`` variant
+    (what ``variant="fp16"`` loads) is read as the plain weights, not refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from distmerge.inputs.checkpoint import open_base
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": torch.zeros(2, 2, dtype=torch.float16)}, str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+    base = open_base(str(tmp_path))
+    assert base.stem == "diffusion_pytorch_model"
+    assert [os.path.basename(f) for f in base.files] == ["diffusion_pytorch_model.safetensors"]
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))  # two plain files: still ambiguous
+    with pytest.raises(distmerge.FormatError, match="3 .safetensors files but no"):
+        open_base(str(tmp_path))

@@ -16,7 +16,9 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -28,6 +30,9 @@ from distmerge.inputs.paths import missing
 __all__ = ["BaseCheckpoint", "open_base", "INDEX_SUFFIX"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
+#: a diffusers/transformers weight variant (``diffusion_pytorch_model.fp16.safetensors``)
+_VARIANT = re.compile(r"\.(?:fp16|bf16|fp32|fp8[a-z0-9_]*|ema|non_ema)\.safetensors$")
+logger = logging.getLogger("distmerge.checkpoint")  # the name users see in -v logs
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,15 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
     if indexes:
         return _from_index(p, os.path.join(p, indexes[0]))
     files = [n for n in names if n.endswith(".safetensors")]
+    plain = [n for n in files if not _VARIANT.search(n)]
+    if len(files) > 1 and len(plain) == 1:  # diffusers' variants beside the weights (variant=...)
+        logger.info(
+            "%s: reading %s; variants beside it are not read: %s",
+            p,
+            plain[0],
+            ", ".join(sorted(set(files) - set(plain))),
+        )
+        files = plain
     if len(files) == 1:
         f = os.path.join(p, files[0])
         return _assemble(p, files[0][: -len(".safetensors")], [f])
