@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import textwrap
 
 import pytest
@@ -189,6 +190,8 @@ def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path)
     assert done.read_text().strip() == "0", screen
     lines = [ln for ln in screen.splitlines() if ln.strip()]
     assert lines[-1].startswith("merged ") and lines[-1].endswith(f"-> {out}"), screen
+    merge_s, whole_s = (float(x) for x in re.search(r"in ([\d.]+) s \(([\d.]+) s with start-up\)", lines[-1]).groups())
+    assert whole_s >= merge_s, lines[-1]  # the summary says what the user waited, not only the merge
     assert lines[-2].startswith("merging: 100%") and "units" in lines[-2], screen
     assert sum("merging:" in ln for ln in lines) == 1 and "Exception ignored" not in screen, screen
 

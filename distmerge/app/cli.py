@@ -55,8 +55,20 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
         print(f"distmerge: skipped unmatched '{u['key']}' in {u['file']}: {u['reason']}", file=sys.stderr)
     if len(report.unmatched) > 10:
         print(f"distmerge: … and {len(report.unmatched) - 10} more skipped (see --report)", file=sys.stderr)
-    print(report.summary_line())
+    print(report.summary_line(since_start=_process_age()))
     return 0
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), interpreter start-up included."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

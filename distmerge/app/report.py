@@ -73,7 +73,9 @@ class MergeReport:
     files_copied: list[str] = field(default_factory=list)  #: the base folder's non-weight files
     files_skipped: list[dict[str, str]] = field(default_factory=list)  #: what was not copied, and why
 
-    def summary_line(self) -> str:
+    def summary_line(self, since_start: float | None = None) -> str:
+        """One line for the terminal; ``since_start`` (the command's whole wall time, interpreter
+        and Ray start-up included) is shown beside the merge's own seconds when given."""
         skipped = f", {len(self.unmatched)} unmatched LoRA keys skipped" if self.unmatched else ""
         if self.units_reused:
             skipped += f", {self.units_reused} units reused from the interrupted run"
@@ -81,7 +83,7 @@ class MergeReport:
         return (
             f"merged {self.pairs_merged} pairs into {self.tensors_written} tensors, {n} "
             f"shard{'s' if n != 1 else ''}, {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s"
-            f"{skipped} -> {self.output}"
+            f"{f' ({since_start:.1f} s with start-up)' if since_start is not None else ''}{skipped} -> {self.output}"
         )
 
     def per_node(self) -> dict[str, dict[str, float]]:
