@@ -92,6 +92,16 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _register_fork_hooks_now() -> None:
+    """Import, before Ray's thread starts forking its processes, the modules that register
+    ``os.register_at_fork`` hooks: registered by the main thread's imports *during* one of those
+    forks, a hook pair runs its ``after_in_parent`` half without its ``before`` half, and
+    ``concurrent.futures.thread`` then prints ``Exception ignored … RuntimeError: release unlocked
+    lock`` (about 1 run in 20 before this)."""
+    import concurrent.futures.thread  # noqa: F401  (its _global_shutdown_lock hooks)
+    import random  # noqa: F401
+
+
 #: how long ``HOST:PORT`` may stay unreachable before joining it is given up (Ray itself retries for minutes)
 REACH_TIMEOUT_S = 30.0
 
@@ -383,6 +393,7 @@ class RaySession:
             return self
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         self.mode = f"joined {address}" if address else "local"
+        _register_fork_hooks_now()
         self._thread = threading.Thread(target=self._serve, args=(address,), name="distmerge-ray", daemon=True)
         self._thread.start()
         return self
