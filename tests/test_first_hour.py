@@ -332,3 +332,32 @@ def test_fork_hook_modules_are_imported_before_ray_starts_forking():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_demo_says_what_it_is_doing(tmp_path, ray_local):
+    """The demo's float64 check (seconds on a small machine) is announced before it runs."""
+    from distmerge.app.demo import run_demo
+
+    said: list[str] = []
+    report = run_demo(str(tmp_path / "demo"), log=said.append)
+    assert report.pairs_merged > 0
+    checking = next(i for i, s in enumerate(said) if s.startswith("checking the "))
+    assert said[checking + 1].startswith("checked ") and "max |error|" in said[checking + 1]
+
+
+def test_extract_report_checked_before_work_and_folders_made(tiny_base, tmp_path, ray_local):
+    from distmerge.app.synth import write_wan_base
+
+    from .helpers import TINY
+
+    tuned = str(tmp_path / "tuned")
+    write_wan_base(tuned, TINY, num_shards=2, seed=3)
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(UsageError, match=r"^--report .*plain/r.json: cannot write there"):
+        distmerge.extract(
+            tiny_base, tuned, str(tmp_path / "a.safetensors"), rank=2, report=str(tmp_path / "plain" / "r.json")
+        )
+    assert not (tmp_path / "a.safetensors").exists()
+    report = tmp_path / "new" / "r.json"
+    distmerge.extract(tiny_base, tuned, str(tmp_path / "b.safetensors"), rank=2, report=str(report))
+    assert json.loads(report.read_text())["lora_pairs"] > 0
