@@ -163,30 +163,39 @@ def test_lora_for_another_model_says_so_briefly(tiny_base, tmp_path, ray_local):
     assert not (tmp_path / "out").exists()
 
 
-def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path):
-    """On a real terminal (tmux): the finished bar, then the summary alone as the last line (the
-    summary used to be glued onto the bar, which was then redrawn below it)."""
+def _on_a_terminal(cmd: str, done, *, width: int) -> str:
+    """Run shell ``cmd`` in a real terminal (a tmux pane of ``width`` columns) until it creates
+    ``done``; what the screen then shows."""
     import shutil
     import subprocess
-    import sys
     import time
 
     if shutil.which("tmux") is None:
         pytest.skip("needs tmux")
-    out, done = tmp_path / "out", tmp_path / "done"
-    cmd = (
-        f"env -u RAY_ADDRESS {sys.executable} -m distmerge merge --base {tiny_base} --lora {lora} -o {out} "
-        f"--num-cpus 2 --unit-size 20KB; echo $? > {done}; sleep 60"
+    tmux = ["tmux", "-L", f"dm-{os.getpid()}-{time.monotonic_ns()}"]
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "t", "-x", str(width), "-y", "30", cmd + "; sleep 60"], check=True
     )
-    tmux = ["tmux", "-L", f"dm-{os.getpid()}"]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "160", "-y", "30", cmd], check=True)
     try:
         deadline = time.monotonic() + 240
         while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True).stdout
+            time.sleep(0.2)
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True).stdout
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path):
+    """On a real terminal (tmux): the finished bar, then the summary alone as the last line (the
+    summary used to be glued onto the bar, which was then redrawn below it)."""
+    import sys
+
+    out, done = tmp_path / "out", tmp_path / "done"
+    cmd = (
+        f"env -u RAY_ADDRESS {sys.executable} -m distmerge merge --base {tiny_base} --lora {lora} -o {out} "
+        f"--num-cpus 2 --unit-size 20KB; echo $? > {done}"
+    )
+    screen = _on_a_terminal(cmd, done, width=160)
     assert done.read_text().strip() == "0", screen
     lines = [ln for ln in screen.splitlines() if ln.strip()]
     assert lines[-1].startswith("merged ") and lines[-1].endswith(f"-> {out}"), screen
@@ -200,29 +209,15 @@ def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path)
 def test_interrupted_line_reaches_the_terminal_through_a_pipe(reader, tmp_path):
     """``… 2>&1 | tee log`` and Ctrl-C: the pipe's reader may die with the same Ctrl-C, so the
     interrupted line also goes to the terminal (tmux), whether the reader is alive or gone."""
-    import shutil
-    import subprocess
     import sys
-    import time
 
-    if shutil.which("tmux") is None:
-        pytest.skip("needs tmux")
     done = tmp_path / "done"
     code = (
         "import time; from distmerge.app.cli import _say\n"
         "class P:\n    def close(self): pass\n"
         "time.sleep(0.5); _say(P(), 'distmerge: interrupted; LINE', terminal_too=True)"
     )
-    cmd = f'{sys.executable} -c "{code}" 2>&1 | {reader}; touch {done}; sleep 60'
-    tmux = ["tmux", "-L", f"dm-{os.getpid()}-{reader[:3]}"]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "120", "-y", "10", cmd], check=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True).stdout
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    screen = _on_a_terminal(f'{sys.executable} -c "{code}" 2>&1 | {reader}; touch {done}', done, width=120)
     assert "distmerge: interrupted; LINE" in screen, screen
 
 
