@@ -148,3 +148,13 @@ def direct_io_works(folder) -> bool:
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def shared_path(*parts: str) -> str:
+    """A path under the project's ``shared/`` folder: beside this checkout (as CI lays it out), else
+    the workplace's ``/work/shared``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.path.join(os.path.dirname(repo), "shared"), "/work/shared"):
+        if os.path.isdir(root):
+            return os.path.join(root, *parts)
+    return os.path.join(os.path.dirname(repo), "shared", *parts)

@@ -152,9 +152,9 @@ def test_lora_for_another_model_says_so_briefly(tiny_base, tmp_path, ray_local):
     advice to --skip-unmatched (which would only fail with "nothing matched")."""
     from distmerge.errors import MatchError
 
-    peft = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "examples", "megatron_qwen3_tp2", "roll_peft")
-    if not os.path.isdir(peft):
-        pytest.skip("the shared example is not beside this checkout")
+    from .helpers import shared_path
+
+    peft = shared_path("examples", "megatron_qwen3_tp2", "roll_peft")
     with pytest.raises(MatchError) as e:
         distmerge.merge(tiny_base, [peft], str(tmp_path / "out"))
     msg = str(e.value)

@@ -38,11 +38,11 @@ from safetensors.torch import load_file, save_file
 import distmerge
 
 from .conftest import snapshot
-from .helpers import assert_close_to_reference, load_checkpoint, reference_merge
+from .helpers import assert_close_to_reference, load_checkpoint, reference_merge, shared_path
 
 pytestmark = pytest.mark.ray
 
-EXAMPLE = "/work/shared/examples/megatron_qwen3_tp2"
+EXAMPLE = shared_path("examples", "megatron_qwen3_tp2")
 ADAPTER = "default"
 ITER = "iter_0000001"
 RANK_FILE = "model_optim_rng.pt"
