@@ -91,7 +91,7 @@ def _cmd_demo(args: argparse.Namespace, progress) -> int:
     report = run_demo(
         args.dir, num_workers=args.num_workers, progress=progress, log=lambda s: print(f"distmerge demo: {s}")
     )
-    print(report.summary_line())
+    print(report.summary_line(since_start=_process_age()))
     return 0
 
 
