@@ -220,43 +220,48 @@ def open_megatron(path: str) -> MegatronCheckpoint | None:
             f"{os.path.basename(mca)} describes"
         )
     files = []
+    replicas = _Replicas()
     for name, (t, p, e) in expected.items():
         file = os.path.join(where, name, RANK_FILE)
         if not os.path.isfile(file):
             raise FormatError(f"{file}: missing: TP {cfg.tp} x PP {cfg.pp} x EP {cfg.ep} needs every rank's file")
-        files.append(RankFile(t, p, e, file, _metas(file)))
-    _check_replicas(files)
+        f = RankFile(t, p, e, file)
+        f.tensors = replicas.read(f)
+        files.append(f)
     return MegatronCheckpoint(adapter, os.path.basename(adapter), iteration, acfg, cfg, files, adapters)
 
 
-def _metas(file: str) -> dict[str, Any]:
-    from distmerge.inputs.lorafile import TensorMeta, load_pickle
-    from distmerge.inputs.torch_dtypes import code_of
+class _Replicas:
+    """Reads each rank file once (mapped): its table of contents, and its copies of the tensors
+    tensor parallelism replicates (and the dense tensors every expert-parallel rank repeats),
+    which must equal the first file's copy."""
 
-    sd = load_pickle(file)
-    return {k: TensorMeta(code_of(v.dtype), tuple(v.shape), -1, v.numel() * v.element_size()) for k, v in sd.items()}
+    def __init__(self) -> None:
+        self.first: dict[tuple[Any, ...], tuple[str, Any]] = {}
 
+    def read(self, f: RankFile) -> dict[str, Any]:
+        from distmerge.inputs.lorafile import TensorMeta, load_pickle
+        from distmerge.inputs.torch_dtypes import code_of
 
-def _check_replicas(files: list[RankFile]) -> None:
-    """Tensors tensor parallelism replicates, and the dense tensors of every expert-parallel rank,
-    must be the same in every file that holds them."""
-    import torch
-
-    from distmerge.inputs.lorafile import load_pickle
-
-    first: dict[tuple[Any, ...], tuple[str, Any]] = {}
-    for f in files:
         sd = load_pickle(f.path)
         for key, value in sd.items():
-            if TP_REPLICATED.search(key):  # across TP ranks (and EP ranks too for a dense tensor)
-                group: tuple[Any, ...] = (f.pp, f.ep if ".experts." in key else -1, key)
-            elif ".experts." not in key:  # a dense tensor: across EP ranks
-                group = (f.pp, f.tp, key)
-            else:
-                continue
-            seen = first.setdefault(group, (f.path, value))
-            if seen[1] is not value and not (seen[1].shape == value.shape and torch.equal(seen[1], value)):
-                raise FormatError(
-                    f"{f.path}: '{key}' differs from the copy in {seen[0]}; the replicated shards of a "
-                    "Megatron checkpoint must be identical (a damaged or mixed checkpoint)"
-                )
+            self._compare(f, key, value)
+        return {
+            k: TensorMeta(code_of(v.dtype), tuple(v.shape), -1, v.numel() * v.element_size()) for k, v in sd.items()
+        }
+
+    def _compare(self, f: RankFile, key: str, value: Any) -> None:
+        import torch
+
+        if TP_REPLICATED.search(key):  # across TP ranks (and EP ranks too for a dense tensor)
+            group: tuple[Any, ...] = (f.pp, f.ep if ".experts." in key else -1, key)
+        elif ".experts." not in key:  # a dense tensor: across EP ranks
+            group = (f.pp, f.tp, key)
+        else:
+            return
+        seen = self.first.setdefault(group, (f.path, value))
+        if seen[1] is not value and not (seen[1].shape == value.shape and torch.equal(seen[1], value)):
+            raise FormatError(
+                f"{f.path}: '{key}' differs from the copy in {seen[0]}; the replicated shards of a "
+                "Megatron checkpoint must be identical (a damaged or mixed checkpoint)"
+            )
