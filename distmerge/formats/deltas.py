@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from distmerge.errors import MatchError
@@ -118,6 +118,15 @@ class NormalizedLora:
     layout: str
     deltas: list[Delta] = field(default_factory=list)
     unmatched: list[Unmatched] = field(default_factory=list)
+
+    def place(self, d: Delta, base: Mapping[str, TensorLike] | None, missing: Callable[[str], str]) -> None:
+        """Keep ``d`` once it fits its base tensor (``check_delta``); a target the base lacks makes
+        each of its factors ``Unmatched`` with ``missing(target)`` as the reason."""
+        if base is not None and d.target not in base:
+            self.unmatched += [Unmatched(f.key, missing(d.target)) for f in d.factors]
+            return
+        check_delta(self.path, base, d)
+        self.deltas.append(d)
 
 
 def check_delta(path: str, base: Mapping[str, TensorLike] | None, d: Delta) -> None:

@@ -80,9 +80,18 @@ def _param_of(module: str, target: str) -> str | None:
     return None
 
 
+def configured_count(config: Mapping[str, Any] | None) -> int | None:
+    """The expert count a ``config.json`` gives (``num_experts``, ``num_local_experts`` …), if any.
+
+    >>> configured_count({"num_local_experts": 8}), configured_count(None)
+    (8, None)
+    """
+    return next((int(config[k]) for k in _COUNT_KEYS if config and isinstance(config.get(k), int)), None)
+
+
 def expert_count(base: Mapping[str, Any], config: Mapping[str, Any] | None, module: str) -> int | None:
-    """How many experts ``module`` has in the base: its per-expert keys (over the whole key set)
-    or a fused tensor's first dimension, checked against ``config.json``'s count when it has one.
+    """How many experts ``module`` has in the base: its per-expert keys (over the whole key set),
+    checked against ``config.json``'s count when it has one (the count alone without such keys).
 
     >>> expert_count({"m.experts.0.w1.weight": 0, "m.experts.1.w1.weight": 0}, {"num_local_experts": 2}, "m.experts")
     2
@@ -93,7 +102,7 @@ def expert_count(base: Mapping[str, Any], config: Mapping[str, Any] | None, modu
     if counted is not None and len(found) != counted:
         missing = sorted(set(range(counted)) - found)[:3]
         raise MatchError(f"the base has experts 0…{counted - 1} of '{module}' but lacks {missing}: an incomplete base")
-    configured = next((int(config[k]) for k in _COUNT_KEYS if config and isinstance(config.get(k), int)), None)
+    configured = configured_count(config)
     if counted is not None and configured is not None and counted != configured:
         raise MatchError(
             f"the base's config.json says {configured} experts but its weights hold {counted} for '{module}'"
@@ -162,9 +171,7 @@ class ParamWrappers:
         """The deltas of every pair, scaled as ``adapter`` says for ``<module>.<parameter>``."""
         out: list[Delta] = []
         for pair in self.pairs():
-            plan = _PairPlan(self.path, self.metas, pair, base, config, adapter, strength)
-            plan.file_keys = self.file_keys
-            out += plan.deltas()
+            out += _PairPlan(self, pair, base, config, adapter, strength).deltas()
         return out
 
 
@@ -177,19 +184,18 @@ class _PairPlan:
 
     def __init__(
         self,
-        path: str,
-        metas: Mapping[str, _Meta],
+        wrappers: ParamWrappers,
         pair: _Pair,
         base: Mapping[str, _Meta] | None,
         config: Mapping[str, Any] | None,
         adapter: AdapterConfig,
         strength: float,
     ) -> None:
-        self.path, self.metas, self.pair, self.base, self.config = path, metas, pair, base, config
-        self.a, self.b = metas[pair.a], metas[pair.b]
+        self.path, self.metas, self.file_keys = wrappers.path, wrappers.metas, wrappers.file_keys
+        self.pair, self.base, self.config = pair, base, config
+        self.a, self.b = self.metas[pair.a], self.metas[pair.b]
         self.name = f"{pair.module}.{pair.param}"
         self.adapter, self.strength = adapter, strength
-        self.file_keys: dict[str, str] = {}
 
     def _ref(self, key: str, shape: tuple[int, ...], role: str, pieces: tuple[Piece, ...] = ()) -> FactorRef:
         real = self.file_keys.get(key, key)
@@ -249,7 +255,7 @@ class _PairPlan:
         return count, self.adapter.scale(self.name, r)
 
     def _fused(self, target: str, shape: tuple[int, ...] | None) -> Delta:
-        count = shape[0] if shape else self._config_count()
+        count = shape[0] if shape else configured_count(self.config)
         e, c = self._experts(count)
         transpose = False
         if shape is not None:
@@ -259,11 +265,6 @@ class _PairPlan:
         down = self._ref(self.pair.a, self.a.shape, Role.DOWN)
         up = self._ref(self.pair.b, self.b.shape, Role.UP, by_expert)
         return self._delta(target, DeltaKind.EXPERTS, (down, up), c, experts=e, transpose=transpose)
-
-    def _config_count(self) -> int | None:
-        return next(
-            (int(self.config[k]) for k in _COUNT_KEYS if self.config and isinstance(self.config.get(k), int)), None
-        )
 
     def _orientation(self, target: str, shape: tuple[int, ...]) -> bool:
         """False for ``(E, out, in)`` (transformers' Qwen/Mixtral experts), True for ``(E, in, out)``;

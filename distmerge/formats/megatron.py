@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distmerge.errors import FormatError, MatchError
-from distmerge.formats.deltas import Delta, FactorRef, NormalizedLora, Piece, Unmatched, check_delta
+from distmerge.formats.deltas import Delta, FactorRef, NormalizedLora, Piece, check_delta
 from distmerge.formats.experts import EXPERT_PARTS, expert_count
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.formats.scales import AdapterConfig
@@ -58,7 +58,12 @@ _HF_DENSE = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-_FUSED = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
+#: a Megatron expert part -> (its fused parameter, its per-expert weight: transformers name, Mixtral name)
+_EXPERT_NAMES = {
+    part: (fused, names[i], mixtral[i])
+    for fused, (names, mixtral) in EXPERT_PARTS.items()
+    for i, part in enumerate(("gate", "up") if fused == "gate_up_proj" else ("down",))
+}
 
 
 _Meta = TensorLike
@@ -233,7 +238,6 @@ class _Placer:
         self.adapter = AdapterConfig.from_peft(ck.adapter_config, f"{ck.path}/adapter_config.json")
         self.out = NormalizedLora(ck.path, "megatron")
         self.fused: dict[tuple[int, str], list[tuple[int, _Part, float]]] = {}
-        self.dtype = "BF16"  #: the factors' dtype (of the fused experts)
 
     def scale(self, m: _Module, rank: int) -> float:
         """α/r (α/√r) with the config's full r; experts' tensors have rank r // topk."""
@@ -260,33 +264,26 @@ class _Placer:
                 continue
             target = self.expert_target(m, part[0])
             if target is None:
-                self.fused.setdefault((m.layer, _FUSED[part[0]]), []).append((m.expert, part, c))
-                self.dtype = m.a[0].dtype
+                self.fused.setdefault((m.layer, _EXPERT_NAMES[part[0]][0]), []).append((m.expert, part, c))
             else:
                 self.add(self.delta(target, m, part, c))
 
     def expert_target(self, m: _Module, part: str) -> str | None:
         """The per-expert base tensor of ``part``; None when the base holds the layer's experts fused."""
-        names = dict(zip(("gate", "up"), EXPERT_PARTS["gate_up_proj"][0])) | {"down": "down_proj"}
-        mixtral = {"gate": "w1", "up": "w3", "down": "w2"}
+        fused, name, mixtral = _EXPERT_NAMES[part]
         candidates = [
-            f"model.layers.{m.layer}.mlp.experts.{m.expert}.{names[part]}.weight",
-            f"model.layers.{m.layer}.block_sparse_moe.experts.{m.expert}.{mixtral[part]}.weight",
+            f"model.layers.{m.layer}.mlp.experts.{m.expert}.{name}.weight",
+            f"model.layers.{m.layer}.block_sparse_moe.experts.{m.expert}.{mixtral}.weight",
         ]
         if self.base is None:
             return candidates[0]
         hit = next((t for t in candidates if t in self.base), None)
-        if hit is None and f"model.layers.{m.layer}.mlp.experts.{_FUSED[part]}" in self.base:
+        if hit is None and f"model.layers.{m.layer}.mlp.experts.{fused}" in self.base:
             return None
         return hit or candidates[0]
 
     def add(self, d: Delta) -> None:
-        if self.base is not None and d.target not in self.base:
-            for f in d.factors:
-                self.out.unmatched.append(Unmatched(f.key, f"no base tensor '{d.target}' in the base"))
-            return
-        check_delta(self.ck.path, self.base, d)
-        self.out.deltas.append(d)
+        self.out.place(d, self.base, lambda target: f"no base tensor '{target}' in the base")
 
     def place_fused(self) -> None:
         """Each fused expert tensor's experts as one ``experts`` delta (A rows and B columns by expert)."""
@@ -304,6 +301,10 @@ class _Placer:
                 )
             self.out.deltas.append(self._fused_delta(target, items, E))
 
+    def _dtype(self, piece: Piece) -> str:
+        """The dtype of the rank-file tensor ``piece`` is cut from."""
+        return next(f for f in self.ck.files if f.path == piece.path).tensors[piece.key].dtype
+
     def _fused_delta(self, target: str, items: list[tuple[int, _Part, float]], E: int) -> Delta:
         a_pieces: list[Piece] = []
         b_pieces: list[Piece] = []
@@ -315,7 +316,7 @@ class _Placer:
                 a_pieces += [Piece(p.path, p.key, p.rows, p.cols, (p.at[0] + e * r, p.at[1])) for p in ap]
             b_pieces += [Piece(p.path, p.key, p.rows, p.cols, (p.at[0] + row[e], p.at[1] + e * r)) for p in bp]
             row[e] += b_shape[0]
-        code = self.dtype
+        code = self._dtype(a_pieces[0])
         a = FactorRef(a_pieces[0].path, a_pieces[0].key, code, (E * r, width), Role.DOWN, tuple(a_pieces))
         b = FactorRef(b_pieces[0].path, b_pieces[0].key, code, (row[0], E * r), Role.UP, tuple(b_pieces))
         d = Delta(target, DeltaKind.EXPERTS, (a, b), items[0][2], self.strength, self.ck.path, target, experts=E)

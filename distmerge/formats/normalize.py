@@ -509,10 +509,4 @@ def _lokr_scale(ctx: _Ctx, module: str, roles: dict[str, str]) -> float:
 
 
 def _add(ctx: _Ctx, d: Delta) -> None:
-    base = ctx.base
-    if base is not None and d.target not in base:
-        for f in d.factors:
-            ctx.out.unmatched.append(Unmatched(f.key, ctx.missing(d.target)))
-        return
-    check_delta(ctx.lf.path, base, d)
-    ctx.out.deltas.append(d)
+    ctx.out.place(d, ctx.base, ctx.missing)
