@@ -40,6 +40,15 @@ TP_REPLICATED = re.compile(
 )
 
 
+#: mca_config.json keys that must keep these values (even, non-virtual pipeline stages)
+_EVEN_STAGES: dict[str, tuple[object, ...]] = {
+    "virtual_pipeline_model_parallel_size": (None, 1),
+    "num_layers_in_first_pipeline_stage": (None,),
+    "num_layers_in_last_pipeline_stage": (None,),
+    "pipeline_model_parallel_layout": (None,),
+}
+
+
 @dataclass(frozen=True)
 class MegatronConfig:
     """What ``mca_config.json`` says about the model and its parallel split."""
@@ -68,9 +77,8 @@ class MegatronConfig:
                 raise FormatError(f"{path}: '{key}' should be a whole number, found {v!r}")
             return v
 
-        for key in ("virtual_pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
-                    "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout"):  # fmt: skip
-            if cfg.get(key) not in (None, 1) or (key.startswith("num_layers") and cfg.get(key) is not None):
+        for key, plain in _EVEN_STAGES.items():
+            if cfg.get(key) not in plain:
                 raise FormatError(
                     f"{path}: '{key}' = {cfg.get(key)!r}: uneven or virtual pipeline stages are not supported"
                 )
