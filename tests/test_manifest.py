@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from distmerge.output import publish as output
+from distmerge.output import atomic as output
 from distmerge.output.manifest import Manifest
 
 
@@ -15,9 +15,9 @@ def test_save_is_atomic_and_never_fsyncs_while_publishing_writes_do(tmp_path, mo
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
     path = str(tmp_path / ".distmerge-manifest.json")
     m = Manifest({"base": "x"}, 4096, path=path)
-    m.record(0, crc32=0xDEADBEEF, nbytes=4096)
+    m.record(0, {"crc32": 0xDEADBEEF, "bytes": 4096})
     m.save()
-    m.record(1, crc32=7, nbytes=10)
+    m.record(1, {"crc32": 7, "bytes": 10})
     m.save()
     assert calls == []
     assert not os.path.exists(path + ".tmp")

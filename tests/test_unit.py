@@ -11,7 +11,8 @@ from distmerge.app.api import collect_deltas
 from distmerge.app.synth import write_lora
 from distmerge.errors import DistmergeError, ShardWriteError
 from distmerge.inputs.checkpoint import open_base
-from distmerge.output.publish import OutputTarget, Staging, part_path, prepare
+from distmerge.output.publish import OutputTarget, part_path
+from distmerge.output.staging import ShardStaging
 from distmerge.plan.merge_plan import make_plan
 from distmerge.tasks import unit as unit_mod
 
@@ -24,7 +25,7 @@ def _run_all(base_dir, lora, out_dir, monkeypatch, chunk, dtype=None):
     deltas = collect_deltas(base, [(lora, 1.0)]).deltas
     plan = make_plan(base, deltas, out_dtype=dtype, max_shard_size="5GB", workers=2)
     target = OutputTarget(out_dir, None)
-    prepare(plan, target, Staging())
+    ShardStaging(target).prepare(plan)
     for u in plan.units:
         unit_mod.run_unit(u, part_path(out_dir, u.shard), threads=1)
     return [open(part_path(out_dir, s.name), "rb").read() for s in plan.shards]
@@ -60,7 +61,7 @@ def test_read_error_names_file_and_key(tiny_base, tiny_factors, tmp_path, monkey
     base = open_base(tiny_base)
     plan = make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=1, unit_size="1GB")
     out = str(tmp_path / "o")
-    prepare(plan, OutputTarget(out, None), Staging())
+    ShardStaging(OutputTarget(out, None)).prepare(plan)
     victim = next(t for t in plan.units[0].tensors if t.action == "merge")
     real_read = unit_mod.read_into
 
@@ -92,7 +93,7 @@ def test_unit_crc_covers_its_whole_output_range_and_joins_into_the_shard_crc(tin
     (``unit_crc32``) agrees with what the task reported."""
     import zlib
 
-    from distmerge.output.publish import shard_crc32s
+    from distmerge.output.durable import shard_crc32s
 
     lora = str(tmp_path / "l.pth")
     write_lora(lora, dict(list(tiny_factors.items())[:1]))  # one pair: most tensors are plain copies
@@ -100,7 +101,7 @@ def test_unit_crc_covers_its_whole_output_range_and_joins_into_the_shard_crc(tin
     plan = make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=3, unit_size=4096)
     assert len(plan.units) >= 3 and any(t.action == "copy" for u in plan.units for t in u.tensors)
     out = str(tmp_path / "o")
-    prepare(plan, OutputTarget(out, None), Staging())
+    ShardStaging(OutputTarget(out, None)).prepare(plan)
     crcs = {}
     for u in plan.units:
         dest = part_path(out, u.shard)
@@ -145,7 +146,7 @@ def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch
     for env in ("0", "1"):
         monkeypatch.setenv("DISTMERGE_DIRECT_IO", env)
         out = str(tmp_path / f"o{env}")
-        prepare(plan, OutputTarget(out, None), Staging())
+        ShardStaging(OutputTarget(out, None)).prepare(plan)
         results = [unit_mod.run_unit(u, part_path(out, u.shard), threads=1) for u in plan.units]
         direct[env] = sum(r.direct_bytes for r in results)
         shards[env] = [open(part_path(out, s.name), "rb").read() for s in plan.shards]

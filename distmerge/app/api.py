@@ -9,69 +9,36 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distmerge import __version__
+from distmerge.app.driver import Job, JobOutcome, RunOptions, run_job, with_keywords
 from distmerge.app.options import MergeOptions
-from distmerge.app.preflight import (
-    Gathered,
-    Inputs,
-    check_options,
-    collect_deltas,
-    locate,
-    lora_specs,
-    read_inputs,
-    resolve_dtype,
-)
+from distmerge.app.preflight import Inputs, Located, check_options, collect_deltas, locate, lora_specs, read_inputs
+from distmerge.app.preflight import resolve_dtype as resolve_dtype
 from distmerge.app.report import MergeReport, UnitReport
 from distmerge.app.validate import check_output_name
-from distmerge.errors import PlanError
 from distmerge.formats.naming import detect_naming
 from distmerge.output.companions import HIDDEN, RECIPE_NAME, config_for_dtype, make_recipe
 from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.lock import OutputLock
-from distmerge.output.manifest import Manifest, fingerprint, fingerprint_changes
-from distmerge.output.publish import Staging, abort, part_path, prepare, publish
-from distmerge.plan.merge_plan import MergePlan, describe
-from distmerge.tasks.inline import InlineRunner, UnitClaims
-from distmerge.tasks.unit import unit_crc32
+from distmerge.output.manifest import checkpoint_headers, fingerprint, lora_sha256
+from distmerge.output.staging import ShardStaging
+from distmerge.plan.merge_plan import MergePlan, WorkUnit, describe
 
 if TYPE_CHECKING:
-    from distmerge.cluster import DispatchSettings, RaySession
+    from distmerge.cluster import Call, DispatchSettings, RaySession
+    from distmerge.tasks.inline import InlineRunner
     from distmerge.tasks.unit import UnitResult
 
-__all__ = ["check", "collect_deltas", "lora_specs", "merge", "resolve_dtype"]
+__all__ = ["MergeJob", "check", "collect_deltas", "lora_specs", "merge", "resolve_dtype", "run_unit_task"]
 
 logger = logging.getLogger("distmerge.api")  # the name users see in -v logs
-
-
-class _Phases:
-    """When each driver stage ended (seconds after the merge started), logged at debug level."""
-
-    def __init__(self) -> None:
-        self.t0 = time.time()
-        self.start = time.perf_counter()
-        self.ends: dict[str, float] = {}
-
-    def mark(self, name: str) -> None:
-        self.ends[name] = round(time.time() - self.t0, 3)
-        logger.debug("%.2f s: %s", self.ends[name], name)
-
-
-def _options(options: MergeOptions | None, kwargs: dict[str, Any]) -> MergeOptions:
-    """``options`` with ``kwargs`` applied (``merge(..., dtype="bf16")``); unknown names are a
-    ``TypeError``, as for any Python call."""
-    try:
-        return (options or MergeOptions()).replace(**kwargs)
-    except TypeError:
-        known = {f for f in MergeOptions.__dataclass_fields__}
-        bad = sorted(set(kwargs) - known)
-        raise TypeError(f"merge() got an unexpected keyword argument {bad[0]!r}") from None
 
 
 def merge(
@@ -108,27 +75,9 @@ def merge(
         DistmergeError: any input, planning, output or task problem; nothing is published then.
         TypeError: a keyword that is not a ``MergeOptions`` field.
     """
-    opts, phases = _options(options, kwargs), _Phases()
-    specs = lora_specs(loras)
-    out_code = check_options(opts, specs)  # a usage error answers before Ray is even started
-    check_output_name(output)
-    own = session is None
-    if session is None:
-        from distmerge.cluster import RaySession
-
-        session = RaySession(opts.address, num_cpus=opts.num_cpus)
-    session.start()  # Ray comes up while the inputs are read and the plan is cut
-    try:
-        found = locate(base, specs, output)
-        # the output's parent folders are created, as `mkdir -p` would (a file's as a folder's)
-        with OutputLock(output, create_parent=True):
-            workers = session.expected_workers(opts.num_workers, opts.device) if not placement_groups else None
-            inputs = read_inputs(found, output, opts, out_code, workers=workers)
-            phases.mark("inputs read")
-            return _Merge(inputs, session, phases, placement_groups, progress).run()
-    finally:
-        if own:
-            session.close()
+    (opts,) = with_keywords("merge", kwargs, options or MergeOptions())
+    job = MergeJob(base, lora_specs(loras), output, opts, placement_groups=placement_groups)
+    return run_job(job, session=session, progress=progress)
 
 
 def check(
@@ -146,92 +95,102 @@ def check(
     Raises:
         DistmergeError: the first problem ``merge`` would stop at before any task runs.
     """
-    opts = _options(options, kwargs)
+    (opts,) = with_keywords("merge", kwargs, options or MergeOptions())
     specs = lora_specs(loras)
     out_code = check_options(opts, specs)
     check_output_name(output)
     return read_inputs(locate(base, specs, output), output, opts, out_code)
 
 
-class _Merge:
-    """One merge once its inputs are read and its output locked: plan, parts, units, publish."""
+class MergeJob(Job[MergeReport]):
+    """A merge as the driver runs it: ``preflight`` reads and checks the inputs, the plan cuts
+    byte-balanced units over output shards, ``ShardStaging`` stages and publishes them."""
+
+    start_ray_first = True  # Ray comes up while the inputs are read and the plan is cut
+    fingerprint_labels = {
+        "base": "the base checkpoint's headers",
+        "loras": "the LoRA files (their list or contents)",
+        "weights": "--weight",
+        "alpha": "--alpha",
+        "dtype": "--dtype",
+        "plan": "the output plan (--max-shard-size or output path)",
+    }
 
     def __init__(
         self,
-        inputs: Inputs,
-        session: RaySession,
-        phases: _Phases,
-        placement_groups: object,
-        progress: ProgressFn | None,
+        base: str | os.PathLike[str],
+        specs: list[tuple[str, float]],
+        output: str | os.PathLike[str],
+        opts: MergeOptions,
+        *,
+        placement_groups: object = None,
     ) -> None:
-        self.inputs, self.opts, self.session, self.phases = inputs, inputs.opts, session, phases
-        self.placement_groups, self.progress = placement_groups, progress
-        self.staging = Staging()
-        self.settings: DispatchSettings | None = None
+        self.base_arg, self.specs, self.output, self.opts = base, specs, output, opts
+        names = ("address", "num_workers", "device", "num_cpus", "max_retries", "unit_size", "overwrite", "resume")
+        fields = {n: getattr(opts, n) for n in names}
+        self.run = RunOptions(**fields, report=opts.report, placement_groups=placement_groups)
+        self.out_code: str | None = None
+        self.found: Located | None = None
+        self.inputs: Inputs | None = None
+        self.lora_hashes: list[dict[str, str]] = []
+        self.shards: ShardStaging | None = None
+        self.shard_order: dict[str, int] = {}
 
-    def run(self) -> MergeReport:
-        plan = self.inputs.plan or self.inputs.plan_for(self._settings().workers)
-        fp = self._fingerprint(plan)
-        dests = {s.name: part_path(self.inputs.target.directory, s.name) for s in plan.shards}
-        self.phases.mark("planned")
-        try:
-            recipe = self._prepare(plan, fp)
-            ledger = self._ledger(plan, fp, dests)
-            try:
-                results = self._units(plan, dests, ledger)
-                sums = ledger.checksums()
-                self.phases.mark("checksums done")
-            finally:
-                ledger.close()
-            shards = publish(
-                plan,
-                self.inputs.target,
-                self.staging,
-                extra_metadata={"version": __version__, "recipe": recipe},
-                checksums=(self.opts.checksum, sums),
-            )
-            self.phases.mark("published")
-        except BaseException:
-            abort(plan, self.inputs.target, self.staging)
-            raise
-        if self.settings is not None:
-            ray_info = {"mode": self.session.mode, "device": self.settings.device, "workers": self.settings.workers}
-        else:  # every unit was merged on the driver before Ray came up
-            ray_info = {"mode": self.session.mode, "device": "cpu", "workers": self.inputs.workers}
-        return self._report(plan, shards, results, ray_info, recipe)
+    def check(self) -> None:
+        """A usage error answers before Ray is even started."""
+        self.out_code = check_options(self.opts, self.specs)
+        check_output_name(self.output)
 
-    def _settings(self) -> DispatchSettings:
-        """Device and concurrency, from the cluster once Ray is up (waits for it, the first time)."""
-        if self.settings is None:
-            self.settings = self.session.settings(
-                device=self.opts.device,
-                num_workers=self.opts.num_workers,
-                max_retries=self.opts.max_retries,
-                placement_groups=self.placement_groups,
-            )
-            self.phases.mark("ray ready")
-            logger.info("plan on %s (%s, %d in flight)", self.session.mode, self.settings.device, self.settings.workers)
-        return self.settings
+    def open(self) -> None:
+        self.found = locate(self.base_arg, self.specs, self.output)
 
-    def _fingerprint(self, plan: MergePlan) -> dict[str, Any]:
+    def lock(self) -> OutputLock:
+        # the output's parent folders are created, as `mkdir -p` would (a file's as a folder's)
+        return OutputLock(self.output, create_parent=True)
+
+    def target(self, workers: int | None) -> None:
+        assert self.found is not None  # opened
+        self.inputs = read_inputs(self.found, self.output, self.opts, self.out_code, workers=workers)
+        self.previous = self.inputs.previous
+
+    @property
+    def i(self) -> Inputs:
+        assert self.inputs is not None  # target() ran
+        return self.inputs
+
+    @property
+    def workers(self) -> int:
+        return self.i.workers
+
+    def planned(self) -> MergePlan | None:
+        return self.i.plan
+
+    def plan(self, workers: int) -> MergePlan:
+        return self.i.plan_for(workers)
+
+    def fingerprint(self, plan: MergePlan) -> dict[str, Any]:
         """What decides the output bytes; a resumed run must find the same."""
-        i = self.inputs
-        fp = fingerprint(i.base, i.specs, alpha=self.opts.alpha, out_dtype=i.out_code, plan=plan)
-        changes = fingerprint_changes(i.previous.fingerprint, fp) if i.previous is not None else []
-        if changes:
-            raise PlanError(
-                f"{i.target.directory}: cannot resume: {'; '.join(changes)} changed since "
-                "the interrupted run; rerun with --overwrite to start over"
-            )
-        return fp
+        i = self.i
+        self.lora_hashes = [{"path": os.path.abspath(p), "sha256": lora_sha256(p)} for p, _ in i.specs]
+        shards = [[s.name, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
+        units = [[u.index, u.shard, u.tensors[0].key, u.tensors[-1].key] for u in plan.units]
+        return fingerprint(
+            base=checkpoint_headers(i.base),
+            loras=self.lora_hashes,
+            weights=[w for _, w in i.specs],
+            alpha=self.opts.alpha,
+            dtype=i.out_code or "keep",
+            plan=[shards, units],
+        )
 
-    def _prepare(self, plan: MergePlan, fp: dict[str, Any]) -> dict[str, Any]:
+    def staging(self, plan: MergePlan, fingerprint: dict[str, Any] | None) -> ShardStaging:
         """Part files (kept when resuming), the recipe and the base folder's files, staged."""
-        i = self.inputs
+        i = self.i
+        logger.info("plan: %s", describe(plan))
+        self.shard_order = {s.name: n for n, s in enumerate(plan.shards)}
         recipe = make_recipe(
             i.base,
-            i.gathered.loras,
-            fp,
+            [{**summary, **hashed} for summary, hashed in zip(i.gathered.loras, self.lora_hashes)],
             naming=detect_naming(i.base.tensors).name,
             alpha=self.opts.alpha,
             dtype=i.out_code,
@@ -246,153 +205,84 @@ class _Merge:
         if config is not None:  # the config says the merged weights' dtype, not the base's
             texts["config.json"] = config
             del files["config.json"]
-        prepare(plan, i.target, self.staging, keep_parts=i.previous is not None, files=files, texts=texts)
         for skipped, why in i.companions.skipped if i.companions else ():
             log = logger.info if why == HIDDEN else logger.warning  # listed in the report either way
             log("%s: not copied into the output: %s", os.path.join(i.base.path, skipped), why)
-        return recipe
+        meta = {"version": __version__, "recipe": recipe}
+        self.shards = ShardStaging(i.target, files=files, texts=texts, metadata=meta, checksum=self.opts.checksum)
+        return self.shards
 
-    def _ledger(self, plan: MergePlan, fp: dict[str, Any], dests: dict[str, str]) -> UnitLedger:
-        """The manifest (with the units a resumed run keeps) and the ledger that records units.
-        Every node must see the inputs and the output (an embedded session is one node: this one)."""
-        from distmerge.cluster import check_shared_storage
+    def shared_paths(self) -> tuple[list[str], str]:
+        return list(self.i.base.files) + [p for p, _ in self.i.specs], self.i.target.directory
 
-        logger.info("plan: %s", describe(plan))
-        if not self.session.local:
-            self._settings()
-            check_shared_storage(
-                list(self.inputs.base.files) + [p for p, _ in self.inputs.specs], self.inputs.target.directory
-            )
-        manifest = Manifest(fp, plan.unit_size, path=self.staging.manifest)
-        if self.inputs.previous is not None:
-            manifest.units.update(_reusable(plan, self.inputs.previous, dests, self._settings()))
-        manifest.save()
-        self.phases.mark("output prepared")
-        return UnitLedger(plan, dests, manifest, checksum=self.opts.checksum, progress=self.progress)
+    @property
+    def direct_io(self) -> bool:
+        """O_DIRECT only while nothing reads the part files (a resume has just read the kept units:
+        cached pages over blocks written directly could go stale if their invalidation raced a
+        cached write; the SHA-256 hasher reads shards as units finish)."""
+        return self.shards is not None and self.shards.direct_io and self.previous is None
 
-    def _units(self, plan: MergePlan, dests: dict[str, str], ledger: UnitLedger) -> list[UnitResult]:
-        """Every unit not yet done: on the driver while Ray starts (``tasks.inline``), then as Ray
-        tasks. O_DIRECT only while nothing reads the part files (a resume has just read the kept
-        units: cached pages over blocks written directly could go stale if their invalidation raced
-        a cached write)."""
-        from distmerge.cluster import run_units, unit_order
+    def task(self) -> Callable[..., UnitResult]:
+        return run_unit_task
 
-        todo = unit_order([u for u in plan.units if u.index not in ledger.manifest.units], dests)
-        direct_io = ledger.direct_io_safe and self.inputs.previous is None
-        claims = UnitClaims()
-        inline = self._inline(todo, dests, claims, ledger, direct_io)
-        try:
-            if inline is not None and not self.session.wait_or(inline.finished):
-                return self._all_inline(inline)
-            settings = self._settings()
-            if inline is not None:
-                inline.stop()  # Ray is up: its tasks take the units not yet taken
-                if inline.failed:
-                    inline.join()
-            results = run_units(
-                todo,
-                dests,
-                settings=settings,
-                on_done=lambda r: ledger.unit_done(r.index, r.shard, r.crc32, r.nbytes),
-                direct_io=direct_io,
-                claim=claims.claim,
-            )
-        except BaseException:
-            if inline is not None:
-                inline.stop()  # an error or Ctrl-C: the driver takes no further unit either
-            raise
-        done_inline = inline.join() if inline is not None else []
-        self.phases.mark("units done")
-        return sorted(results + done_inline, key=lambda r: r.index)
+    def order(self, units: Sequence[WorkUnit]) -> list[WorkUnit]:
+        """Shard by shard and front to back, so each shard's bytes are finished in order (and can be
+        checksummed while later ones run)."""
+        return sorted(units, key=lambda u: (self.shard_order[u.shard], u.index))
 
-    def _all_inline(self, inline: InlineRunner) -> list[UnitResult]:
-        """Every unit merged on the driver before Ray's workers were ready: no task needed."""
-        done = inline.join()  # raises the error that stopped it
-        self.phases.mark("units done")
-        return done
+    def call(self, unit: WorkUnit, dest: str, settings: DispatchSettings) -> Call:
+        from distmerge.cluster import Call
 
-    def _inline(
-        self, todo: list, dests: dict[str, str], claims: UnitClaims, ledger: UnitLedger, direct_io: bool
-    ) -> InlineRunner | None:
-        """Start merging units on the driver when Ray is not up yet and will run CPU tasks on this
-        machine (an embedded session without GPUs, the plan already cut): bytes are the same.
-        Never with ``--device cuda``: every unit then runs on a GPU, or the merge fails saying none is there."""
-        if self.session.ready or not self.session.local or self.inputs.previous is not None or self.inputs.plan is None:
-            return None
-        if self.opts.device == "cuda":
-            return None
-        if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
-            return None
-        on_done = lambda r: ledger.unit_done(r.index, r.shard, r.crc32, r.nbytes)  # noqa: E731
-        return InlineRunner(todo, dests, claims, on_done=on_done, direct_io=direct_io).start()
+        args = (unit, dest, settings.device, self.direct_io)
+        where = (self.shard_order[unit.shard], unit.index)
+        return Call(args, f"unit-{unit.index} ({unit.shard})", unit.memory, unit.nbytes, order=where)
 
-    def _report(
-        self, plan: MergePlan, shards: list[str], results: list[UnitResult], ray_info: dict, recipe: dict
-    ) -> MergeReport:
-        i = self.inputs
-        rep = _report(plan, i.target, shards, results, i.gathered, ray_info, self.phases)
-        rep.units_reused = len(plan.units) - len(results)
-        rep.base_naming = recipe["base"]["naming"]
+    def inline(
+        self, todo: Sequence[WorkUnit], staging: Any, claim: Callable[[int], bool], ledger: UnitLedger
+    ) -> InlineRunner:
+        """Merge units on the driver while Ray starts: the bytes are the same."""
+        from distmerge.tasks.inline import InlineRunner
+
+        of = {u.index: u for u in todo}
+        on_done = lambda r: ledger.unit_done(of[r.index], r)  # noqa: E731
+        return InlineRunner(todo, staging.dests, claim, on_done=on_done, direct_io=self.direct_io).start()
+
+    def report(self, outcome: JobOutcome) -> MergeReport:
+        i, plan, phases = self.i, outcome.plan, outcome.phases
+        results = sorted(outcome.results.values(), key=lambda r: r.index)
+        out = os.path.join(i.target.directory, i.target.single_file) if i.target.single_file else i.target.directory
+        rep = MergeReport(
+            output=out,
+            pairs_merged=len(i.gathered.deltas),
+            tensors_written=sum(len(s.keys) for s in plan.shards),
+            tensors_merged=sum(r.merged for r in results),
+            shards=outcome.published,
+            total_bytes=plan.total_size,
+            seconds=phases.seconds,
+            unmatched=[{"file": p, "key": u.key, "reason": u.reason} for p, u in i.gathered.unmatched],
+            loras=i.gathered.loras,
+            units=[_unit_report(r, phases.t0) for r in results],
+            ray=outcome.ray,
+            phases=dict(phases.ends),
+            started_at=phases.t0,
+            units_reused=len(plan.units) - len(results),
+            base_naming=detect_naming(i.base.tensors).name,
+        )
         if i.companions is not None:
             rep.files_copied = sorted(i.companions.files)
             rep.files_skipped = [{"name": n, "reason": why} for n, why in i.companions.skipped]
-        if self.opts.report:
-            rep.write_json(self.opts.report)
         return rep
 
 
-def _reusable(
-    plan: MergePlan, previous: Manifest, dests: dict[str, str], settings: DispatchSettings
-) -> dict[int, dict[str, int]]:
-    """Units of the interrupted run whose bytes still check out (CRC of computed bytes, copies equal
-    to the base), checked by Ray tasks."""
-    from distmerge.cluster import Call, run_calls
-
-    units = [u for u in plan.units if u.index in previous.units and previous.units[u.index]["bytes"] == u.nbytes]
-    checks = run_calls(
-        unit_crc32,
-        [Call((u, dests[u.shard]), f"resume check of unit {u.index}", size=u.nbytes) for u in units],
-        settings=settings,
+def _unit_report(r: UnitResult, t0: float) -> UnitReport:
+    started = round(r.started - t0, 3) if r.started else 0.0
+    return UnitReport(
+        r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged, started, r.direct_bytes
     )
-    ok = {
-        u.index: previous.units[u.index]
-        for u, (_, crc) in zip(units, checks)
-        if crc == previous.units[u.index]["crc32"]
-    }
-    logger.info("resume: %d of %d units already done", len(ok), len(plan.units))
-    return ok
 
 
-def _report(
-    plan: MergePlan, target, shards, results, gathered: Gathered, ray_info: dict, phases: _Phases
-) -> MergeReport:
-    out = os.path.join(target.directory, target.single_file) if target.single_file else target.directory
-    units = [
-        UnitReport(
-            r.index,
-            r.shard,
-            r.node_id,
-            r.device,
-            r.nbytes,
-            round(r.seconds, 4),
-            r.merged,
-            round(r.started - phases.t0, 3) if r.started else 0.0,
-            r.direct_bytes,
-        )
-        for r in results
-    ]
-    return MergeReport(
-        output=out,
-        pairs_merged=len(gathered.deltas),
-        tensors_written=sum(len(s.keys) for s in plan.shards),
-        tensors_merged=sum(r.merged for r in results),
-        shards=shards,
-        total_bytes=plan.total_size,
-        seconds=round(time.perf_counter() - phases.start, 3),
-        unmatched=[{"file": p, "key": u.key, "reason": u.reason} for p, u in gathered.unmatched],
-        loras=gathered.loras,
-        units=units,
-        ray=ray_info,
-        phases=dict(phases.ends),
-        started_at=phases.t0,
-    )
+def run_unit_task(unit: WorkUnit, dest: str, device: str, direct_io: bool = True) -> UnitResult:
+    """A work unit on a worker (torch is imported there, not by the driver's import of this module)."""
+    from distmerge.tasks.unit import run_unit
+
+    return run_unit(unit, dest, device=device, direct_io=direct_io)

@@ -26,7 +26,7 @@ from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
 from distmerge.output.companions import Companions, find_companions
-from distmerge.output.manifest import Manifest
+from distmerge.output.manifest import Manifest, load_previous
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
 from distmerge.plan.merge_plan import MergePlan, make_plan
 
@@ -183,9 +183,7 @@ def read_inputs(
     target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=opts.overwrite, resume=opts.resume)
     gathered = collect_deltas(base_ck, local, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
     _check_coefficients(gathered.deltas)
-    previous = Manifest.load(manifest_path(target)) if opts.resume else None
-    if opts.resume and previous is None:
-        logger.warning("--resume: no unfinished run in %s; starting from scratch", target.directory)
+    previous = load_previous(manifest_path(target), opts.resume, target.directory)
     inputs = Inputs(
         found.base_ref, base_ck, found.lora_refs, local, gathered, target, previous, None, opts, out_code, None
     )

@@ -2,7 +2,7 @@
 any tensor is read: no torch, no Ray, so a missing or stale recipe answers at once.
 
 Example:
-    >>> _dtype_flag("BF16"), _code("bf16")
+    >>> flag_of_code("BF16"), code_of_flag("bf16")
     ('bf16', 'BF16')
 """
 
@@ -22,16 +22,26 @@ from distmerge.inputs.checkpoint import INDEX_SUFFIX
 from distmerge.inputs.dtypes import CLI_DTYPES
 from distmerge.output.companions import RECIPE_NAME
 
-__all__ = ["Recipe", "RecordedLora", "read_recipe", "recorded_inputs", "merged_arg"]
+__all__ = [
+    "Recipe",
+    "RecordedLora",
+    "by_hand",
+    "code_of_flag",
+    "flag_of_code",
+    "merged_arg",
+    "read_recipe",
+    "recorded_dtype",
+    "recorded_inputs",
+]
 
 
 _DTYPE_FLAG = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 
 
-def _dtype_flag(code: str | None) -> str:
+def flag_of_code(code: str | None) -> str:
     """The ``--dtype`` spelling of a safetensors code (``keep`` for None).
 
-    >>> _dtype_flag("BF16"), _dtype_flag(None), _dtype_flag("F8_E4M3")
+    >>> flag_of_code("BF16"), flag_of_code(None), flag_of_code("F8_E4M3")
     ('bf16', 'keep', 'fp8_e4m3fn')
     """
     return "keep" if code is None else _DTYPE_FLAG.get(code, code.lower())
@@ -60,10 +70,10 @@ class Recipe:
     dtype: str = "keep"  #: the ``--dtype`` spelling
 
 
-def _code(flag: str) -> str | None:
+def code_of_flag(flag: str) -> str | None:
     """A ``--dtype`` spelling or a safetensors float code -> the code (None for ``keep``).
 
-    >>> _code("bf16"), _code("keep"), _code("F8_E4M3"), _code("f8_e4m3")
+    >>> code_of_flag("bf16"), code_of_flag("keep"), code_of_flag("F8_E4M3"), code_of_flag("f8_e4m3")
     ('BF16', None, 'F8_E4M3', 'F8_E4M3')
     """
     low = flag.lower()
@@ -139,7 +149,7 @@ def read_recipe(merged: str | os.PathLike[str]) -> Recipe:
         raise bad("'alpha' (a finite number)")
     dtype = raw.get("dtype", "keep")
     try:
-        flag = _dtype_flag(_code(dtype)) if isinstance(dtype, str) else None
+        flag = flag_of_code(code_of_flag(dtype)) if isinstance(dtype, str) else None
     except ValueError:
         flag = None
     if flag is None:
@@ -151,7 +161,7 @@ def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _recorded_dtype(merged: str) -> str | None:
+def recorded_dtype(merged: str) -> str | None:
     """The ``--dtype`` recorded with ``merged``, or None when it records no (readable) recipe."""
     try:
         return read_recipe(merged).dtype
@@ -169,11 +179,11 @@ def _check_recorded_input(path: str, what: str, flag: str, recipe: Recipe) -> No
 def _check_lora_unchanged(lora: RecordedLora, recipe: Recipe) -> None:
     """The LoRA still has the SHA-256 recorded at the merge (a folder: as the resume manifest
     hashes it), so a result that differs is not blamed on the output."""
-    from distmerge.output.manifest import _lora_sha256
+    from distmerge.output.manifest import lora_sha256
 
     if lora.sha256 is None:
         return
-    now = _lora_sha256(lora.path)
+    now = lora_sha256(lora.path)
     if now != lora.sha256.lower():
         raise FormatError(
             f"LoRA {lora.path} changed since the merge (sha256 {now[:12]}, recorded "
@@ -182,7 +192,7 @@ def _check_lora_unchanged(lora: RecordedLora, recipe: Recipe) -> None:
         )
 
 
-def _by_hand(loras: Sequence[str], weights: Sequence[float] | None) -> list[tuple[str, float]]:
+def by_hand(loras: Sequence[str], weights: Sequence[float] | None) -> list[tuple[str, float]]:
     """``--lora`` paths with their ``--weight`` (1.0 each when none is given)."""
     return pair_weights(list(loras), list(weights) if weights else None)
 

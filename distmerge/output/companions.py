@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +126,6 @@ def _dtype_name(code: str | None) -> str:
 def make_recipe(
     base: BaseCheckpoint,
     loras: list[dict[str, Any]],
-    fingerprint: Mapping[str, Any],
     *,
     naming: str,
     alpha: float,
@@ -138,10 +137,10 @@ def make_recipe(
     """What a merge was asked to do, as the output records it (``distmerge.json`` and the index's
     ``metadata.distmerge.recipe``): enough to tell later how a folder was made, and to redo it.
 
-    ``loras`` are the normalizer's per-file summaries (weight, layout); ``fingerprint`` the resume
-    fingerprint, whose LoRA paths (as given: a PEFT folder stays a folder) and SHA-256 are reused
-    (nothing is hashed twice). ``references`` (base first, then each LoRA) add the Hugging Face
-    cache reference and commit an input was resolved from.
+    ``loras`` are the normalizer's per-file summaries (weight, layout) with each file's ``path`` (as
+    given: a PEFT folder stays a folder) and ``sha256``, as the resume fingerprint hashed them.
+    ``references`` (base first, then each LoRA) add the Hugging Face cache reference and commit an
+    input was resolved from.
     """
     base_entry: dict[str, Any] = {
         "path": os.path.abspath(base.path),
@@ -149,8 +148,7 @@ def make_recipe(
         "files": [os.path.basename(f) for f in base.files],
     }
     lora_entries: list[dict[str, Any]] = [
-        {"path": f["path"], "weight": x["weight"], "layout": x["layout"], "sha256": f["sha256"]}
-        for x, f in zip(loras, fingerprint.get("loras", []))
+        {"path": x["path"], "weight": x["weight"], "layout": x["layout"], "sha256": x["sha256"]} for x in loras
     ]
     for entry, ref in zip([base_entry, *lora_entries], references):
         if ref.reference:

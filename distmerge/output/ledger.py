@@ -1,87 +1,76 @@
-"""The driver's account of finished work units: the resume manifest, the shard checksums, the
-disk writeback and the progress callback, all fed from one place as each unit lands.
+"""The driver's account of finished work units, for every job: the resume manifest, the staging's
+own work per unit (a merge starts the unit's bytes towards the disk, or hashes them) and the
+progress callback, all fed from one place as each unit lands.
 
-``UnitLedger.unit_done`` is called on the driver for every finished unit (in completion order);
-``checksums`` then gives the shard checksums once every unit is in, with the shards flushed.
+Example:
+    >>> from types import SimpleNamespace as U
+    >>> from distmerge.output.staging import NoStaging
+    >>> seen = []
+    >>> ledger = UnitLedger(NoStaging(), None, units=2, nbytes=30, progress=lambda *a: seen.append(a))
+    >>> ledger.unit_done(U(index=0, nbytes=10), "result of unit 0")
+    >>> seen
+    [(0, 2, 0, 30), (1, 2, 10, 30)]
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from distmerge.output.manifest import Manifest
-from distmerge.output.publish import ShardHasher, Writeback, fsync_files, shard_crc32s
-from distmerge.plan.merge_plan import MergePlan
+if TYPE_CHECKING:
+    from distmerge.output.manifest import Manifest
+    from distmerge.output.staging import Staging
 
 __all__ = ["ProgressFn", "UnitLedger"]
 
-ProgressFn = Callable[[int, int, int, int], None]  # units done, units total, bytes done, bytes total
+#: ``f(units_done, units_total, bytes_done, bytes_total)``, called on the driver as units finish
+ProgressFn = Callable[[int, int, int, int], None]
 
 
 class UnitLedger:
-    """Records finished units; with ``checksum="sha256"`` a background hasher reads each shard as
-    its units finish (and fsyncs it), otherwise CRC-32s come from the tasks and the writeback
-    thread starts each unit's bytes towards the disk at once. Thread-safe: units may land from
-    the driver's own worker as well as from Ray."""
+    """Records finished units (see the module docstring). Thread-safe: units may land from the
+    driver's own worker as well as from Ray. ``units``/``nbytes`` are the job's totals."""
 
     def __init__(
         self,
-        plan: MergePlan,
-        dests: dict[str, str],
-        manifest: Manifest,
+        staging: Staging,
+        manifest: Manifest | None,
         *,
-        checksum: str,
+        units: int,
+        nbytes: int,
         progress: ProgressFn | None = None,
     ) -> None:
-        self.plan, self.dests, self.manifest, self.progress = plan, dests, manifest, progress
-        self.hasher = ShardHasher(plan, dests) if checksum == "sha256" else None
-        self.writeback = Writeback() if self.hasher is None else None  # the hasher fsyncs shard by shard
-        self._start_of = {u.index: u.tensors[0].out_offset for u in plan.units if u.tensors}
+        self.staging, self.manifest, self.progress = staging, manifest, progress
+        self.total_units, self.total_bytes = units, nbytes
+        self.units = self.bytes = 0
         self._lock = threading.Lock()
-        self.units = len(manifest.units)
-        self.bytes = sum(v["bytes"] for v in manifest.units.values())
-        for index in manifest.units:  # kept by --resume
-            if self.hasher:
-                self.hasher.unit_done(index)
         self._tell()
 
-    @property
-    def direct_io_safe(self) -> bool:
-        """O_DIRECT only while nothing reads the part files: the SHA-256 hasher reads shards as
-        units finish (cached pages over blocks written directly could go stale)."""
-        return self.hasher is None
-
-    def unit_done(self, index: int, shard: str, crc32: int, nbytes: int) -> None:
+    def reused(self, done: Iterable[tuple[Any, Any]]) -> None:
+        """Units an interrupted run finished (``(unit, its result or record)``), taken at once."""
         with self._lock:
-            self.manifest.record(index, crc32=crc32, nbytes=nbytes)
-            self.manifest.save()
-            if self.hasher:
-                self.hasher.unit_done(index)
-            elif self.writeback and index in self._start_of:
-                self.writeback.unit_done(self.dests[shard], self._start_of[index], nbytes)
-            self.units += 1
-            self.bytes += nbytes
+            for unit, result in done:
+                self._record(unit, result)
+            if self.manifest is not None:
+                self.manifest.save()
             self._tell()
+
+    def unit_done(self, unit: Any, result: Any) -> None:
+        """``unit`` finished with ``result``: recorded (and the manifest saved), then told."""
+        with self._lock:
+            self._record(unit, result)
+            if self.manifest is not None:
+                self.manifest.save()
+            self._tell()
+
+    def _record(self, unit: Any, result: Any) -> None:
+        payload = self.staging.unit_done(unit, result)
+        if self.manifest is not None:
+            self.manifest.record(unit.index, payload)
+        self.units += 1
+        self.bytes += unit.nbytes
 
     def _tell(self) -> None:
         if self.progress:
-            self.progress(self.units, len(self.plan.units), self.bytes, self.plan.total_size)
-
-    def checksums(self) -> dict[str, str]:
-        """Every shard's checksum once all units are in, each shard flushed to disk."""
-        if self.hasher:
-            return self.hasher.digests()  # each shard fsynced once hashed
-        sums = shard_crc32s(self.plan, {i: v["crc32"] for i, v in self.manifest.units.items()})
-        self.close()
-        fsync_files(list(self.dests.values()))
-        return sums
-
-    def close(self) -> None:
-        """Stop the background threads (idempotent)."""
-        for worker in _present([self.hasher, self.writeback]):
-            worker.close()
-
-
-def _present(items: Iterable[ShardHasher | Writeback | None]) -> list[ShardHasher | Writeback]:
-    return [i for i in items if i is not None]
+            self.progress(self.units, self.total_units, self.bytes, self.total_bytes)

@@ -1,45 +1,121 @@
-"""The resume manifest: what a run was asked to do, and which work units are already on disk.
+"""The resume manifest of every job: what a run was asked to do, and which work units are done.
 
-It lives next to the part files (``.distmerge-manifest.json`` in the output folder) while a run is
-in progress and is removed when the result is published. A crashed run leaves it behind; a rerun
-with ``--resume`` reuses every unit whose bytes still check out (size, CRC-32 of the computed
-bytes, copied bytes equal to the base) and refuses if the inputs or options changed.
+It lives beside the staged output (``.distmerge-manifest.json`` in a merge's output folder, the
+``manifest.json`` of an extraction's staging folder) while a run is in progress, and goes with the
+staging when the result is published. A crashed run leaves it behind; a rerun with ``--resume``
+reuses every unit whose result still checks out, and refuses when what decides the output changed.
+
+A fingerprint is plain data (``fingerprint``): small values are kept as they are, so that
+``changes`` can say ``--alpha (1.0 -> 2.0)``; anything larger is kept as its SHA-256.
 
 Example:
     >>> m = Manifest({"alpha": 1.0}, unit_size=1024)
-    >>> m.record(3, crc32=12345, nbytes=4096)
+    >>> m.record(3, {"crc32": 12345, "bytes": 4096})
     >>> m.units[3]
     {'crc32': 12345, 'bytes': 4096}
+    >>> old, new = fingerprint(alpha=1.0, base={"w": "F32"}), fingerprint(alpha=2.0, base={"w": "BF16"})
+    >>> changes(old, new, {"base": "the base's headers", "alpha": "--alpha"})
+    ["the base's headers", '--alpha (1.0 -> 2.0)']
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge.inputs.checkpoint import BaseCheckpoint
 from distmerge.output.atomic import write_atomic
-from distmerge.plan.merge_plan import MergePlan
 from distmerge.tasks.checksum import sha256_file
 
-__all__ = ["Manifest", "fingerprint", "fingerprint_changes", "MANIFEST_VERSION"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "Manifest",
+    "changes",
+    "checkpoint_headers",
+    "digest",
+    "fingerprint",
+    "load_previous",
+    "lora_sha256",
+]
 
-MANIFEST_VERSION = 1
+logger = logging.getLogger("distmerge.manifest")  # the name users see in -v logs
+
+#: the manifest format; a manifest of another version means nothing to resume
+MANIFEST_VERSION = 2
+
+Payload = Mapping[str, "int | str"]
 
 
-def _lora_sha256(path: str) -> str:
+def digest(obj: object) -> str:
+    """The SHA-256 of ``obj``'s canonical JSON.
+
+    >>> digest({"b": 1, "a": [2]}) == digest({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _small(value: object) -> bool:
+    """Kept as it is in a fingerprint (and shown by ``changes``): a number, a short text, a short
+    list of those."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 32
+    return isinstance(value, (list, tuple)) and len(value) <= 8 and all(_small(v) for v in value)
+
+
+def fingerprint(**parts: object) -> dict[str, Any]:
+    """What decides a job's output, part by part: small values as they are, the rest hashed."""
+    return {k: (list(v) if isinstance(v, tuple) else v) if _small(v) else digest(v) for k, v in parts.items()}
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """Human names (``labels``) of the parts that differ between two fingerprints, with both values
+    where they are small; empty: the same job."""
+    out = []
+    for key, label in labels.items():
+        before, after = old.get(key), new.get(key)
+        if before != after:
+            shown = _small(before) and _small(after) and not (isinstance(after, str) and len(after) == 64)
+            out.append(f"{label} ({before} -> {after})" if shown else label)
+    return out
+
+
+def checkpoint_headers(c: BaseCheckpoint) -> list[Any]:
+    """Each file of ``c`` by name and size, with every tensor's dtype, shape, offset and size: what a
+    fingerprint records of a checkpoint."""
+    return [
+        [
+            os.path.basename(h.path),
+            h.file_size,
+            {k: [t.dtype, list(t.shape), t.offset, t.nbytes] for k, t in h.tensors.items()},
+        ]
+        for h in c.headers
+    ]
+
+
+#: the files of a Megatron checkpoint below its adapter folder that decide the merge
+_MEGATRON_FILES = ("model_optim_rng.pt", "mca_config.json", "adapter_config.json", "latest_checkpointed_iteration.txt")
+_LORA_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def lora_sha256(path: str) -> str:
     """A LoRA's content hash: the file itself, or for a folder every LoRA file and
-    ``adapter_config.json`` in it (the config's r/alpha/patterns change the result too)."""
+    ``adapter_config.json`` in it (the config's r/alpha/patterns change the result too), and the rank
+    files and configs of a Megatron checkpoint below it."""
     if not os.path.isdir(path):
         return sha256_file(path)
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
-        if name == "adapter_config.json" or name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
+        if name == "adapter_config.json" or name.endswith(_LORA_SUFFIXES):
             h.update(name.encode() + b"\0" + sha256_file(os.path.join(path, name)).encode())
-    for where, dirs, names in sorted(os.walk(path))[1:]:  # a Megatron checkpoint: configs and rank files
+    for where, dirs, names in sorted(os.walk(path))[1:]:
         dirs.sort()
         for name in sorted(n for n in names if n in _MEGATRON_FILES):
             rel = os.path.relpath(os.path.join(where, name), path)
@@ -47,95 +123,53 @@ def _lora_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-#: the files of a Megatron checkpoint below its adapter folder that decide the merge
-_MEGATRON_FILES = ("model_optim_rng.pt", "mca_config.json", "adapter_config.json", "latest_checkpointed_iteration.txt")
-
-
-def fingerprint(
-    base: BaseCheckpoint, loras: list[tuple[str, float]], *, alpha: float, out_dtype: str | None, plan: MergePlan
-) -> dict[str, Any]:
-    """Everything that determines the output bytes: base headers, LoRA contents, weights, options,
-    and the plan (shard names, headers, unit boundaries)."""
-    h = hashlib.sha256()
-    for hdr in base.headers:
-        h.update(os.path.basename(hdr.path).encode())
-        h.update(str(hdr.file_size).encode())
-        h.update(
-            json.dumps(
-                {k: [t.dtype, list(t.shape), t.offset, t.nbytes] for k, t in hdr.tensors.items()}, sort_keys=True
-            ).encode()
-        )
-    p = hashlib.sha256()
-    for s in plan.shards:
-        p.update(s.name.encode() + s.header)
-    for u in plan.units:
-        p.update(f"{u.index}:{u.shard}:{u.tensors[0].key}:{u.tensors[-1].key}".encode())
-    return {
-        "base": h.hexdigest(),
-        "loras": [{"path": os.path.abspath(path), "sha256": _lora_sha256(path)} for path, _ in loras],
-        "weights": [w for _, w in loras],
-        "alpha": alpha,
-        "dtype": out_dtype or "keep",
-        "plan": p.hexdigest(),
-    }
-
-
-def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human names of what differs between two fingerprints (empty: same job)."""
-    out = []
-    if old.get("base") != new.get("base"):
-        out.append("the base checkpoint's headers")
-    olds, news = old.get("loras", []), new.get("loras", [])
-    if [x["path"] for x in olds] != [x["path"] for x in news]:
-        out.append("the list of LoRA files")
-    else:
-        out += [f"LoRA file {n['path']} (contents)" for o, n in zip(olds, news) if o["sha256"] != n["sha256"]]
-    for key, name in (("weights", "--weight"), ("alpha", "--alpha"), ("dtype", "--dtype")):
-        if old.get(key) != new.get(key):
-            out.append(f"{name} ({old.get(key)} -> {new.get(key)})")
-    if not out and old.get("plan") != new.get("plan"):
-        out.append("the output plan (--max-shard-size or output path)")
-    return out
+def load_previous(path: str, resume: bool, output: str) -> Manifest | None:
+    """The interrupted run ``--resume`` continues (None without ``resume``, or when none is there:
+    a warning says the run starts from scratch)."""
+    previous = Manifest.load(path) if resume else None
+    if resume and previous is None:
+        logger.warning("--resume: no unfinished run in %s; starting from scratch", output)
+    return previous
 
 
 @dataclass
 class Manifest:
+    """A run's fingerprint, the unit size its units were cut with, and each finished unit's record."""
+
     fingerprint: dict[str, Any]
     unit_size: int
-    units: dict[int, dict[str, int]] = field(default_factory=dict)
+    units: dict[int, dict[str, int | str]] = field(default_factory=dict)
     path: str = ""
 
-    def record(self, index: int, *, crc32: int, nbytes: int) -> None:
-        self.units[index] = {"crc32": crc32, "bytes": nbytes}
+    def record(self, index: int, payload: Payload) -> None:
+        """Unit ``index`` is done; ``payload`` (e.g. its CRC-32 and size) lets a resumed run check it."""
+        self.units[index] = dict(payload)
 
     def save(self, path: str | None = None) -> None:
         """Write atomically (temp + rename), without fsync: it would force the part files' dirty
         gigabytes out on every unit (see ``write_atomic``), and it would buy nothing, since the
-        parts are not durable before the end either and ``--resume`` re-checks every unit's bytes
+        parts are not durable before the end either and ``--resume`` re-checks every unit
         (a manifest lost in a power cut only means those units are redone)."""
         self.path = path or self.path
-        write_atomic(
-            self.path,
-            json.dumps(
-                {
-                    "version": MANIFEST_VERSION,
-                    "fingerprint": self.fingerprint,
-                    "unit_size": self.unit_size,
-                    "units": {str(k): v for k, v in sorted(self.units.items())},
-                }
-            ),
-            durable=False,
-        )
+        units = {str(k): v for k, v in sorted(self.units.items())}
+        data = {"version": MANIFEST_VERSION, "fingerprint": self.fingerprint, "unit_size": self.unit_size}
+        write_atomic(self.path, json.dumps({**data, "units": units}), durable=False)
 
     @classmethod
     def load(cls, path: str) -> Manifest | None:
-        """The manifest at ``path``, or None when absent or unreadable (nothing to resume)."""
+        """The manifest at ``path``, or None when absent, unreadable or of another version."""
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
             if d.get("version") != MANIFEST_VERSION:
                 return None
-            units = {int(k): {"crc32": int(v["crc32"]), "bytes": int(v["bytes"])} for k, v in d["units"].items()}
-            return cls(d["fingerprint"], int(d["unit_size"]), units, path)
+            units = {int(k): _payload(v) for k, v in d["units"].items()}
+            return cls(dict(d["fingerprint"]), int(d["unit_size"]), units, path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _payload(v: object) -> dict[str, int | str]:
+    if not isinstance(v, dict) or not v or not all(isinstance(x, (int, str)) for x in v.values()):
+        raise ValueError("a unit record must map names to numbers or texts")
+    return dict(v)

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +22,8 @@ from distmerge.inputs.checkpoint import BaseCheckpoint
 from distmerge.inputs.dtypes import itemsize
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
 from distmerge.plan.layout import LaidTensor, layout_shard
+from distmerge.plan.sizes import parse_size
+from distmerge.plan.units import TASK_OVERHEAD_BYTES, partition_units, target_unit_bytes
 
 __all__ = [
     "Action",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_size",
     "split_by_size",
     "shard_names",
+    "deltas_by_target",
     "make_plan",
     "partition_units",
 ]
@@ -41,46 +43,6 @@ __all__ = [
 CHUNK_BYTES = 32 << 20
 #: what a task may hold of whole LoRA factors whose columns it slices (``LoraReader.CACHE_BYTES``)
 _SLICED_SOURCES = 512 << 20
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Parse ``5GB`` (10⁹), ``500MiB`` (2²⁰) or a plain byte count.
-
-    >>> parse_size("5GB"), parse_size("1.5MiB"), parse_size(1024)
-    (5000000000, 1572864, 1024)
-    """
-    if isinstance(size, int):
-        value = size
-    else:
-        m = _SIZE_RE.match(str(size))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise PlanError(f"cannot parse size {size!r}; expected e.g. 5GB, 500MB, 2GiB or a byte count")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise PlanError(f"size must be positive, got {size!r}")
-    return value
 
 
 class Action(TextEnum):
@@ -174,7 +136,7 @@ class WorkUnit:
             if any(p.cols for d in t.deltas for f in d.factors for p in f.pieces):
                 work += _SLICED_SOURCES  # whole factors kept for their strided columns (MoE experts)
             peak = max(peak, work)
-        return peak + (64 << 20)
+        return peak + TASK_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -189,6 +151,11 @@ class MergePlan:
     def total_size(self) -> int:
         """Sum of tensor bytes (the index's ``metadata.total_size``)."""
         return sum(u.nbytes for u in self.units)
+
+    @property
+    def total_bytes(self) -> int:
+        """The bytes the units write (``total_size``)."""
+        return self.total_size
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -220,26 +187,6 @@ def shard_names(stem: str, n: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def partition_units(sizes: Sequence[int], target: int, joined: Sequence[bool] = ()) -> list[tuple[int, int]]:
-    """Split a run of items into consecutive ``[start, end)`` groups of about ``target`` bytes;
-    an item with ``joined[i]`` stays in the group of item ``i - 1``.
-
-    >>> partition_units([5, 5, 5, 5, 30, 5], 10)
-    [(0, 2), (2, 4), (4, 5), (5, 6)]
-    >>> partition_units([5, 5, 5, 5, 30, 5], 10, joined=[False, False, True, False, False, True])
-    [(0, 3), (3, 4), (4, 6)]
-    """
-    groups, start, used = [], 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and used + n > target and not (i < len(joined) and joined[i]):
-            groups.append((start, i))
-            start, used = i, 0
-        used += n
-    if start < len(sizes):
-        groups.append((start, len(sizes)))
-    return groups
-
-
 def make_plan(
     base: BaseCheckpoint,
     deltas: Sequence[Delta],
@@ -248,7 +195,6 @@ def make_plan(
     max_shard_size: int | str = "5GB",
     single_file: str | None = None,
     workers: int = 1,
-    units_per_worker: int = 4,
     unit_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> MergePlan:
@@ -260,18 +206,18 @@ def make_plan(
         out_dtype: safetensors code to convert every float tensor to, or None to keep dtypes.
         max_shard_size: shard size limit (ignored with ``single_file``).
         single_file: write one file with this name instead of shards + index.
-        workers: how many tasks will run at once; the plan makes ``units_per_worker`` times as
-            many work units so that work stays balanced.
+        workers: how many tasks will run at once; the plan makes four times as many work units
+            so that work stays balanced (``units.target_unit_bytes``).
         unit_size: target bytes per unit, overriding the workers-based choice.
     """
-    by_target = _by_target(base, deltas)
+    by_target = deltas_by_target(base, deltas)
     fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
     for key in by_target:
         fp8.check_merge(key, base.tensors)
     specs = _output_specs(base, fp8)
     groups, total = _shard_groups(base, fp8, specs, single_file, max_shard_size)
     names = [single_file] if single_file else shard_names(base.stem, len(groups))
-    target = parse_size(unit_size) if unit_size else max(1, math.ceil(total / max(1, workers * units_per_worker)))
+    target = target_unit_bytes(total, workers=workers, unit_size=unit_size)
     builder = _ShardBuilder(
         base,
         specs,
@@ -287,7 +233,7 @@ def make_plan(
     return MergePlan(base.stem, bool(single_file), tuple(builder.shards), tuple(builder.units), target)
 
 
-def _by_target(base: BaseCheckpoint, deltas: Sequence[Delta]) -> dict[str, tuple[Delta, ...]]:
+def deltas_by_target(base: BaseCheckpoint, deltas: Sequence[Delta]) -> dict[str, tuple[Delta, ...]]:
     """The deltas of each target, in order; every target must be a base key."""
     by_target: dict[str, list[Delta]] = {}
     for d in deltas:

@@ -1,15 +1,7 @@
 """The task side of ``distmerge verify``: compare groups of output tensors with base + LoRA.
 
 Pure of Ray: ``check_group`` runs inside a Ray task (``verify.verify`` dispatches it) and returns
-small metadata. ULP distances use the monotonic integer line of each float format; values in
-messages are printed with enough digits to tell neighbours apart, and with their bits.
-
-Example:
-    >>> import torch
-    >>> ulp_distance(torch.tensor([1.0]), torch.nextafter(torch.tensor([1.0]), torch.tensor([2.0]))).tolist()
-    [1]
-    >>> show_value(0.1, "F32"), show_value(0.1, "BF16")
-    ('0.100000001 (0x3dcccccd)', '0.1001 (0x3dcd)')
+small metadata; the arithmetic of the comparisons is ``tasks.ulp``'s.
 """
 
 from __future__ import annotations
@@ -28,98 +20,40 @@ from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.header import TensorInfo
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.plan.merge_plan import CHUNK_BYTES  # bytes of float64 (or raw data) handled at once
+from distmerge.plan.units import TASK_OVERHEAD_BYTES
 from distmerge.tasks.checksum import file_digest
 from distmerge.tasks.fp8 import FP8_MAX, quantize
 from distmerge.tasks.mergemath import Term, merge_tensor
 from distmerge.tasks.reading import OpenFiles, read_bytes, read_scalar
 from distmerge.tasks.terms import load_terms
+from distmerge.tasks.ulp import error_text, finite, show_value, ulp_distance, ulp_tolerance
 
-__all__ = ["CheckGroup", "GroupResult", "TensorCheck", "ValueStats", "check_group", "show_value", "ulp_distance"]
+__all__ = [
+    "CHECKSUM",
+    "NEAR",
+    "NONFINITE",
+    "STRUCTURE",
+    "UNTOUCHED",
+    "VALUE",
+    "CheckGroup",
+    "GroupResult",
+    "TensorCheck",
+    "ValueStats",
+    "check_group",
+    "show_value",
+    "ulp_distance",
+]
 
-#: bytes of float64 (or of raw data) handled at once by a task
-_CHUNK = 32 << 20
 #: failures each task reports in full (the rest are only counted)
 _MAX_FAILURES = 8
 #: errors of values beyond the ulp tolerance kept while the tensor's ``max|ref|`` is not known yet
 #: (only their count depends on it; pass/fail is exact whatever is dropped)
 _PENDING = 1 << 20
-#: near-cancellation allowance: |out - ref| <= _NEAR * max|ref| of the tensor
-_NEAR = 1e-6
+#: near-cancellation allowance: |out - ref| <= NEAR * max|ref| of the tensor
+NEAR = 1e-6
 #: failure ranks, most serious first (the verdict lists failures in this order)
-_STRUCTURE, _NONFINITE, _VALUE, _UNTOUCHED, _CHECKSUM = range(5)
-
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise distance in units in the last place between two float tensors of one dtype.
-
-    Bit patterns are mapped to a monotonic integer line (``i`` if ``i >= 0`` else ``INT_MIN - i``
-    for the signed integer of the same width), so ``+0``/``-0`` are 0 apart and the smallest
-    positive and negative subnormals 2 apart. Returns int64; float64 distances across zero that
-    do not fit saturate at the int64 maximum instead of wrapping around.
-
-    >>> x = torch.tensor([0.0, 1.0, -0.0], dtype=torch.bfloat16)
-    >>> y = torch.tensor([-0.0, 1.0078125, 0.0], dtype=torch.bfloat16)
-    >>> ulp_distance(x, y).tolist()
-    [0, 1, 0]
-    >>> big = torch.tensor([1e300], dtype=torch.float64)
-    >>> ulp_distance(big, -big).item() == torch.iinfo(torch.int64).max
-    True
-    """
-    if a.dtype != b.dtype:
-        raise ValueError(f"ulp_distance needs one dtype, got {a.dtype} and {b.dtype}")
-    oa, ob = _ordered(a), _ordered(b)
-    if a.element_size() < 8:
-        return (oa - ob).abs()  # at most 2^32 apart: exact in int64
-    top = torch.iinfo(torch.int64).max  # |ordered| <= top, so only opposite signs can overflow
-    same = (oa >= 0) == (ob >= 0)
-    ua, ub = oa.abs(), ob.abs()
-    across = torch.where(ub > top - ua, torch.full_like(ua, top), ua + ub)
-    return torch.where(same, (oa - ob).abs(), across)
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    size = x.element_size()
-    i = x.contiguous().view(_INT_VIEW[size]).to(torch.int64)
-    lowest = -(1 << (8 * size - 1))
-    return torch.where(i >= 0, i, lowest - i)
-
-
-#: significant decimal digits that tell any two neighbouring values of a float format apart
-_DIGITS = {8: 17, 4: 9, 2: 5, 1: 3}
-
-
-def show_value(value: float, code: str) -> str:
-    """``value`` (exactly representable in the safetensors float ``code``) as enough decimal digits
-    to differ from its neighbours, followed by its raw bits in hex.
-
-    >>> show_value(0.0430994, "F32"), show_value(-2.0, "F8_E4M3")
-    ('0.0430993997 (0x3d3088ff)', '-2 (0xc0)')
-    """
-    t = torch.tensor([value], dtype=torch.float64).to(to_torch(code))
-    size = t.element_size()
-    digits = 4 if code == "BF16" else _DIGITS[size]
-    bits = int(t.view(_INT_VIEW[size]).item()) & ((1 << (8 * size)) - 1)
-    return f"{float(t.item()):.{digits}g} (0x{bits:0{2 * size}x})"
-
-
-def _error_text(ulp: int, got: float, want: float, unit: str = "ulp") -> str:
-    """``N ulp, relative error R``: the relative error reads sensibly where a distance across zero
-    (or a sign flip) is billions of ulp."""
-    err = abs(got - want)
-    rel = f"relative error {err / abs(want):.3g}" if want != 0 and math.isfinite(want) else f"error {err:.3g}"
-    return f"{ulp} {unit}, {rel}"
-
-
-def _tolerance(code: str) -> int:
-    return 16 if itemsize(code) >= 4 else 1
-
-
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """``isfinite`` for any float dtype (torch has no fp8 kernel: fp8 is upcast, exactly)."""
-    return torch.isfinite(x.to(torch.float32) if x.element_size() == 1 else x)
-
+STRUCTURE, NONFINITE, VALUE, UNTOUCHED, CHECKSUM = range(5)
 
 # ----------------------------------------------------------------------------------------------
 # Task side
@@ -149,6 +83,28 @@ class CheckGroup:
     rows: int = 32  #: sampled rows per merged tensor (ignored with ``full``)
     full: bool = False
     seed: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read: the file hashed, or both copies of every tensor checked."""
+        if self.hash_path:
+            return os.path.getsize(self.hash_path)
+        return sum(c.out.nbytes + c.base.nbytes for c in self.checks)
+
+    @property
+    def memory(self) -> int:
+        """Ray memory to ask for: a few chunks, or a whole float64 tensor where the deltas are not
+        row-local (or the output is scaled fp8: its largest value, the converted bytes)."""
+        peak = 0 if self.hash_path else 4 * CHUNK_BYTES
+        for c in self.checks:
+            if c.quant or (c.deltas and not all(_row_local(d) for d in c.deltas)):
+                peak = max(peak, 4 * CHUNK_BYTES + 3 * 8 * c.base.numel)
+        return TASK_OVERHEAD_BYTES + peak
+
+
+def _row_local(d: Delta) -> bool:
+    """A delta whose rows of ΔW need only the matching rows of its factors."""
+    return d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora and len(d.factors) == 2)
 
 
 @dataclass(frozen=True)
@@ -211,7 +167,7 @@ def check_group(group: CheckGroup) -> GroupResult:
                 digest = file_digest(group.hash_path, group.hash_algo)
             except OSError as e:
                 n_failures += 1
-                failures.append((_CHECKSUM, 0, (f"{group.hash_path}: cannot read to checksum ({e.strerror or e})")))
+                failures.append((CHECKSUM, 0, (f"{group.hash_path}: cannot read to checksum ({e.strerror or e})")))
         for c in group.checks:
             try:
                 if c.quant and not c.deltas:
@@ -225,7 +181,7 @@ def check_group(group: CheckGroup) -> GroupResult:
                 else:
                     found = _check_untouched(c, files)
             except OSError as e:
-                found = [(_STRUCTURE, 0, (f"{c.out.path}: '{c.key}': cannot read ({e.strerror or e})"))]
+                found = [(STRUCTURE, 0, (f"{c.out.path}: '{c.key}': cannot read ({e.strerror or e})"))]
             if found:
                 n_failures += 1
                 failures += found
@@ -318,14 +274,14 @@ class _Compare:
     """Accumulates the comparison of one merged tensor, chunk by chunk.
 
     Every finite value counts toward the worst ulp and the worst error relative to ``max|ref|``. A
-    value beyond the ulp tolerance still passes if ``|out - ref| <= _NEAR · max|ref|`` (where W and
+    value beyond the ulp tolerance still passes if ``|out - ref| <= NEAR · max|ref|`` (where W and
     ΔW cancel); ``max|ref|`` only grows as chunks arrive, so such a value is counted as soon as the
     running maximum admits it, and the errors not admitted yet wait in ``pending``.
     """
 
     def __init__(self, code: str, key: str) -> None:
         self.code, self.key = code, key
-        self.tol = _tolerance(code)
+        self.tol = ulp_tolerance(code)
         self.ref_max = 0.0
         self.values = self.worst_ulp = self.near = self.dropped = 0
         self.max_diff = 0.0
@@ -338,7 +294,7 @@ class _Compare:
             return
         ref = ref64.to(out.dtype)
         rf = ref.to(torch.float64)
-        fin_out, fin_ref = _finite(out), torch.isfinite(rf)
+        fin_out, fin_ref = finite(out), torch.isfinite(rf)
         ulp = ulp_distance(out, ref)
         diff = (out.to(torch.float64) - rf).abs()
         self.values += out.numel()
@@ -362,7 +318,7 @@ class _Compare:
         self._settle()
 
     def _settle(self) -> None:
-        keep = self.pending > _NEAR * self.ref_max
+        keep = self.pending > NEAR * self.ref_max
         self.near += int((~keep).sum())
         self.pending = self.pending[keep]
         if self.pending.numel() > _PENDING:  # a wrong LoRA: keep the smallest (only the count suffers)
@@ -371,7 +327,7 @@ class _Compare:
 
     def result(self) -> tuple[ValueStats, _Worst | None, int]:
         """(statistics, the worst failing value or None, how many values fail)."""
-        failing = self.worst is not None and self.worst.diff > _NEAR * self.ref_max
+        failing = self.worst is not None and self.worst.diff > NEAR * self.ref_max
         near = self.near + (0 if failing else self.pending.numel() + self.dropped)
         rel = self.max_diff / self.ref_max if self.ref_max > 0 else 0.0 if self.max_diff == 0 else math.inf
         stats = ValueStats(
@@ -388,11 +344,11 @@ class _Compare:
             return []
         return [
             (
-                _VALUE,
+                VALUE,
                 w.ulp,
                 (
                     f"{self.key} {_where(shape, w.row)}: {show_value(w.out, self.code)} vs expected "
-                    f"{show_value(w.ref, self.code)} ({_error_text(w.ulp, w.out, w.ref)}; "
+                    f"{show_value(w.ref, self.code)} ({error_text(w.ulp, w.out, w.ref)}; "
                     f"{n} of {self.values} compared values beyond tolerance) ({name})"
                 ),
             )
@@ -418,7 +374,7 @@ def _check_merged(
         full_ref = merge_tensor(w.to(torch.float64), terms, out_dtype=torch.float64).reshape(n, per)
     cmp = _Compare(o.dtype, c.key)
     failures: list[tuple[int, int, str]] = []
-    step = max(1, _CHUNK // max(1, per * 8))
+    step = max(1, CHUNK_BYTES // max(1, per * 8))
     s = 0
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -443,12 +399,12 @@ def _check_merged(
 
 def _nonfinite(c: TensorCheck, out: torch.Tensor, r0: int, per: int, name: str) -> list[tuple[int, int, str]]:
     """The first non-finite value of a chunk of output rows starting at row ``r0``, as a failure."""
-    bad = ~_finite(out)
+    bad = ~finite(out)
     if not bool(bad.any()):
         return []
     flat = int(bad.reshape(-1).nonzero()[0])
     value = float(out.reshape(-1)[flat])
-    return [(_NONFINITE, 0, f"{c.key} {_where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
+    return [(NONFINITE, 0, f"{c.key} {_where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
 
 
 def _check_scaled(
@@ -507,7 +463,7 @@ class _ScaledOutput:
             flat = int((~torch.isfinite(qf)).reshape(-1).nonzero()[0]) if not bool(torch.isfinite(qf).all()) else 0
             return [
                 (
-                    _NONFINITE,
+                    NONFINITE,
                     0,
                     (
                         f"{c.key} {_where(c.base.shape, flat // self.per)}: value {float(qf.reshape(-1)[flat])} "
@@ -519,7 +475,7 @@ class _ScaledOutput:
         if top != fmax and not (top == 0.0 and self.s == 1.0):
             return [
                 (
-                    _VALUE,
+                    VALUE,
                     0,
                     (
                         f"{c.key}: largest |code| is {top:g}, expected {fmax:g} (a fresh scale "
@@ -533,12 +489,12 @@ class _ScaledOutput:
         """The failure of the worst code ``w`` (``nbad`` of ``values`` compared codes fail)."""
         c, code, sf = self.c, self.c.out.dtype, self.s
         return (
-            _VALUE,
+            VALUE,
             w.ulp,
             (
                 f"{c.key} {_where(c.base.shape, w.row)}: code {show_value(w.out, code)} vs expected "
                 f"{show_value(w.ref, code)} at scale {self.scale_text}, i.e. {w.out * sf:.9g} vs "
-                f"{w.ref * sf:.9g} ({_error_text(w.ulp, w.out, w.ref, 'fp8 ulp')}; {nbad} of "
+                f"{w.ref * sf:.9g} ({error_text(w.ulp, w.out, w.ref, 'fp8 ulp')}; {nbad} of "
                 f"{values} compared values beyond tolerance) ({self.name})"
             ),
         )
@@ -576,7 +532,7 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
         got_v = float(torch.frombuffer(got_s, dtype=to_torch(sd))[0].item())
         return [
             (
-                _UNTOUCHED,
+                UNTOUCHED,
                 0,
                 (
                     f"{c.scale.key}: scale {show_value(got_v, sd)} vs expected "
@@ -592,7 +548,7 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     elem, text = found
     return [
         (
-            _UNTOUCHED,
+            UNTOUCHED,
             0,
             (
                 f"{c.key} {_where(b.shape, elem // max(1, per))}: code {text}: differs from the base "
@@ -615,7 +571,7 @@ def _first_difference(got: bytearray, want: bytearray, code: str) -> tuple[int, 
     gv, wv = float(g.to(torch.float64)), float(w.to(torch.float64))
     u = int(ulp_distance(g, w))
     unit = "fp8 ulp" if size == 1 else "ulp"
-    return elem, f"{show_value(gv, code)} vs expected {show_value(wv, code)} ({_error_text(u, gv, wv, unit)})"
+    return elem, f"{show_value(gv, code)} vs expected {show_value(wv, code)} ({error_text(u, gv, wv, unit)})"
 
 
 def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, str]]:
@@ -626,7 +582,7 @@ def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     out_fd, base_fd = files.fd(o.path), files.fd(b.path)
     _n, per = _geometry(b.shape)
     src_size, out_size = itemsize(b.dtype), itemsize(o.dtype)
-    step = max(1, _CHUNK // max(src_size, out_size, 1))  # elements per chunk
+    step = max(1, CHUNK_BYTES // max(src_size, out_size, 1))  # elements per chunk
     total = b.numel if b.shape else 1
     for e0 in range(0, total, step):
         cnt = min(step, total - e0)
@@ -651,7 +607,7 @@ def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
         what = "the base" if b.dtype == o.dtype else f"the base converted to {o.dtype}"
         return [
             (
-                _UNTOUCHED,
+                UNTOUCHED,
                 0,
                 (
                     f"{c.key} {_where(b.shape, r)}: {text}: untouched tensor differs from {what} "

@@ -14,8 +14,8 @@ with ``pread`` (so only ΔW and two small buffers are held, on the GPU when the 
 
 ``run_extract_unit`` writes the unit's tensors into its own small safetensors part file (temp file,
 fsync, rename; the per-tensor statistics go into its metadata) and returns only the statistics,
-so nothing large crosses Ray and a resumed run can reuse finished parts. ``assemble`` joins the parts
-into the one output file.
+so nothing large crosses Ray and a resumed run can reuse finished parts (``output.parts`` joins them
+into the output).
 
 Example:
         plan = make_extract_plan(open_base(base), open_base(tuned), ExtractOptions(rank=16))
@@ -29,7 +29,6 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,19 +36,18 @@ import torch
 
 from distmerge.errors import DistmergeError, FormatError, ShardWriteError
 from distmerge.inputs.dtypes import is_float
-from distmerge.inputs.header import TensorInfo, read_header
+from distmerge.inputs.header import read_header
 from distmerge.inputs.torch_dtypes import to_torch
-from distmerge.plan.extract_plan import ExtractOptions, ExtractTensor, ExtractUnit
-from distmerge.plan.layout import layout_shard
+from distmerge.plan.extract_plan import READ_CHUNK_BYTES, ExtractOptions, ExtractTensor, ExtractUnit
 from distmerge.tasks.lowrank import low_rank, relative_error, squared_norm
 from distmerge.tasks.reading import OpenFiles, read_into
-from distmerge.tasks.writer import copy_range, create_file, write_safetensors
+from distmerge.tasks.runtime import io_errors, task_device
+from distmerge.tasks.writer import write_safetensors
 
 __all__ = [
     "PART_META",
     "TensorStats",
     "UnitOutcome",
-    "assemble",
     "compute_unit",
     "read_part_outcome",
     "run_extract_unit",
@@ -57,8 +55,6 @@ __all__ = [
 
 #: the part file metadata key holding the unit's ``UnitOutcome`` as JSON
 PART_META = "distmerge_extract_unit"
-#: raw bytes per row chunk read from each checkpoint
-_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ def _delta(state: _State, t: ExtractTensor) -> torch.Tensor:
     dw = torch.empty(t.shape, dtype=torch.float32, device=state.device)
     rows = t.shape[0] if t.shape else 1
     row_bytes = t.nbytes // rows if rows else 0
-    step = max(1, _CHUNK_BYTES // max(row_bytes, 1)) if len(t.shape) >= 2 else rows
+    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1)) if len(t.shape) >= 2 else rows
     flat = dw.reshape(rows, -1) if t.shape else dw.reshape(1, 1)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
@@ -300,29 +296,31 @@ def compute_unit(
         FormatError: a non-float tensor differs between the checkpoints.
     """
     start, started = time.perf_counter(), time.time()
-    dev = torch.device(device)
-    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the sketches to 10 mantissa bits
-        torch.backends.cuda.matmul.allow_tf32 = False
-    state = _State(dev)
+    state = _State(task_device(device))
     out: dict[str, torch.Tensor] = {}
-    stats = []
-    current: ExtractTensor | None = None
+    stats: list[TensorStats] = []
+
+    def error(e: OSError) -> str:
+        t = unit.tensors[len(stats)]  # the tensor in hand
+        return f"{t.tuned_path} or {t.base_path}: '{t.key}': cannot read it ({e.strerror or e})"
+
     try:
-        for t in unit.tensors:
-            current = t
-            entries, s = _one(t, options, state)
-            out.update(entries)
-            stats.append(s)
-    except DistmergeError:
-        raise
-    except OSError as e:
-        where = f"{current.tuned_path} or {current.base_path}: '{current.key}'" if current else unit.index
-        raise ShardWriteError(f"{where}: cannot read it ({e.strerror or e})") from None
+        with io_errors(error):
+            for t in unit.tensors:
+                entries, s = _one(t, options, state)
+                out.update(entries)
+                stats.append(s)
     finally:
         state.files.close()
     written = sum(v.numel() * v.element_size() for v in out.values())
     outcome = UnitOutcome(
-        unit.index, tuple(stats), unit.nbytes, written, round(time.perf_counter() - start, 4), dev.type, started
+        unit.index,
+        tuple(stats),
+        unit.nbytes,
+        written,
+        round(time.perf_counter() - start, 4),
+        state.device.type,
+        started,
     )
     return out, outcome
 
@@ -354,37 +352,3 @@ def read_part_outcome(path: str) -> UnitOutcome | None:
         return UnitOutcome.from_json(read_header(path).metadata[PART_META])
     except (DistmergeError, KeyError, ValueError, TypeError):
         return None
-
-
-def assemble(parts: Sequence[str], dest: str, *, metadata: dict[str, str]) -> int:
-    """Join the tensors of ``parts`` (in order) into one safetensors file ``dest``, copied in the
-    kernel, and fsync it; returns its size.
-
-    Raises:
-        ShardWriteError: a part is damaged, or two parts hold the same key.
-    """
-    specs: list[tuple[str, str, tuple[int, ...]]] = []
-    where: dict[str, TensorInfo] = {}
-    for p in parts:
-        try:
-            h = read_header(p)
-        except DistmergeError as e:
-            raise ShardWriteError(f"{p}: part file is damaged ({e})") from None
-        for info in sorted(h.tensors.values(), key=lambda i: i.offset):
-            if info.key in where:
-                raise ShardWriteError(f"'{info.key}' is written by both {where[info.key].path} and {p}")
-            where[info.key] = info
-            specs.append((info.key, info.dtype, info.shape))
-    layout = layout_shard(specs, metadata=metadata)
-    create_file(dest, layout.header, layout.size)
-    files = OpenFiles()
-    out = os.open(dest, os.O_WRONLY)
-    try:
-        for laid in layout.entries:
-            src = where[laid.key]
-            copy_range(files.fd(src.path), src.offset, out, laid.offset, laid.nbytes)
-        os.fsync(out)
-    finally:
-        os.close(out)
-        files.close()
-    return layout.size

@@ -1,14 +1,10 @@
 """Work units run by the driver itself, on a thread of its own, while Ray is still starting.
 
 An embedded Ray takes seconds to come up and its workers seconds more to import torch; the plan
-fixes every byte of the output, so who writes a unit changes nothing. ``UnitClaims`` hands each unit
-to exactly one runner (this thread or a Ray task); ``InlineRunner`` takes units in the order Ray
-would until it is told to stop (Ray is up), finishing the one in hand.
-
-Example:
-    >>> claims = UnitClaims()
-    >>> claims.claim(3), claims.claim(3), claims.claim(4)
-    (True, False, True)
+fixes every byte of the output, so who writes a unit changes nothing. A ``claim`` function (the
+driver's ``UnitClaims``) hands each unit to exactly one runner (this thread or a Ray task);
+``InlineRunner`` takes units in the order Ray would until it is told to stop (Ray is up),
+finishing the one in hand.
 """
 
 from __future__ import annotations
@@ -22,25 +18,9 @@ from dataclasses import replace
 from distmerge.plan.merge_plan import WorkUnit
 from distmerge.tasks.unit import UnitResult, run_unit
 
-__all__ = ["UnitClaims", "InlineRunner"]
+__all__ = ["InlineRunner"]
 
 logger = logging.getLogger("distmerge.inline")
-
-
-class UnitClaims:
-    """Which units some runner has taken; thread-safe, first claim wins."""
-
-    def __init__(self) -> None:
-        self._taken: set[int] = set()
-        self._lock = threading.Lock()
-
-    def claim(self, index: int) -> bool:
-        """Take unit ``index``; False if another runner has it."""
-        with self._lock:
-            if index in self._taken:
-                return False
-            self._taken.add(index)
-            return True
 
 
 class InlineRunner:
@@ -54,13 +34,13 @@ class InlineRunner:
         self,
         units: Sequence[WorkUnit],
         dests: dict[str, str],
-        claims: UnitClaims,
+        claim: Callable[[int], bool],
         *,
         on_done: Callable[[UnitResult], None],
         direct_io: bool,
         threads: int = 1,
     ) -> None:
-        self.units, self.dests, self.claims, self.on_done = list(units), dests, claims, on_done
+        self.units, self.dests, self.claim, self.on_done = list(units), dests, claim, on_done
         self.direct_io, self.threads = direct_io, threads
         self.results: list[UnitResult] = []
         self.error: BaseException | None = None
@@ -81,7 +61,7 @@ class InlineRunner:
             for u in self.units:
                 if self._stop.is_set():
                     return
-                if not self.claims.claim(u.index):
+                if not self.claim(u.index):
                     continue
                 t = time.perf_counter()
                 res = run_unit(u, self.dests[u.shard], device="cpu", threads=self.threads, direct_io=self.direct_io)

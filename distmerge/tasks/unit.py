@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from distmerge.errors import DistmergeError, ShardWriteError
+from distmerge.errors import ShardWriteError
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.lorafile import LoraReader
@@ -54,6 +54,7 @@ from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
 from distmerge.tasks.reading import OpenFiles, read_bytes, read_into, read_scalar
+from distmerge.tasks.runtime import io_errors, task_device
 from distmerge.tasks.terms import load_terms
 from distmerge.tasks.writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
 
@@ -378,17 +379,6 @@ class _UnitRun:
             w.result()
 
 
-def _torch_device(device: str, threads: int | None) -> torch.device:
-    """Set torch up for the task: intra-op threads, and full float32 GEMMs on a GPU."""
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
-    dev = torch.device(device)
-    if dev.type == "cuda":  # full float32 GEMMs: TF32 would round the delta to 10 mantissa bits
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return dev
-
-
 def run_unit(
     unit: WorkUnit, dest: str, *, device: str = "cpu", threads: int | None = None, direct_io: bool = True
 ) -> UnitResult:
@@ -411,19 +401,16 @@ def run_unit(
             tensor is not finite. The message names the file and key.
     """
     start, started = time.perf_counter(), time.time()
-    dev = _torch_device(device, threads)
+    dev = task_device(device, threads)
     files = OpenFiles()
     where, tally = _Where(dest), _Tally()
     sink: OutputFile | None = None
     direct = 0
     try:
-        sink = OutputFile(dest, direct=direct_io)
-        with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
-            _UnitRun(unit, dev, files, sink).run(io, LoraReader(), where, tally)
-    except DistmergeError:
-        raise
-    except OSError as e:
-        raise where.error(e) from None
+        with io_errors(where.error):
+            sink = OutputFile(dest, direct=direct_io)
+            with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
+                _UnitRun(unit, dev, files, sink).run(io, LoraReader(), where, tally)
     finally:
         files.close()
         if sink is not None:

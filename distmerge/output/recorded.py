@@ -1,0 +1,76 @@
+"""The checksums an output records, read back: the index's ``metadata.distmerge.crc32`` (or
+``.sha256``), or beside a single-file output a ``<file>.crc32`` / ``<file>.sha256`` sidecar in the
+``sha256sum`` format (``HEX  NAME``), as ``output.staging`` writes them.
+
+Example:
+    >>> import os, tempfile
+    >>> from distmerge.inputs.checkpoint import BaseCheckpoint
+    >>> d = tempfile.mkdtemp(); f = os.path.join(d, "m.safetensors")
+    >>> with open(f + ".crc32", "w") as side:
+    ...     _ = side.write("0badc0de  m.safetensors\\n")
+    >>> recorded_checksums(BaseCheckpoint(f, "m", (f,), {}, ()))
+    (('crc32', {'m.safetensors': '0badc0de'}), '')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
+from distmerge.tasks.checksum import ALGORITHMS
+
+__all__ = ["Recorded", "recorded_checksums"]
+
+#: ``(algorithm, {shard name: hex})``
+Recorded = tuple[str, dict[str, str]]
+
+_SIDECAR_RE = re.compile(r"^([0-9a-fA-F]+) [ *](.+)$")
+_HEX_LEN = {"crc32": 8, "sha256": 64}
+
+
+def recorded_checksums(out: BaseCheckpoint) -> tuple[Recorded | None, str]:
+    """What ``out`` records (None when nothing is), and what is wrong with the record ("" when
+    nothing): an unreadable index or sidecar, values that are not hex checksums."""
+    index = [n for n in sorted(os.listdir(out.path)) if n.endswith(INDEX_SUFFIX)] if os.path.isdir(out.path) else []
+    if index:
+        return _from_index(os.path.join(out.path, index[0]))
+    sides = [(a, f"{out.files[0]}.{a}") for a in ALGORITHMS if os.path.isfile(f"{out.files[0]}.{a}")]
+    if len(out.files) != 1 or not sides:
+        return None, ""
+    return _from_sidecar(*sides[0])
+
+
+def _from_index(path: str) -> tuple[Recorded | None, str]:
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8")).get("metadata") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"{path}: cannot read the index ({type(e).__name__})"
+    ours = meta.get("distmerge") if isinstance(meta, dict) else None
+    ours = ours if isinstance(ours, dict) else {}
+    algo = next((a for a in ALGORITHMS if a in ours), None)
+    if algo is None:
+        return None, ""
+    sums = ours[algo]
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and len(v) == _HEX_LEN[algo] for v in sums.values()):
+        n = _HEX_LEN[algo]
+        return (algo, {}), f"{path}: metadata.distmerge.{algo} must map shard names to {n}-digit hex {algo} values"
+    return (algo, {k: v.lower() for k, v in sums.items()}), ""
+
+
+def _from_sidecar(algo: str, side: str) -> tuple[Recorded | None, str]:
+    try:
+        with open(side, encoding="utf-8") as text:
+            lines = [ln.strip() for ln in text if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        return (algo, {}), f"{side}: cannot read ({type(e).__name__})"
+    sums = {}
+    for ln in lines:
+        m = _SIDECAR_RE.match(ln)
+        if not m or len(m.group(1)) != _HEX_LEN[algo]:
+            n = _HEX_LEN[algo]
+            return (algo, {}), f"{side}: expected 'HEX  NAME' with a {n}-digit {algo}, found {ln[:80]!r}"
+        sums[os.path.basename(m.group(2))] = m.group(1).lower()
+    return (algo, sums), ""
