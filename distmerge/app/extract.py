@@ -79,15 +79,10 @@ def extract(
         base, tuned: checkpoints as ``merge`` takes a base (file, HF-indexed folder, HF cache
             reference), with the same keys, shapes and dtypes.
         output: a ``.safetensors`` path; for ``layout="peft"`` an adapter folder.
-        options: an ``ExtractOptions``: ``layout`` (``comfy``, ``peft``, ``diffusers`` or ``roll``),
-            ``rank`` (the cap when ``energy`` is given; ``None``: no cap), ``energy`` (the smallest
-            rank per matrix keeping this fraction of ‖ΔW‖²_F), ``out_dtype`` (``bf16``, ``fp16`` or
-            ``fp32``), ``min_diff`` (tensors with max|tuned − base| at most this are skipped),
-            ``exact`` (``torch.linalg.svd`` for every matrix instead of the randomized SVD).
-        run: a ``RunOptions``: Ray (``address``, ``num_workers``, ``device``, ``num_cpus``,
-            ``max_retries``), ``unit_size``, ``overwrite`` (in a PEFT folder only the two adapter
-            files are replaced), ``resume`` (continue a crashed run, reusing its finished units),
-            ``report`` (write the JSON report here).
+        options: an ``ExtractOptions`` (``layout``, ``rank``, ``energy``, ``out_dtype``, ``min_diff``,
+            ``exact``: see its fields).
+        run: a ``RunOptions`` (Ray, ``unit_size``, ``overwrite``: in a PEFT folder only the two
+            adapter files are replaced, ``resume``, ``report``: see its fields).
         progress: ``f(units_done, units_total, bytes_done, bytes_total)`` on the driver.
         kwargs: fields of either options object by name (``rank=16``, ``resume=True``; ``dtype`` is
             ``out_dtype``), as the CLI flags give them.

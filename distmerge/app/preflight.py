@@ -104,13 +104,20 @@ def collect_deltas(
 
 
 @dataclass
-class Inputs:
-    """What the merge works from, every part of it already checked."""
+class Located:
+    """The inputs found (Hugging Face references resolved, the base's headers read) and the output
+    known not to be one of them: what may be locked."""
 
     base_ref: Resolved
     base: BaseCheckpoint
     lora_refs: list[tuple[Resolved, float]]
     specs: list[tuple[str, float]]  #: (local path, weight) of each LoRA
+
+
+@dataclass
+class Inputs(Located):
+    """What the merge works from, every part of it already checked."""
+
     gathered: Gathered
     target: OutputTarget
     previous: Manifest | None  #: the interrupted run ``--resume`` continues
@@ -135,17 +142,6 @@ class Inputs:
             )
             self.workers = workers
         return self.plan
-
-
-@dataclass
-class Located:
-    """The inputs found (Hugging Face references resolved, the base's headers read) and the output
-    known not to be one of them: what may be locked."""
-
-    base_ref: Resolved
-    base: BaseCheckpoint
-    lora_refs: list[tuple[Resolved, float]]
-    specs: list[tuple[str, float]]  #: (local path, weight) of each LoRA
 
 
 def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], output: str | os.PathLike[str]) -> Located:

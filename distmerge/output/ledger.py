@@ -49,17 +49,16 @@ class UnitLedger:
 
     def reused(self, done: Iterable[tuple[Any, Any]]) -> None:
         """Units an interrupted run finished (``(unit, its result or record)``), taken at once."""
-        with self._lock:
-            for unit, result in done:
-                self._record(unit, result)
-            if self.manifest is not None:
-                self.manifest.save()
-            self._tell()
+        self._take(done)
 
     def unit_done(self, unit: Any, result: Any) -> None:
         """``unit`` finished with ``result``: recorded (and the manifest saved), then told."""
+        self._take([(unit, result)])
+
+    def _take(self, done: Iterable[tuple[Any, Any]]) -> None:
         with self._lock:
-            self._record(unit, result)
+            for unit, result in done:
+                self._record(unit, result)
             if self.manifest is not None:
                 self.manifest.save()
             self._tell()

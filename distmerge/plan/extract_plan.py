@@ -64,10 +64,10 @@ def resolve_out_dtype(dtype: str) -> str:
 class ExtractOptions:
     """What every task is asked to do (plain data, shipped to the workers)."""
 
-    layout: str = "comfy"
+    layout: str = "comfy"  #: ``comfy``, ``peft``, ``diffusers`` or ``roll`` (``formats.layouts``)
     rank: int | None = 64  #: the rank of every LoRA (the cap with ``energy``); ``None``: no cap
     energy: float | None = None  #: smallest rank per tensor keeping this fraction of ‖ΔW‖²_F
-    out_dtype: str = "BF16"  #: safetensors code of the factors and differences
+    out_dtype: str = "BF16"  #: of the factors and differences: ``bf16``, ``fp16``, ``fp32`` (or their codes)
     min_diff: float = 0.0  #: a tensor with max|Δ| <= this is identical (skipped)
     exact: bool = False  #: ``torch.linalg.svd`` for every matrix instead of the randomized SVD
     bias_lora: bool = False  #: diffusers layout: bias differences of LoRA modules as ``lora_B.bias``

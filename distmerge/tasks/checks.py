@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from distmerge.formats.kinds import DeltaKind
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.header import TensorInfo
@@ -23,11 +21,27 @@ from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.merge_plan import CHUNK_BYTES  # bytes of float64 (or raw data) handled at once
 from distmerge.plan.units import TASK_OVERHEAD_BYTES
 from distmerge.tasks.checksum import file_digest
+from distmerge.tasks.compare import (
+    CHECKSUM,
+    NEAR,
+    NONFINITE,
+    STRUCTURE,
+    UNTOUCHED,
+    VALUE,
+    Compare,
+    ValueStats,
+    Worst,
+    geometry,
+    read_rows,
+    reference_rows,
+    sample_rows,
+    where,
+)
 from distmerge.tasks.fp8 import FP8_MAX, quantize
-from distmerge.tasks.mergemath import Term, merge_tensor
+from distmerge.tasks.mergemath import merge_tensor
 from distmerge.tasks.reading import OpenFiles, read_bytes, read_scalar
 from distmerge.tasks.terms import load_terms
-from distmerge.tasks.ulp import error_text, finite, show_value, ulp_distance, ulp_tolerance
+from distmerge.tasks.ulp import error_text, finite, show_value, ulp_distance
 
 __all__ = [
     "CHECKSUM",
@@ -47,14 +61,6 @@ __all__ = [
 
 #: failures each task reports in full (the rest are only counted)
 _MAX_FAILURES = 8
-#: errors of values beyond the ulp tolerance kept while the tensor's ``max|ref|`` is not known yet
-#: (only their count depends on it; pass/fail is exact whatever is dropped)
-_PENDING = 1 << 20
-#: near-cancellation allowance: |out - ref| <= NEAR * max|ref| of the tensor
-NEAR = 1e-6
-#: failure ranks, most serious first (the verdict lists failures in this order)
-STRUCTURE, NONFINITE, VALUE, UNTOUCHED, CHECKSUM = range(5)
-
 # ----------------------------------------------------------------------------------------------
 # Task side
 
@@ -105,33 +111,6 @@ class CheckGroup:
 def _row_local(d: Delta) -> bool:
     """A delta whose rows of ΔW need only the matching rows of its factors."""
     return d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora and len(d.factors) == 2)
-
-
-@dataclass(frozen=True)
-class ValueStats:
-    """How close the recomputed values of one tensor (or of many, ``merge``d) came to the reference.
-
-    >>> a = ValueStats(values=10, worst_ulp=3, worst_key="a", near=0, worst_rel=1e-7, worst_rel_key="a")
-    >>> b = ValueStats(values=5, worst_ulp=900, worst_key="b", near=2, worst_rel=4e-8, worst_rel_key="b")
-    >>> m = a.merge(b)
-    >>> m.values, m.worst_ulp, m.worst_key, m.near, m.worst_rel_key
-    (15, 900, 'b', 2, 'a')
-    """
-
-    values: int = 0  #: values compared with the reference
-    worst_ulp: int = 0  #: the largest ulp distance of any finite compared value, allowance or not
-    worst_key: str = ""
-    near: int = 0  #: values beyond the ulp tolerance that passed by the near-cancellation allowance
-    worst_rel: float = 0.0  #: the largest ``|out - ref| / max|ref|`` (the tensor's largest value)
-    worst_rel_key: str = ""
-
-    def merge(self, other: ValueStats) -> ValueStats:
-        """Both together: counts add up, the worst of each kind (and its key) is kept."""
-        u = max(self, other, key=lambda x: (x.worst_ulp, bool(x.worst_key)))
-        r = max(self, other, key=lambda x: (x.worst_rel, bool(x.worst_rel_key)))
-        return ValueStats(
-            self.values + other.values, u.worst_ulp, u.worst_key, self.near + other.near, r.worst_rel, r.worst_rel_key
-        )
 
 
 @dataclass(frozen=True)
@@ -201,184 +180,30 @@ def check_group(group: CheckGroup) -> GroupResult:
     )
 
 
-def _geometry(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, elements per row): rows are the first axis; a 0-d tensor is one row of one."""
-    if not shape:
-        return 1, 1
-    return shape[0], math.prod(shape[1:])
-
-
-def _where(shape: tuple[int, ...], row: int) -> str:
-    return "value" if not shape else f"element {row}" if len(shape) == 1 else f"row {row}"
-
-
-def _sample(key: str, n: int, rows: int, seed: int, full: bool) -> list[int]:
-    """Sorted row indices to recompute: all with ``full``, else ``rows`` drawn with a generator
-    seeded from ``seed`` and the key (so the sample does not depend on how tensors are grouped)."""
-    if full or rows >= n:
-        return list(range(n))
-    if rows <= 0:
-        return []
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63))
-    return sorted(torch.randperm(n, generator=g)[:rows].tolist())
-
-
-def _read_rows(fd: int, info: TensorInfo, per: int, rows: Sequence[int]) -> torch.Tensor:
-    """Rows ``rows`` (sorted) of ``info`` as a ``[len(rows), per]`` tensor of its dtype; runs of
-    consecutive rows are read at once."""
-    row_bytes = per * itemsize(info.dtype)
-    parts: list[bytearray] = []
-    i = 0
-    while i < len(rows):
-        j = i
-        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
-            j += 1
-        parts.append(read_bytes(fd, info.offset + rows[i] * row_bytes, (j - i + 1) * row_bytes))
-        i = j + 1
-    if not parts or row_bytes == 0:
-        return torch.empty((len(rows), per), dtype=to_torch(info.dtype))
-    raw = parts[0] if len(parts) == 1 else bytearray(b"".join(parts))
-    return torch.frombuffer(raw, dtype=to_torch(info.dtype)).reshape(len(rows), per)
-
-
-def _reference_rows(w: torch.Tensor, terms: Sequence[Term], n: int, per: int, rows: Sequence[int]) -> torch.Tensor:
-    """``W + Σ coef·ΔW`` for ``rows`` in float64, computed independently of ``mergemath`` (plain
-    LoRA, ``diff`` and ``set`` terms, whose rows depend only on the same rows of one factor)."""
-    idx = torch.tensor(list(rows), dtype=torch.long)
-    acc = w.to(torch.float64)
-    for t in terms:  # load_terms puts replacements first
-        if t.kind == DeltaKind.SET:
-            acc = t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
-        elif t.kind == DeltaKind.DIFF:
-            acc = acc + t.coef * t.factors[0].reshape(n, per).index_select(0, idx).to(torch.float64)
-        else:
-            up, down = t.get("up"), t.get("down")
-            assert up is not None and down is not None  # row-local LoRA terms have both factors
-            b = up.flatten(1).index_select(0, idx).to(torch.float64)
-            acc = acc + t.coef * (b @ down.flatten(1).to(torch.float64))
-    return acc
-
-
-@dataclass(frozen=True)
-class _Worst:
-    """The compared value with the largest ``|out - ref|`` beyond the ulp tolerance."""
-
-    diff: float
-    ulp: int
-    row: int
-    out: float
-    ref: float
-
-
-class _Compare:
-    """Accumulates the comparison of one merged tensor, chunk by chunk.
-
-    Every finite value counts toward the worst ulp and the worst error relative to ``max|ref|``. A
-    value beyond the ulp tolerance still passes if ``|out - ref| <= NEAR · max|ref|`` (where W and
-    ΔW cancel); ``max|ref|`` only grows as chunks arrive, so such a value is counted as soon as the
-    running maximum admits it, and the errors not admitted yet wait in ``pending``.
-    """
-
-    def __init__(self, code: str, key: str) -> None:
-        self.code, self.key = code, key
-        self.tol = ulp_tolerance(code)
-        self.ref_max = 0.0
-        self.values = self.worst_ulp = self.near = self.dropped = 0
-        self.max_diff = 0.0
-        self.pending = torch.empty(0, dtype=torch.float64)
-        self.worst: _Worst | None = None
-
-    def add(self, out: torch.Tensor, ref64: torch.Tensor, rows: Sequence[int]) -> None:
-        """Compare ``out`` (``[len(rows), per]``, the output dtype) with the float64 ``ref64``."""
-        if out.numel() == 0:
-            return
-        ref = ref64.to(out.dtype)
-        rf = ref.to(torch.float64)
-        fin_out, fin_ref = finite(out), torch.isfinite(rf)
-        ulp = ulp_distance(out, ref)
-        diff = (out.to(torch.float64) - rf).abs()
-        self.values += out.numel()
-        if bool(fin_ref.any()):
-            self.ref_max = max(self.ref_max, float(rf[fin_ref].abs().max()))
-        if bool(fin_out.any()):  # non-finite outputs are reported by the finite pass
-            self.worst_ulp = max(self.worst_ulp, int(ulp[fin_out].max()))
-        both = fin_out & fin_ref
-        if bool(both.any()):
-            self.max_diff = max(self.max_diff, float(diff[both].max()))
-        bad = (ulp > self.tol) & fin_out
-        if bool(bad.any()):
-            err = torch.where(fin_ref, diff, math.inf)
-            self.pending = torch.cat([self.pending, err[bad]])
-            flat = int(torch.where(bad, err, -1.0).reshape(-1).argmax())
-            r, col = divmod(flat, out.shape[1])
-            if self.worst is None or float(err[r, col]) > self.worst.diff:
-                self.worst = _Worst(
-                    float(err[r, col]), int(ulp[r, col]), rows[r], float(out[r, col]), float(rf[r, col])
-                )
-        self._settle()
-
-    def _settle(self) -> None:
-        keep = self.pending > NEAR * self.ref_max
-        self.near += int((~keep).sum())
-        self.pending = self.pending[keep]
-        if self.pending.numel() > _PENDING:  # a wrong LoRA: keep the smallest (only the count suffers)
-            self.dropped += self.pending.numel() - _PENDING
-            self.pending = torch.topk(self.pending, _PENDING, largest=False, sorted=False).values
-
-    def result(self) -> tuple[ValueStats, _Worst | None, int]:
-        """(statistics, the worst failing value or None, how many values fail)."""
-        failing = self.worst is not None and self.worst.diff > NEAR * self.ref_max
-        near = self.near + (0 if failing else self.pending.numel() + self.dropped)
-        rel = self.max_diff / self.ref_max if self.ref_max > 0 else 0.0 if self.max_diff == 0 else math.inf
-        stats = ValueStats(
-            self.values, self.worst_ulp, self.key if self.values else "", near, rel, self.key if self.values else ""
-        )
-        if not failing:
-            return stats, None, 0
-        return stats, self.worst, int(self.pending.numel()) + self.dropped
-
-    def failure(self, shape: tuple[int, ...], name: str) -> list[tuple[int, int, str]]:
-        """The failure of this tensor (of ``shape``, in file ``name``); empty when it passes."""
-        _, w, n = self.result()
-        if w is None:
-            return []
-        return [
-            (
-                VALUE,
-                w.ulp,
-                (
-                    f"{self.key} {_where(shape, w.row)}: {show_value(w.out, self.code)} vs expected "
-                    f"{show_value(w.ref, self.code)} ({error_text(w.ulp, w.out, w.ref)}; "
-                    f"{n} of {self.values} compared values beyond tolerance) ({name})"
-                ),
-            )
-        ]
-
-
 def _check_merged(
     c: TensorCheck, g: CheckGroup, files: OpenFiles, reader: LoraReader
 ) -> tuple[list[tuple[int, int, str]], ValueStats, int]:
     """Finite check over all values, then sampled rows against the float64 reference.
     Returns (failures, statistics, rows compared)."""
     b, o = c.base, c.out
-    n, per = _geometry(b.shape)
+    n, per = geometry(b.shape)
     if n * per == 0:
         return [], ValueStats(), 0
     name = os.path.basename(o.path)
     out_fd, base_fd = files.fd(o.path), files.fd(b.path)
-    sample = _sample(c.key, n, g.rows, g.seed, g.full)
+    sample = sample_rows(c.key, n, g.rows, g.seed, g.full)
     terms = load_terms(c.deltas, reader.read, reader.read_rows)
     full_ref = None
     if not all(d.row_local for d in c.deltas):  # DoRA, LoHa, LoKr, …: whole tensor in float64
-        w = _read_rows(base_fd, b, per, range(n)).reshape(b.shape)
+        w = read_rows(base_fd, b, per, range(n)).reshape(b.shape)
         full_ref = merge_tensor(w.to(torch.float64), terms, out_dtype=torch.float64).reshape(n, per)
-    cmp = _Compare(o.dtype, c.key)
+    cmp = Compare(o.dtype, c.key)
     failures: list[tuple[int, int, str]] = []
     step = max(1, CHUNK_BYTES // max(1, per * 8))
     s = 0
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        out = _read_rows(out_fd, o, per, range(r0, r1))
+        out = read_rows(out_fd, o, per, range(r0, r1))
         if not failures:
             failures += _nonfinite(c, out, r0, per, name)
         e = s
@@ -392,7 +217,7 @@ def _check_merged(
         if full_ref is not None:
             ref = full_ref.index_select(0, torch.tensor(rows, dtype=torch.long))
         else:
-            ref = _reference_rows(_read_rows(base_fd, b, per, rows), terms, n, per, rows)
+            ref = reference_rows(read_rows(base_fd, b, per, rows), terms, n, per, rows)
         cmp.add(out_rows, ref, rows)
     return failures + cmp.failure(b.shape, name), cmp.result()[0], len(sample)
 
@@ -404,7 +229,7 @@ def _nonfinite(c: TensorCheck, out: torch.Tensor, r0: int, per: int, name: str) 
         return []
     flat = int(bad.reshape(-1).nonzero()[0])
     value = float(out.reshape(-1)[flat])
-    return [(NONFINITE, 0, f"{c.key} {_where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
+    return [(NONFINITE, 0, f"{c.key} {where(c.base.shape, r0 + flat // per)}: {value} is not finite ({name})")]
 
 
 def _check_scaled(
@@ -416,11 +241,11 @@ def _check_scaled(
     found = out.structure()
     if found:
         return found, ValueStats(), 0
-    sample = _sample(c.key, out.n, g.rows, g.seed, g.full)
+    sample = sample_rows(c.key, out.n, g.rows, g.seed, g.full)
     if not sample:
         return [], ValueStats(), 0
     ref = _scaled_reference(c, files, reader, out, sample)
-    cmp = _Compare(c.out.dtype, c.key)
+    cmp = Compare(c.out.dtype, c.key)
     cmp.add(out.q.index_select(0, torch.tensor(sample, dtype=torch.long)), ref, sample)
     stats, worst, nbad = cmp.result()
     if worst is None:
@@ -444,12 +269,12 @@ class _ScaledOutput:
     @classmethod
     def read(cls, c: TensorCheck, files: OpenFiles) -> _ScaledOutput:
         assert c.scale is not None
-        n, per = _geometry(c.base.shape)
+        n, per = geometry(c.base.shape)
         fmax = FP8_MAX[c.out.dtype]
         s = read_scalar(files.fd(c.scale.path), c.scale.offset, c.scale.dtype, c.scale.nbytes)
         bs = c.base_scale
         s0 = read_scalar(files.fd(bs.path), bs.offset, bs.dtype, bs.nbytes) if bs is not None else None
-        q = _read_rows(files.fd(c.out.path), c.out, per, range(n))
+        q = read_rows(files.fd(c.out.path), c.out, per, range(n))
         return cls(c, fmax, float(s), show_value(float(s), c.scale.dtype), s0, q, n, per)
 
     @property
@@ -466,7 +291,7 @@ class _ScaledOutput:
                     NONFINITE,
                     0,
                     (
-                        f"{c.key} {_where(c.base.shape, flat // self.per)}: value {float(qf.reshape(-1)[flat])} "
+                        f"{c.key} {where(c.base.shape, flat // self.per)}: value {float(qf.reshape(-1)[flat])} "
                         f"× scale {self.scale_text} is not finite ({self.name})"
                     ),
                 )
@@ -485,14 +310,14 @@ class _ScaledOutput:
             ]
         return []
 
-    def value_failure(self, w: _Worst, nbad: int, values: int) -> tuple[int, int, str]:
+    def value_failure(self, w: Worst, nbad: int, values: int) -> tuple[int, int, str]:
         """The failure of the worst code ``w`` (``nbad`` of ``values`` compared codes fail)."""
         c, code, sf = self.c, self.c.out.dtype, self.s
         return (
             VALUE,
             w.ulp,
             (
-                f"{c.key} {_where(c.base.shape, w.row)}: code {show_value(w.out, code)} vs expected "
+                f"{c.key} {where(c.base.shape, w.row)}: code {show_value(w.out, code)} vs expected "
                 f"{show_value(w.ref, code)} at scale {self.scale_text}, i.e. {w.out * sf:.9g} vs "
                 f"{w.ref * sf:.9g} ({error_text(w.ulp, w.out, w.ref, 'fp8 ulp')}; {nbad} of "
                 f"{values} compared values beyond tolerance) ({self.name})"
@@ -507,10 +332,10 @@ def _scaled_reference(
     b, n, per = c.base, out.n, out.per
     terms = load_terms(c.deltas, reader.read, reader.read_rows)
     local = all(d.row_local for d in c.deltas)
-    w = _read_rows(files.fd(b.path), b, per, sample if local else range(n))
+    w = read_rows(files.fd(b.path), b, per, sample if local else range(n))
     w = w.to(torch.float32) * out.s0 if out.s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
     if local:
-        ref = _reference_rows(w, terms, n, per, sample)
+        ref = reference_rows(w, terms, n, per, sample)
     else:
         full = merge_tensor(w.reshape(b.shape).to(torch.float64), terms, out_dtype=torch.float64)
         ref = full.reshape(n, per).index_select(0, torch.tensor(sample, dtype=torch.long))
@@ -522,8 +347,8 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     quantized (deterministic round-to-nearest, fresh scale)."""
     b, o = c.base, c.out
     assert c.scale is not None
-    n, per = _geometry(b.shape)
-    w = _read_rows(files.fd(b.path), b, per, range(n)).to(torch.float32)
+    n, per = geometry(b.shape)
+    w = read_rows(files.fd(b.path), b, per, range(n)).to(torch.float32)
     want_q, want_s = quantize(w, o.dtype, scale_dtype=to_torch(c.scale.dtype))
     got = read_bytes(files.fd(o.path), o.offset, o.nbytes)
     got_s = read_bytes(files.fd(c.scale.path), c.scale.offset, c.scale.nbytes)
@@ -551,7 +376,7 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
             UNTOUCHED,
             0,
             (
-                f"{c.key} {_where(b.shape, elem // max(1, per))}: code {text}: differs from the base "
+                f"{c.key} {where(b.shape, elem // max(1, per))}: code {text}: differs from the base "
                 f"quantized to {o.dtype} ({os.path.basename(o.path)})"
             ),
         )
@@ -580,7 +405,7 @@ def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     if o.nbytes == 0:
         return []
     out_fd, base_fd = files.fd(o.path), files.fd(b.path)
-    _n, per = _geometry(b.shape)
+    _n, per = geometry(b.shape)
     src_size, out_size = itemsize(b.dtype), itemsize(o.dtype)
     step = max(1, CHUNK_BYTES // max(src_size, out_size, 1))  # elements per chunk
     total = b.numel if b.shape else 1
@@ -610,7 +435,7 @@ def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
                 UNTOUCHED,
                 0,
                 (
-                    f"{c.key} {_where(b.shape, r)}: {text}: untouched tensor differs from {what} "
+                    f"{c.key} {where(b.shape, r)}: {text}: untouched tensor differs from {what} "
                     f"({os.path.basename(o.path)})"
                 ),
             )

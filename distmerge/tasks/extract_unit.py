@@ -334,15 +334,13 @@ def run_extract_unit(unit: ExtractUnit, options: ExtractOptions, dest: str, devi
     """
     tensors, outcome = compute_unit(unit, options, device=device)
     tmp = f"{dest}.tmp{os.getpid()}"
-    try:
-        write_safetensors(tmp, tensors, metadata={"format": "pt", PART_META: outcome.to_json()})
-        os.replace(tmp, dest)
-    except OSError as e:
+    with io_errors(lambda e: f"{dest}: cannot write the unit's part file ({e.strerror or e})"):
         try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise ShardWriteError(f"{dest}: cannot write the unit's part file ({e.strerror or e})") from None
+            write_safetensors(tmp, tensors, metadata={"format": "pt", PART_META: outcome.to_json()})
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return outcome
 
 
