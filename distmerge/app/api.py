@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MergeJob", "check", "collect_deltas", "lora_specs", "merge", "resolve_dtype", "run_unit_task"]
 
+Path = str | os.PathLike[str]
+
 logger = logging.getLogger("distmerge.api")  # the name users see in -v logs
 
 
@@ -81,12 +83,7 @@ def merge(
 
 
 def check(
-    base: str | os.PathLike[str],
-    loras: Sequence[object],
-    output: str | os.PathLike[str],
-    *,
-    options: MergeOptions | None = None,
-    **kwargs: Any,
+    base: Path, loras: Sequence[object], output: Path, *, options: MergeOptions | None = None, **kwargs: Any
 ) -> Inputs:
     """Everything ``merge`` checks before Ray starts, without Ray and without writing anything
     (``distmerge run --check``). Takes ``merge``'s options; those that only matter once Ray runs

@@ -34,7 +34,8 @@ __all__ = [
     "OutputFile",
 ]
 
-_COPY_CHUNK = 64 << 20
+#: bytes per copy_file_range call (64 MiB)
+_COPY_CHUNK = 1 << 26
 
 
 def _libc(name: str, *argtypes: type) -> Any:
