@@ -311,7 +311,7 @@ def _publish(plan: ExtractPlan, t: _Target, outcomes: list[UnitOutcome], meta: d
 
 def _publish_file(parts: list[str], path: str, meta: dict[str, str]) -> int:
     """The parts joined into the one ``.safetensors`` file ``path`` (temp file, fsync, rename)."""
-    from distmerge.output.publish import _fsync_dir, part_path  # torch: only when there is work
+    from distmerge.output.publish import fsync_dir, part_path  # torch: only when there is work
     from distmerge.tasks.extract_unit import assemble
 
     directory, name = os.path.split(path)
@@ -322,14 +322,14 @@ def _publish_file(parts: list[str], path: str, meta: dict[str, str]) -> int:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return size
 
 
 def _publish_folder(parts: list[str], path: str, meta: dict[str, str], config: str) -> int:
     """The PEFT adapter folder ``path``: a new one appears whole (built beside it, then renamed);
     in an existing one only the two adapter files are replaced, each atomically."""
-    from distmerge.output.publish import _fsync_dir, part_path
+    from distmerge.output.publish import fsync_dir, part_path
     from distmerge.tasks.extract_unit import assemble
 
     parent, name = os.path.split(path)
@@ -341,14 +341,14 @@ def _publish_folder(parts: list[str], path: str, meta: dict[str, str], config: s
         size = assemble(parts, weights, metadata=meta)
         os.replace(weights, os.path.join(where, _PEFT_WEIGHTS))
         write_atomic(os.path.join(where, _PEFT_CONFIG), config, tmp=part_path(where, _PEFT_CONFIG))
-        _fsync_dir(where)
+        fsync_dir(where)
         if fresh:
             os.rename(where, path)
     except BaseException:
         if fresh:
             shutil.rmtree(where, ignore_errors=True)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return size
 
 

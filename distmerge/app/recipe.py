@@ -169,11 +169,11 @@ def _check_recorded_input(path: str, what: str, flag: str, recipe: Recipe) -> No
 def _check_lora_unchanged(lora: RecordedLora, recipe: Recipe) -> None:
     """The LoRA still has the SHA-256 recorded at the merge (a folder: as the resume manifest
     hashes it), so a result that differs is not blamed on the output."""
-    from distmerge.output.manifest import _lora_sha256
+    from distmerge.output.manifest import lora_sha256
 
     if lora.sha256 is None:
         return
-    now = _lora_sha256(lora.path)
+    now = lora_sha256(lora.path)
     if now != lora.sha256.lower():
         raise FormatError(
             f"LoRA {lora.path} changed since the merge (sha256 {now[:12]}, recorded "

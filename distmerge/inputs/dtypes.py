@@ -7,10 +7,19 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ITEMSIZES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "code_of_torch_name", "itemsize", "is_float"]
+__all__ = [
+    "DTYPE_TABLE",
+    "ITEMSIZES",
+    "FLOAT_CODES",
+    "FP8_CODES",
+    "CLI_DTYPES",
+    "code_of_torch_name",
+    "itemsize",
+    "is_float",
+]
 
-# code -> (torch dtype name, bytes per element); ``torch_dtypes`` maps the names to torch dtypes.
-_TABLE: dict[str, tuple[str, int]] = {
+#: code -> (torch dtype name, bytes per element); ``torch_dtypes`` maps the names to torch dtypes
+DTYPE_TABLE: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
     "U8": ("uint8", 1),
     "I8": ("int8", 1),
@@ -29,7 +38,7 @@ _TABLE: dict[str, tuple[str, int]] = {
 }
 
 #: code -> bytes per element
-ITEMSIZES: dict[str, int] = {code: size for code, (_, size) in _TABLE.items()}
+ITEMSIZES: dict[str, int] = {code: size for code, (_, size) in DTYPE_TABLE.items()}
 
 #: codes whose tensors LoRA deltas may be added to (and ``--dtype`` converts)
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
@@ -59,7 +68,7 @@ def code_of_torch_name(name: str) -> str | None:
     ('BF16', None)
     """
     name = name.removeprefix("torch.")
-    return next((code for code, (n, _) in _TABLE.items() if n == name), None)
+    return next((code for code, (n, _) in DTYPE_TABLE.items() if n == name), None)
 
 
 def itemsize(code: str) -> int:

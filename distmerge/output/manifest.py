@@ -25,12 +25,12 @@ from distmerge.output.atomic import write_atomic
 from distmerge.plan.merge_plan import MergePlan
 from distmerge.tasks.checksum import sha256_file
 
-__all__ = ["Manifest", "fingerprint", "fingerprint_changes", "MANIFEST_VERSION"]
+__all__ = ["Manifest", "fingerprint", "fingerprint_changes", "lora_sha256", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 
 
-def _lora_sha256(path: str) -> str:
+def lora_sha256(path: str) -> str:
     """A LoRA's content hash: the file itself, or for a folder every LoRA file and
     ``adapter_config.json`` in it (the config's r/alpha/patterns change the result too)."""
     if not os.path.isdir(path):
@@ -72,7 +72,7 @@ def fingerprint(
         p.update(f"{u.index}:{u.shard}:{u.tensors[0].key}:{u.tensors[-1].key}".encode())
     return {
         "base": h.hexdigest(),
-        "loras": [{"path": os.path.abspath(path), "sha256": _lora_sha256(path)} for path, _ in loras],
+        "loras": [{"path": os.path.abspath(path), "sha256": lora_sha256(path)} for path, _ in loras],
         "weights": [w for _, w in loras],
         "alpha": alpha,
         "dtype": out_dtype or "keep",

@@ -44,6 +44,7 @@ __all__ = [
     "ShardHasher",
     "shard_crc32s",
     "fsync_files",
+    "fsync_dir",
     "Writeback",
     "write_atomic",
 ]
@@ -389,7 +390,8 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable; best effort."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -433,7 +435,7 @@ def publish(
     for name in staging.extras:  # config, tokenizer, recipe: in place before the index appears
         _fsync_path(part_path(d, name))
         os.replace(part_path(d, name), os.path.join(d, name))
-    _fsync_dir(d)
+    fsync_dir(d)
     names = [s.name for s in plan.shards]
     if not target.single_file:
         meta = dict(extra_metadata or {})
@@ -450,7 +452,7 @@ def publish(
                 os.remove(os.path.join(d, stale))
     if staging.manifest and os.path.exists(staging.manifest):
         os.remove(staging.manifest)
-    _fsync_dir(d)
+    fsync_dir(d)
     return names
 
 
