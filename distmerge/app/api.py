@@ -37,7 +37,7 @@ from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.lock import OutputLock
 from distmerge.output.manifest import Manifest, fingerprint, fingerprint_changes
 from distmerge.output.publish import Staging, abort, part_path, prepare, publish
-from distmerge.plan.merge_plan import MergePlan, describe
+from distmerge.plan.merge_plan import TASK_OVERHEAD_BYTES, MergePlan, describe
 from distmerge.tasks.inline import InlineRunner, UnitClaims
 from distmerge.tasks.unit import unit_crc32
 
@@ -275,7 +275,7 @@ class _Merge:
         tasks. O_DIRECT only while nothing reads the part files (a resume has just read the kept
         units: cached pages over blocks written directly could go stale if their invalidation raced
         a cached write)."""
-        from distmerge.cluster import run_units, unit_order
+        from distmerge.app.units import run_units, unit_order
 
         todo = unit_order([u for u in plan.units if u.index not in ledger.manifest.units], dests)
         direct_io = ledger.direct_io_safe and self.inputs.previous is None
@@ -351,7 +351,10 @@ def _reusable(
     units = [u for u in plan.units if u.index in previous.units and previous.units[u.index]["bytes"] == u.nbytes]
     checks = run_calls(
         unit_crc32,
-        [Call((u, dests[u.shard]), f"resume check of unit {u.index}", size=u.nbytes) for u in units],
+        [
+            Call((u, dests[u.shard]), f"resume check of unit {u.index}", memory=TASK_OVERHEAD_BYTES, size=u.nbytes)
+            for u in units
+        ],
         settings=settings,
     )
     ok = {

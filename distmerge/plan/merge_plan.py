@@ -39,6 +39,8 @@ __all__ = [
 
 #: float32 bytes of one row chunk when a task streams a big tensor (see ``unit.row_chunks``)
 CHUNK_BYTES = 32 << 20
+#: a task's fixed working memory beyond its tensors
+TASK_OVERHEAD_BYTES = 64 << 20
 #: what a task may hold of whole LoRA factors whose columns it slices (``LoraReader.CACHE_BYTES``)
 _SLICED_SOURCES = 512 << 20
 
@@ -174,7 +176,7 @@ class WorkUnit:
             if any(p.cols for d in t.deltas for f in d.factors for p in f.pieces):
                 work += _SLICED_SOURCES  # whole factors kept for their strided columns (MoE experts)
             peak = max(peak, work)
-        return peak + (64 << 20)
+        return peak + TASK_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
