@@ -120,7 +120,7 @@ def test_cuda_in_a_placement_group_without_cuda_fails_before_publishing(fake_gpu
 def test_a_probe_that_gets_no_gpu_does_not_hang_the_run(
     fake_gpu, tiny_base, lora, cpu_output, tmp_path, caplog, monkeypatch
 ):
-    monkeypatch.setattr(cluster, "PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr("distmerge.cluster.probe.PROBE_TIMEOUT_S", 2.0)  # read where probe_devices lives
     pg = placement_group([{"GPU": 1}])  # holds the only GPU: a num_gpus=1 task waits forever
     ray.get(pg.ready(), timeout=60)
     try:
@@ -143,7 +143,7 @@ def test_cpu_and_gpu_free_clusters_are_not_probed(fake_gpu, monkeypatch):
     def no_probe(*a, **k):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(cluster, "probe_devices", no_probe)
+    monkeypatch.setattr("distmerge.cluster.probe.probe_devices", no_probe)  # as usable_device calls it
     with cluster.RaySession() as s:  # the fixture's session: reused
         assert s.settings(device="cpu").device == "cpu"
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
