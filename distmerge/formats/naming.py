@@ -85,6 +85,8 @@ NAMINGS: tuple[Naming, ...] = (
 
 
 class _Detects(Protocol):
+    """An entry of a table told by its ``detect`` pattern (a ``Naming``, a LoRA ``Layout``)."""
+
     @property
     def detect(self) -> re.Pattern[str]: ...
 
