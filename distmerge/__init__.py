@@ -49,25 +49,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'distmerge' has no attribute {name!r}")
 
 
-__all__ = [
-    "__version__",
-    "merge",
-    "MergeReport",
-    "MergeOptions",
-    "RaySession",
-    "extract",
-    "ExtractReport",
-    "verify",
-    "verify_output",
-    "VerifyReport",
-    "inspect_lora",
-    "load_state_dict_from_safetensors",
-    "merge_lora_into_state_dict",
-    "DistmergeError",
-    "FormatError",
-    "MatchError",
-    "PlanError",
-    "OutputError",
-    "ShardWriteError",
-    "ClusterError",
-]
+#: the exceptions users catch (``errors.UsageError`` is the command line's own)
+_ERRORS = (DistmergeError, FormatError, MatchError, PlanError, OutputError, ShardWriteError, ClusterError)
+
+__all__ = ["__version__", *_LAZY, *(e.__name__ for e in _ERRORS)]

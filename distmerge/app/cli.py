@@ -150,10 +150,15 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
         )
         return 1
     finally:
-        try:
-            progress.close()
-        except OSError:
-            pass
+        _close(progress)
+
+
+def _close(progress) -> None:
+    """End the progress bar; a stderr that can no longer be written to is no error here."""
+    try:
+        progress.close()
+    except OSError:
+        pass
 
 
 def _say(progress, line: str, *, terminal_too: bool = False) -> None:
@@ -162,10 +167,7 @@ def _say(progress, line: str, *, terminal_too: bool = False) -> None:
     the controlling terminal instead, and the exit code is never lost to a ``BrokenPipeError``.
     ``terminal_too`` (Ctrl-C): when stderr is a pipe, the line goes to the terminal as well, since
     the pipe's reader may be dying of the same Ctrl-C and take the line with it."""
-    try:
-        progress.close()
-    except OSError:
-        pass
+    _close(progress)
     try:
         print(line, file=sys.stderr, flush=True)
         if not (terminal_too and _is_pipe(sys.stderr)):

@@ -24,6 +24,10 @@ __all__ = ["build_parser", "add_verify_parser", "add_run_parser", "add_extract_p
 
 _BASE_FLAGS = ("--base", "--base_model_path", "--base-model-path")
 _TYPES: dict[str, Any] = {"float": float, "int": int}
+#: the Ray options ``verify`` and ``run`` take, in their ``--help`` order
+_RAY_OPTIONS = ("address", "num_workers", "num_cpus")
+#: the ``MergeOptions`` fields ``extract`` takes too, in its ``--help`` order
+_EXTRACT_OPTIONS = ("resume", "overwrite", "report", "num_workers", "address", "device", "num_cpus", "max_retries")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +74,22 @@ def _add_option(p: argparse.ArgumentParser, name: str, **override: Any) -> None:
     p.add_argument(flag_of(name), **(kw | override))
 
 
+def _add_options(p: argparse.ArgumentParser, *names: str, **helps: str) -> None:
+    """Several ``MergeOptions`` fields as flags, in this order; ``helps`` replaces some of their help."""
+    for name in names:
+        _add_option(p, name, **({"help": helps[name]} if name in helps else {}))
+
+
+def _add_base(p: argparse.ArgumentParser, help: str, *, required: bool = True) -> None:
+    """``--base`` (and the spellings other tools use for it)."""
+    p.add_argument(*_BASE_FLAGS, dest="base", required=required, default=None, metavar="PATH", help=help)
+
+
+def _add_output(p: argparse.ArgumentParser, help: str, *spellings: str) -> None:
+    """``--output``/``-o`` (and ``spellings``, between the two)."""
+    p.add_argument("--output", *spellings, "-o", dest="output", required=True, metavar="PATH", help=help)
+
+
 def _add_loras(p: argparse.ArgumentParser, *, required: bool, lora_help: str, weight_help: str) -> None:
     p.add_argument(
         "--lora",
@@ -88,32 +108,21 @@ def _add_loras(p: argparse.ArgumentParser, *, required: bool, lora_help: str, we
 
 def add_merge_flags(p: argparse.ArgumentParser) -> None:
     """``distmerge merge``'s flags: the inputs and output, then every ``MergeOptions`` field."""
-    p.add_argument(
-        *_BASE_FLAGS,
-        dest="base",
-        required=True,
-        metavar="PATH",
-        help="base checkpoint: .safetensors file, or folder (HF index or one file)",
-    )
+    _add_base(p, "base checkpoint: .safetensors file, or folder (HF index or one file)")
     _add_loras(
         p,
         required=True,
         lora_help="LoRA file or folder; repeat for several LoRAs",
         weight_help="weight of each --lora, in order (default 1.0 each; negative unmerges)",
     )
-    p.add_argument(
-        "--output",
+    _add_output(
+        p,
+        "output folder (shards + index), or a path ending in .safetensors (one file)",
         "--output_path",
         "--save_dir",
         "--output-path",
-        "-o",
-        dest="output",
-        required=True,
-        metavar="PATH",
-        help="output folder (shards + index), or a path ending in .safetensors (one file)",
     )
-    for f in option_fields():
-        _add_option(p, f.name)
+    _add_options(p, *(f.name for f in option_fields()))
 
 
 def _add_verify_inputs(p: argparse.ArgumentParser) -> None:
@@ -126,9 +135,8 @@ def _add_verify_inputs(p: argparse.ArgumentParser) -> None:
         help="the merge output: folder with an index, or a .safetensors file",
     )
     p.add_argument("--merged", default=None, metavar="PATH", help="the same as OUTPUT")
-    rec = " (default: the one recorded in OUTPUT's recipe)"
-    p.add_argument(
-        *_BASE_FLAGS, dest="base", default=None, metavar="PATH", help="the base checkpoint the merge started from" + rec
+    _add_base(
+        p, "the base checkpoint the merge started from (default: the one recorded in OUTPUT's recipe)", required=False
     )
     _add_loras(
         p,
@@ -181,14 +189,14 @@ def add_verify_parser(
     )
     p.add_argument("--rows", type=int, default=32, metavar="N", help="rows sampled per merged tensor (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
-    _add_option(
+    _add_options(
         p,
         "skip_unmatched",
-        help="as given to merge: ignore LoRA keys that have no target in the base (implied for the recorded LoRAs)",
+        *_RAY_OPTIONS,
+        skip_unmatched="as given to merge: ignore LoRA keys that have no target in the base (implied for the "
+        "recorded LoRAs)",
+        num_workers="Ray tasks in flight (default: all CPUs)",
     )
-    _add_option(p, "address")
-    _add_option(p, "num_workers", help="Ray tasks in flight (default: all CPUs)")
-    _add_option(p, "num_cpus")
     return p
 
 
@@ -209,14 +217,14 @@ def add_run_parser(subparsers: argparse._SubParsersAction, common: argparse.Argu
         "Options given here override the file's 'ray:' section.",
     )
     p.add_argument("job", metavar="JOB.yaml", help="the job file (relative paths in it are relative to it)")
-    _add_option(
+    _add_options(
         p,
-        "address",
-        help="join a Ray cluster: 'auto' or HOST:PORT (default: the file's ray.address, "
+        *_RAY_OPTIONS,
+        address="join a Ray cluster: 'auto' or HOST:PORT (default: the file's ray.address, "
         "else embedded local Ray, or RAY_ADDRESS if set)",
+        num_workers="Ray tasks in flight",
+        num_cpus="CPUs for the embedded local Ray",
     )
-    _add_option(p, "num_workers", help="Ray tasks in flight")
-    _add_option(p, "num_cpus", help="CPUs for the embedded local Ray")
     _add_option(p, "device", default=None, help="where the math runs")
     p.add_argument(
         "--only", action="append", default=None, metavar="NAME", help="run only this merge (repeat for several)"
@@ -229,7 +237,7 @@ def add_run_parser(subparsers: argparse._SubParsersAction, common: argparse.Argu
 
 def _add_extract_inputs(p: argparse.ArgumentParser) -> None:
     """``extract``'s two checkpoints and its output."""
-    p.add_argument(*_BASE_FLAGS, dest="base", required=True, metavar="PATH", help="the base checkpoint")
+    _add_base(p, "the base checkpoint")
     p.add_argument(
         "--tuned",
         "--tuned_model_path",
@@ -238,14 +246,7 @@ def _add_extract_inputs(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="the fine-tuned checkpoint (same keys, shapes and dtypes as the base)",
     )
-    p.add_argument(
-        "--output",
-        "-o",
-        dest="output",
-        required=True,
-        metavar="PATH",
-        help="the LoRA .safetensors file (a folder for --layout peft)",
-    )
+    _add_output(p, "the LoRA .safetensors file (a folder for --layout peft)")
 
 
 def _add_extract_method(p: argparse.ArgumentParser) -> None:
@@ -294,14 +295,13 @@ def add_extract_parser(
     )
     _add_extract_inputs(p)
     _add_extract_method(p)
-    _add_option(p, "resume", help="continue a crashed run into --output")
-    _add_option(p, "overwrite", help="replace an existing output")
-    _add_option(p, "report", help="write a JSON report here (per-tensor rank, energy, time)")
-    _add_option(p, "num_workers")
-    _add_option(p, "address")
-    _add_option(p, "device")
-    _add_option(p, "num_cpus")
-    _add_option(p, "max_retries")
+    _add_options(
+        p,
+        *_EXTRACT_OPTIONS,
+        resume="continue a crashed run into --output",
+        overwrite="replace an existing output",
+        report="write a JSON report here (per-tensor rank, energy, time)",
+    )
     return p
 
 

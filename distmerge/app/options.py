@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from distmerge.inputs.dtypes import CLI_DTYPES
+from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS
 
 __all__ = [
     "CHECKSUMS",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: the ``--dtype`` choices users see (``inputs.dtypes.CLI_DTYPES`` also takes the long torch names)
-DTYPE_CHOICES = ("keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+DTYPE_CHOICES = DTYPE_FLAGS
 #: every spelling accepted (``bfloat16``, ``float32`` … as torch names them), as the Python API does
 DTYPE_NAMES = tuple(CLI_DTYPES)
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,7 +67,7 @@ class MergeOptions:
     """Every option of a merge besides its inputs (``base``, ``loras``) and ``output``.
 
     ``distmerge.merge(base, loras, output, **options)`` takes these as keywords; numbers and
-    choices are checked by ``preflight.validate_options`` before anything runs.
+    choices are checked by ``validate.check_options`` before anything runs.
     """
 
     alpha: float = _opt(1.0, "global multiplier on every delta (default 1.0)", kind="float")

@@ -19,12 +19,12 @@ from typing import Any
 
 from distmerge.app.options import DEVICES, MergeOptions
 from distmerge.errors import PlanError, UsageError
-from distmerge.inputs.dtypes import CLI_DTYPES, code_of_torch_name
+from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, code_of_torch_name
 from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
 
-__all__ = ["F32_MAX", "check_options", "lora_specs", "resolve_dtype", "validate_options"]
+__all__ = ["F32_MAX", "check_limits", "check_options", "lora_specs", "resolve_dtype", "validate_options"]
 
 #: the largest finite float32: every coefficient is applied in float32
 F32_MAX = 3.4028234663852886e38
@@ -36,12 +36,12 @@ def resolve_dtype(dtype: Any) -> str | None:
         return None
     if not isinstance(dtype, str):  # a torch dtype
         code = code_of_torch_name(str(dtype))
-        if code not in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
-            raise UsageError(f"--dtype {dtype} is not supported; use bf16, fp16, fp32, fp8_e4m3fn, fp8_e5m2 or keep")
+        if code is None or code not in CLI_DTYPES.values():
+            raise UsageError(f"--dtype {dtype} is not supported; use {', '.join(DTYPE_FLAGS[1:])} or keep")
         return code
     key = str(dtype).lower()
     if key not in CLI_DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not supported; use keep, bf16, fp16, fp32, fp8_e4m3fn or fp8_e5m2")
+        raise UsageError(f"--dtype {dtype!r} is not supported; use {', '.join(DTYPE_FLAGS[:-1])} or {DTYPE_FLAGS[-1]}")
     return CLI_DTYPES[key]
 
 
@@ -125,57 +125,53 @@ def check_output_name(output: str | os.PathLike[str], flag: str = "--output") ->
 
 
 def check_options(opts: MergeOptions, specs: Sequence[tuple[str, float]]) -> str | None:
-    """``validate_options`` for a whole ``MergeOptions`` and the LoRAs' weights, and the report's path."""
-    check_report_path(opts.report)
-    return validate_options(
-        weights=[w for _, w in specs],
-        alpha=opts.alpha,
-        dtype=opts.dtype,
-        max_shard_size=opts.max_shard_size,
-        unit_size=opts.unit_size,
-        max_retries=opts.max_retries,
-        num_workers=opts.num_workers,
-        num_cpus=opts.num_cpus,
-        checksum=opts.checksum,
-        device=opts.device,
-    )
-
-
-def validate_options(
-    *,
-    weights: Sequence[float],
-    alpha: float,
-    dtype: Any = None,
-    max_shard_size: int | str = "5GB",
-    unit_size: int | str | None = None,
-    max_retries: int = 3,
-    num_workers: int | None = None,
-    num_cpus: int | None = None,
-    checksum: str = "crc32",
-    device: str = "auto",
-) -> str | None:
-    """Check every number and choice a user gives; return the output dtype's code (None: keep).
+    """Every number and choice of a whole ``MergeOptions`` and the LoRAs' weights, and the report's
+    path; return the output dtype's code (None: keep).
 
     Raises:
-        UsageError: a NaN/Inf/overflowing weight or alpha (alone or multiplied), a bad size, count,
-            dtype, checksum or device. One line each; the CLI exits 2.
+        UsageError: as ``check_report_path``, ``validate_options`` and ``check_limits`` say, in that order.
+    """
+    check_report_path(opts.report)
+    out_code = validate_options(weights=[w for _, w in specs], alpha=opts.alpha, dtype=opts.dtype)
+    check_limits(opts)
+    return out_code
+
+
+def validate_options(*, weights: Sequence[float], alpha: float, dtype: Any = None) -> str | None:
+    """Check the weights, alpha and dtype a user gives; return the output dtype's code (None: keep).
+
+    Raises:
+        UsageError: a NaN/Inf/overflowing weight or alpha (alone or multiplied), or a bad dtype. One
+            line each; the CLI exits 2.
     """
     _finite("--alpha", alpha, "the global multiplier is usually 1.0")
     for w in weights:
         _finite("--weight", w, "give each LoRA a weight like 1.0, 0.5 or -1.0")
         _finite(f"--weight {w:g} x --alpha", w * alpha, "lower one of them")
-    out_code = resolve_dtype(dtype)
-    for name, size in (("--max-shard-size", max_shard_size), ("--unit-size", unit_size)):
+    return resolve_dtype(dtype)
+
+
+def check_limits(opts: MergeOptions) -> None:
+    """Check the sizes, counts and choices of ``opts`` besides its numbers: ``max_shard_size`` and
+    ``unit_size``, ``max_retries``, ``num_workers`` and ``num_cpus``, ``checksum`` and ``device``.
+
+    >>> check_limits(MergeOptions(num_workers=0))
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: --num-workers must be an integer >= 1, got 0
+
+    Raises:
+        UsageError: a bad size, count, checksum or device (one line; the CLI exits 2).
+    """
+    for name, size in (("--max-shard-size", opts.max_shard_size), ("--unit-size", opts.unit_size)):
         if size is not None:
             try:
                 parse_size(size)
             except PlanError as e:
                 raise UsageError(f"{name}: {e}") from None
-    _count("--max-retries", max_retries, 0)
-    _count("--num-workers", num_workers, 1)
-    _count("--num-cpus", num_cpus, 1)
-    if checksum not in ALGORITHMS:
-        raise UsageError(f"--checksum {checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
-    if device not in DEVICES:
-        raise UsageError(f"--device {device!r} is not supported; use {', '.join(DEVICES)}")
-    return out_code
+    _count("--max-retries", opts.max_retries, 0)
+    _count("--num-workers", opts.num_workers, 1)
+    _count("--num-cpus", opts.num_cpus, 1)
+    if opts.checksum not in ALGORITHMS:
+        raise UsageError(f"--checksum {opts.checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
+    if opts.device not in DEVICES:
+        raise UsageError(f"--device {opts.device!r} is not supported; use {', '.join(DEVICES)}")

@@ -169,9 +169,10 @@ class ParamWrappers:
         strength: float,
     ) -> list[Delta]:
         """The deltas of every pair, scaled as ``adapter`` says for ``<module>.<parameter>``."""
+        on = _Target(base, config, adapter, strength)
         out: list[Delta] = []
         for pair in self.pairs():
-            out += _PairPlan(self, pair, base, config, adapter, strength).deltas()
+            out += _PairPlan(self, pair, on).deltas()
         return out
 
 
@@ -179,23 +180,26 @@ def _registration(param: str) -> tuple[int, str]:
     return (REGISTRATION.index(param) if param in REGISTRATION else len(REGISTRATION), param)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What every pair of an adapter is placed on: the base (None: the adapter described alone),
+    its ``config.json``, the adapter's config (ranks and α) and the strength."""
+
+    base: Mapping[str, _Meta] | None
+    config: Mapping[str, Any] | None
+    adapter: AdapterConfig
+    strength: float
+
+
 class _PairPlan:
     """One (module, parameter) pair placed on the base."""
 
-    def __init__(
-        self,
-        wrappers: ParamWrappers,
-        pair: _Pair,
-        base: Mapping[str, _Meta] | None,
-        config: Mapping[str, Any] | None,
-        adapter: AdapterConfig,
-        strength: float,
-    ) -> None:
+    def __init__(self, wrappers: ParamWrappers, pair: _Pair, on: _Target) -> None:
         self.path, self.metas, self.file_keys = wrappers.path, wrappers.metas, wrappers.file_keys
-        self.pair, self.base, self.config = pair, base, config
+        self.pair, self.base, self.config = pair, on.base, on.config
         self.a, self.b = self.metas[pair.a], self.metas[pair.b]
         self.name = f"{pair.module}.{pair.param}"
-        self.adapter, self.strength = adapter, strength
+        self.adapter, self.strength = on.adapter, on.strength
 
     def _ref(self, key: str, shape: tuple[int, ...], role: str, pieces: tuple[Piece, ...] = ()) -> FactorRef:
         real = self.file_keys.get(key, key)

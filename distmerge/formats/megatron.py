@@ -69,23 +69,16 @@ _EXPERT_NAMES = {
 _Meta = TensorLike
 
 
-@dataclass(frozen=True)
-class _Src:
-    path: str
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
 @dataclass
 class _Module:
-    """One Megatron LoRA module at a global layer (and global expert): its A and B per TP rank."""
+    """One Megatron LoRA module at a global layer (and global expert): its A and B per TP rank (each
+    the rank file's whole tensor)."""
 
     layer: int
     kind: str  #: ``self_attention.linear_qkv`` … or ``linear_fc1``/``linear_fc2`` for an expert
     expert: int | None
-    a: dict[int, _Src] = field(default_factory=dict)
-    b: dict[int, _Src] = field(default_factory=dict)
+    a: dict[int, FactorRef] = field(default_factory=dict)
+    b: dict[int, FactorRef] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -112,12 +105,12 @@ def _qkv_rows(heads: int, groups: int, d: int, tp: int) -> dict[str, list[tuple[
     return out
 
 
-def _replicated(srcs: dict[int, _Src]) -> tuple[tuple[int, int], tuple[Piece, ...]]:
+def _replicated(srcs: dict[int, FactorRef]) -> tuple[tuple[int, int], tuple[Piece, ...]]:
     s = srcs[0]
     return (s.shape[0], s.shape[1]), (Piece(s.path, s.key),)
 
 
-def _by_columns(srcs: dict[int, _Src]) -> tuple[tuple[int, int], tuple[Piece, ...]]:
+def _by_columns(srcs: dict[int, FactorRef]) -> tuple[tuple[int, int], tuple[Piece, ...]]:
     width = srcs[0].shape[1]
     pieces = tuple(Piece(s.path, s.key, at=(0, t * width)) for t, s in sorted(srcs.items()))
     return (srcs[0].shape[0], width * len(srcs)), pieces
@@ -181,7 +174,8 @@ def _modules(ck: MegatronCheckpoint) -> dict[tuple[int, str, int | None], _Modul
             if expert is None and f.ep > 0:
                 continue  # dense tensors repeat on every EP rank (checked identical when read)
             m = found.setdefault((g_layer, kind, g_expert), _Module(g_layer, kind, g_expert))
-            (m.a if half == "A" else m.b)[f.tp] = _Src(f.path, key, meta.dtype, tuple(meta.shape))
+            role = Role.DOWN if half == "A" else Role.UP
+            (m.a if half == "A" else m.b)[f.tp] = FactorRef(f.path, key, meta.dtype, tuple(meta.shape), role)
     for m in found.values():
         if sorted(m.a) != list(range(cfg.tp)) or sorted(m.b) != list(range(cfg.tp)):
             raise FormatError(f"{ck.path}: '{m.name}' lacks lora_A or lora_B on some of the {cfg.tp} TP ranks")
@@ -325,14 +319,11 @@ class _Placer:
 
 
 def normalize_megatron(
-    ck: MegatronCheckpoint,
-    base: Mapping[str, _Meta] | None,
-    *,
-    strength: float = 1.0,
-    base_config: Mapping[str, Any] | None = None,
+    ck: MegatronCheckpoint, base: Mapping[str, _Meta] | None, *, strength: float, base_config: Mapping[str, Any] | None
 ) -> NormalizedLora:
     """The deltas of a Megatron checkpoint against ``base`` (``None``: described alone, in the
-    Hugging Face names of its family).
+    Hugging Face names of its family); ``normalize`` hands a Megatron checkpoint here, with its
+    ``strength`` and ``base_config``.
 
     Raises:
         FormatError: an unmapped family or layer, router LoRA, shards that do not fit together.

@@ -20,12 +20,13 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from distmerge.formats.keymap import diffusers_param_to_wan, wan_param_to_diffusers
 
-__all__ = ["NAMINGS", "BaseNames", "Naming", "detect_naming"]
+__all__ = ["NAMINGS", "BaseNames", "Naming", "detect_naming", "first_detecting"]
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,30 @@ NAMINGS: tuple[Naming, ...] = (
 )
 
 
+class _Detects(Protocol):
+    """An entry of a table told by its ``detect`` pattern (a ``Naming``, a LoRA ``Layout``)."""
+
+    @property
+    def detect(self) -> re.Pattern[str]: ...
+
+
+_D = TypeVar("_D", bound=_Detects)
+
+
+def first_detecting(table: Sequence[_D], keys: Iterable[str]) -> _D:
+    """The first entry of ``table`` whose ``detect`` pattern finds one of ``keys``; the last entry
+    (the catch-all) when none does. Base namings and LoRA layouts are both told this way."""
+    keys = list(keys)
+    return next((entry for entry in table if any(entry.detect.search(k) for k in keys)), table[-1])
+
+
 def detect_naming(keys: Iterable[str]) -> Naming:
     """The first naming of ``NAMINGS`` that recognises one of ``keys``.
 
     >>> detect_naming(["model.layers.0.self_attn.q_proj.weight"]).name
     'hf'
     """
-    keys = list(keys)
-    for naming in NAMINGS:
-        if any(naming.detect.search(k) for k in keys):
-            return naming
-    return NAMINGS[-1]
+    return first_detecting(NAMINGS, keys)
 
 
 class BaseNames:

@@ -44,7 +44,7 @@ from distmerge.formats.keymap import (
     underscore_map,
 )
 from distmerge.formats.kinds import DeltaKind, Role
-from distmerge.formats.naming import BaseNames
+from distmerge.formats.naming import BaseNames, first_detecting
 from distmerge.formats.scales import AdapterConfig
 from distmerge.formats.shapes import TensorLike, delta_shape_error
 
@@ -218,10 +218,7 @@ def detect_layout(keys: list[str], *, has_config: bool = False) -> Layout:
     """The first layout in ``LAYOUTS`` that recognises any of ``keys``."""
     if has_config:
         return next(lay for lay in LAYOUTS if lay.name == "peft")
-    for layout in LAYOUTS:
-        if any(layout.detect.search(k) for k in keys):
-            return layout
-    return LAYOUTS[-1]
+    return first_detecting(LAYOUTS, keys)
 
 
 class _Ctx:

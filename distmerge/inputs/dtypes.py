@@ -7,9 +7,21 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ITEMSIZES", "FLOAT_CODES", "FP8_CODES", "CLI_DTYPES", "code_of_torch_name", "itemsize", "is_float"]
+__all__ = [
+    "ITEMSIZES",
+    "TORCH_NAMES",
+    "FLOAT_CODES",
+    "FP8_CODES",
+    "CLI_DTYPES",
+    "DTYPE_FLAGS",
+    "code_of_torch_name",
+    "flag_of_code",
+    "itemsize",
+    "is_float",
+]
 
-# code -> (torch dtype name, bytes per element); ``torch_dtypes`` maps the names to torch dtypes.
+# code -> (torch dtype name, bytes per element): the one table of codes; ``ITEMSIZES`` and
+# ``TORCH_NAMES`` are its columns (``torch_dtypes`` maps the names to torch dtypes).
 _TABLE: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
     "U8": ("uint8", 1),
@@ -30,6 +42,8 @@ _TABLE: dict[str, tuple[str, int]] = {
 
 #: code -> bytes per element
 ITEMSIZES: dict[str, int] = {code: size for code, (_, size) in _TABLE.items()}
+#: code -> the name of its torch dtype (``torch_dtypes`` maps the names to the dtypes of this torch)
+TORCH_NAMES: dict[str, str] = {code: name for code, (name, _) in _TABLE.items()}
 
 #: codes whose tensors LoRA deltas may be added to (and ``--dtype`` converts)
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
@@ -50,6 +64,12 @@ CLI_DTYPES: dict[str, str | None] = {
     "fp8_e5m2": "F8_E5M2",
     "float8_e5m2": "F8_E5M2",
 }
+#: code -> its ``--dtype`` spelling: the first that ``CLI_DTYPES`` gives it (``keep`` for None)
+_FLAG_OF: dict[str | None, str] = {
+    code: next(flag for flag, c in CLI_DTYPES.items() if c == code) for code in dict.fromkeys(CLI_DTYPES.values())
+}
+#: the ``--dtype`` spellings users see, one per code (``keep``, ``bf16``, ``fp16`` … ``fp8_e5m2``)
+DTYPE_FLAGS: tuple[str, ...] = tuple(_FLAG_OF.values())
 
 
 def code_of_torch_name(name: str) -> str | None:
@@ -59,7 +79,16 @@ def code_of_torch_name(name: str) -> str | None:
     ('BF16', None)
     """
     name = name.removeprefix("torch.")
-    return next((code for code, (n, _) in _TABLE.items() if n == name), None)
+    return next((code for code, n in TORCH_NAMES.items() if n == name), None)
+
+
+def flag_of_code(code: str | None) -> str:
+    """The ``--dtype`` spelling of a safetensors code (``keep`` for None; any other code in lower case).
+
+    >>> [flag_of_code(c) for c in (None, "BF16", "F16", "F32", "F8_E4M3", "F8_E5M2", "F64")]
+    ['keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn', 'fp8_e5m2', 'f64']
+    """
+    return _FLAG_OF[code] if code in _FLAG_OF else str(code).lower()
 
 
 def itemsize(code: str) -> int:

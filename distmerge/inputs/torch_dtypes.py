@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from distmerge.inputs.dtypes import _TABLE
+from distmerge.inputs.dtypes import ITEMSIZES, TORCH_NAMES
 
 __all__ = ["DTYPES", "to_torch", "code_of"]
 
@@ -17,7 +17,7 @@ __all__ = ["DTYPES", "to_torch", "code_of"]
 # them gets a clear error, not a crash).
 #: code -> (torch dtype, bytes per element), for the codes this torch has
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    code: (getattr(torch, name), size) for code, (name, size) in _TABLE.items() if hasattr(torch, name)
+    code: (getattr(torch, name), ITEMSIZES[code]) for code, name in TORCH_NAMES.items() if hasattr(torch, name)
 }
 _BY_TORCH = {dt: code for code, (dt, _) in DTYPES.items()}
 
