@@ -61,11 +61,11 @@ from distmerge.app.jobschema import RayOptions as RayOptions
 from distmerge.app.jobschema import parse_job as parse_job
 from distmerge.errors import DistmergeError, PlanError
 from distmerge.inputs.hub import local_path
+from distmerge.output.ledger import ProgressFn
 
 #: the job file's schema and parsing (``jobschema``), then its running
 __all__ = [*jobschema.__all__, "run_job", "add_run_parser", "cmd_run"]
 
-ProgressFn = Callable[[int, int, int, int], None]
 
 if TYPE_CHECKING:
     from distmerge.cluster import RaySession

@@ -19,7 +19,7 @@ from typing import Any
 
 from distmerge.app.options import DEVICES, MergeOptions
 from distmerge.errors import PlanError, UsageError
-from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, code_of_torch_name
+from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, code_of_torch_name, dtype_code
 from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
@@ -39,10 +39,7 @@ def resolve_dtype(dtype: Any) -> str | None:
         if code is None or code not in CLI_DTYPES.values():
             raise UsageError(f"--dtype {dtype} is not supported; use {', '.join(DTYPE_FLAGS[1:])} or keep")
         return code
-    key = str(dtype).lower()
-    if key not in CLI_DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not supported; use {', '.join(DTYPE_FLAGS[:-1])} or {DTYPE_FLAGS[-1]}")
-    return CLI_DTYPES[key]
+    return dtype_code(dtype)
 
 
 def lora_specs(loras: Sequence[object] | str | os.PathLike[str]) -> list[tuple[str, float]]:

@@ -76,15 +76,8 @@ from distmerge.output.staging import NoStaging
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
 from distmerge.plan.merge_plan import deltas_by_target
 from distmerge.plan.units import partition_units, target_unit_bytes
-from distmerge.tasks.checks import (
-    CHECKSUM,
-    NEAR,
-    STRUCTURE,
-    CheckGroup,
-    GroupResult,
-    TensorCheck,
-    check_group,
-)
+from distmerge.tasks.checks import CheckGroup, GroupResult, TensorCheck, check_group
+from distmerge.tasks.compare import CHECKSUM, NEAR, STRUCTURE
 
 if TYPE_CHECKING:
     from distmerge.cluster import Call, DispatchSettings

@@ -7,6 +7,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from distmerge.errors import UsageError
+
 __all__ = [
     "ITEMSIZES",
     "TORCH_NAMES",
@@ -15,6 +19,7 @@ __all__ = [
     "CLI_DTYPES",
     "DTYPE_FLAGS",
     "code_of_torch_name",
+    "dtype_code",
     "flag_of_code",
     "itemsize",
     "is_float",
@@ -80,6 +85,25 @@ def code_of_torch_name(name: str) -> str | None:
     """
     name = name.removeprefix("torch.")
     return next((code for code, n in TORCH_NAMES.items() if n == name), None)
+
+
+def dtype_code(flag: str, *, allowed: Collection[str | None] | None = None, command: str = "") -> str | None:
+    """The safetensors code a ``--dtype`` spelling names (``keep``: None), one of ``allowed`` (default:
+    any); ``command`` names who refuses the others.
+
+    >>> dtype_code("bf16"), dtype_code("Float32"), dtype_code("keep")
+    ('BF16', 'F32', None)
+    >>> dtype_code("fp8_e5m2", allowed=("BF16", "F16", "F32"), command="extract")
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: --dtype 'fp8_e5m2' is not supported by extract; use bf16, fp16 or fp32
+    """
+    codes = list(dict.fromkeys(CLI_DTYPES.values())) if allowed is None else list(allowed)
+    code = CLI_DTYPES.get(str(flag).lower(), "?")
+    if code == "?" or code not in codes:
+        names = [flag_of_code(c) for c in codes]
+        by = f" by {command}" if command else ""
+        raise UsageError(f"--dtype {flag!r} is not supported{by}; use {', '.join(names[:-1])} or {names[-1]}")
+    return code
 
 
 def flag_of_code(code: str | None) -> str:

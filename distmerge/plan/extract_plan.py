@@ -21,7 +21,7 @@ from distmerge.errors import PlanError, UsageError
 from distmerge.formats.layouts import LAYOUTS, check_round_trip, layout_keys, peft_adapter_config
 from distmerge.formats.naming import detect_naming
 from distmerge.inputs.checkpoint import BaseCheckpoint
-from distmerge.inputs.dtypes import CLI_DTYPES, FP8_CODES, is_float
+from distmerge.inputs.dtypes import FP8_CODES, dtype_code, is_float
 from distmerge.plan.units import TASK_OVERHEAD_BYTES, partition_units, target_unit_bytes
 
 if TYPE_CHECKING:
@@ -39,25 +39,13 @@ __all__ = [
     "layout_keys",
     "make_extract_plan",
     "peft_adapter_config",
-    "resolve_out_dtype",
 ]
 
 #: raw bytes per row chunk a task reads from each checkpoint (``tasks.extract_unit``)
 READ_CHUNK_BYTES = 16 << 20
 #: ``--dtype`` choices of the factors and differences
 OUT_DTYPES = ("bf16", "fp16", "fp32")
-
-
-def resolve_out_dtype(dtype: str) -> str:
-    """``bf16``/``fp16``/``fp32`` (or their long spellings) -> safetensors code.
-
-    >>> resolve_out_dtype("bf16"), resolve_out_dtype("float32")
-    ('BF16', 'F32')
-    """
-    code = CLI_DTYPES.get(str(dtype).lower())
-    if code not in ("BF16", "F16", "F32"):
-        raise UsageError(f"--dtype {dtype!r} is not supported by extract; use bf16, fp16 or fp32")
-    return code
+_OUT_CODES = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
@@ -87,7 +75,7 @@ class ExtractOptions:
         if not (isinstance(min_diff, (int, float)) and math.isfinite(min_diff) and min_diff >= 0):
             raise UsageError(f"--min-diff {min_diff!r} must be a finite number >= 0")
         energy = None if energy is None else float(energy)
-        code = resolve_out_dtype(self.out_dtype)
+        code = str(dtype_code(self.out_dtype, allowed=_OUT_CODES, command="extract"))  # never keep (None)
         return replace(self, energy=energy, out_dtype=code, min_diff=float(min_diff), exact=bool(self.exact))
 
     def describe(self) -> dict[str, object]:
@@ -116,13 +104,14 @@ class ExtractTensor:
     keys: Mapping[str, str] = field(default_factory=dict)  #: role -> LoRA key (``layout_keys``)
 
     @property
+    def numel(self) -> int:
+        """Elements of either copy."""
+        return math.prod(self.shape)
+
+    @property
     def matrix(self) -> bool:
         """A 2-D float tensor: reduced to a LoRA pair (anything else becomes a full difference)."""
         return len(self.shape) == 2 and is_float(self.dtype) and min(self.shape) > 0
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

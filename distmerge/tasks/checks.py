@@ -23,7 +23,6 @@ from distmerge.plan.units import TASK_OVERHEAD_BYTES
 from distmerge.tasks.checksum import file_digest
 from distmerge.tasks.compare import (
     CHECKSUM,
-    NEAR,
     NONFINITE,
     STRUCTURE,
     UNTOUCHED,
@@ -44,12 +43,6 @@ from distmerge.tasks.terms import load_terms
 from distmerge.tasks.ulp import error_text, finite, show_value, ulp_distance
 
 __all__ = [
-    "CHECKSUM",
-    "NEAR",
-    "NONFINITE",
-    "STRUCTURE",
-    "UNTOUCHED",
-    "VALUE",
     "CheckGroup",
     "GroupResult",
     "TensorCheck",
@@ -61,6 +54,7 @@ __all__ = [
 
 #: failures each task reports in full (the rest are only counted)
 _MAX_FAILURES = 8
+
 # ----------------------------------------------------------------------------------------------
 # Task side
 
