@@ -55,9 +55,6 @@ __all__ = [
 #: failures each task reports in full (the rest are only counted)
 _MAX_FAILURES = 8
 
-# ----------------------------------------------------------------------------------------------
-# Task side
-
 
 @dataclass(frozen=True)
 class TensorCheck:
@@ -97,14 +94,9 @@ class CheckGroup:
         row-local (or the output is scaled fp8: its largest value, the converted bytes)."""
         peak = 0 if self.hash_path else 4 * CHUNK_BYTES
         for c in self.checks:
-            if c.quant or (c.deltas and not all(_row_local(d) for d in c.deltas)):
+            if c.quant or not all(d.row_local for d in c.deltas):
                 peak = max(peak, 4 * CHUNK_BYTES + 3 * 8 * c.base.numel)
         return TASK_OVERHEAD_BYTES + peak
-
-
-def _row_local(d: Delta) -> bool:
-    """A delta whose rows of ΔW need only the matching rows of its factors."""
-    return d.kind in ("diff", "set") or (d.kind == "lora" and not d.transpose and not d.dora and len(d.factors) == 2)
 
 
 @dataclass(frozen=True)
