@@ -232,7 +232,7 @@ def test_unit_size_override(base):
     [
         ({"workers": 2, "unit_size": 20_000}, 20_000),
         ({"workers": 2, "unit_size": 1}, 1),
-        ({"workers": 2, "units_per_worker": 4}, None),
+        ({"workers": 2}, None),  # four units per worker
     ],
 )
 def test_byte_balance(base, kw, target):
