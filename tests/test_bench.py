@@ -41,6 +41,8 @@ def _bench(args: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, dict
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_generated_wan_checkpoint_runs_every_method(tmp_path):
     proc, doc = _bench([*TINY, "--shards", "2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -77,6 +79,8 @@ def test_generated_wan_checkpoint_runs_every_method(tmp_path):
     assert "first unit running" in proc.stdout and "tail s (last unit done -> exit)" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_existing_checkpoint_with_base_and_lora(tmp_path):
     cfg = WanConfig(dim=128, ffn=256, blocks=1, text_dim=64, dtype="BF16")
     base = tmp_path / "mine"

@@ -107,6 +107,7 @@ def _bad_cases(tiny_base, tmp_path, lora):
     }
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "case",
     ["truncated shard", "missing lora", "pickle with code", "weights count", "output inside base", "non-empty output"],

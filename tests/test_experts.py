@@ -25,7 +25,6 @@ from distmerge.errors import DistmergeError, MatchError
 from .helpers import assert_close_to_reference, load_checkpoint
 
 pytestmark = [
-    pytest.mark.ray,
     # PEFT 0.21 checks rank/alpha patterns against module names only, so a `<module>.<parameter>`
     # pattern (which it does apply to that parameter) is reported as unmatched
     pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match"),
@@ -107,6 +106,7 @@ def _expert_keys(sd: dict[str, torch.Tensor]) -> set[str]:
     return {k for k in sd if ".experts." in k}
 
 
+@pytest.mark.ray
 def test_qwen3_moe_experts_match_peft(tmp_path, ray_local):
     """Qwen3-MoE, float32: rsLoRA and a rank/alpha pattern on one layer's gate_up_proj; every expert
     weight PEFT changes, distmerge changes the same way, and the logits agree."""
@@ -141,6 +141,7 @@ def test_qwen3_moe_experts_match_peft(tmp_path, ray_local):
     torch.testing.assert_close(_logits(out_dir), _logits(os.path.join(tmp_path, "peft-ad")), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.ray
 def test_mixtral_bf16_experts_within_one_ulp(tmp_path, ray_local):
     """Mixtral keeps ``block_sparse_moe.experts.e.w1/w3/w2`` on disk while PEFT names the module
     ``mlp.experts``: a bf16 base merges to PEFT's float32 merge rounded once, within 1 bf16 ulp."""
@@ -160,6 +161,7 @@ def test_mixtral_bf16_experts_within_one_ulp(tmp_path, ray_local):
     assert torch.isfinite(_logits(out_dir, torch.bfloat16)).all()
 
 
+@pytest.mark.ray
 def test_two_adapters_with_weights(tmp_path, ray_local):
     """``--weight`` on expert adapters: W + 0.7·ΔW₁ − 0.3·ΔW₂, each ΔW as PEFT merges it."""
     model = _qwen3_moe(seed=3)
@@ -191,6 +193,7 @@ def _fused_base(model, folder: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+@pytest.mark.ray
 def test_fused_expert_tensors_on_disk(tmp_path, ray_local):
     """A base storing ``mlp.experts.gate_up_proj`` ``(E, 2I, H)`` as one 3-D tensor merges into it
     (one ``experts`` delta per tensor) exactly as PEFT merges the in-memory parameter."""
@@ -210,6 +213,7 @@ def test_fused_expert_tensors_on_disk(tmp_path, ray_local):
         assert torch.equal(out[k], b) == (".experts." not in k), k
 
 
+@pytest.mark.ray
 def test_adapter_for_other_expert_count_is_refused(tmp_path, ray_local):
     """An adapter made for 8 experts on a base with 4 (same widths): E·r divides either way, only
     the config's r exposes it; one error naming both counts, nothing written."""
@@ -224,6 +228,7 @@ def test_adapter_for_other_expert_count_is_refused(tmp_path, ray_local):
     assert not os.path.exists(out_dir)
 
 
+@pytest.mark.ray
 def test_square_fused_experts_are_refused(tmp_path, ray_local):
     """Fused experts whose (out, in) is square could be stored either way round: refused, not guessed."""
     model = _qwen3_moe(moe_ffn=16)  # gate_up_proj (E, 32, 32) with hidden 32
@@ -234,6 +239,7 @@ def test_square_fused_experts_are_refused(tmp_path, ray_local):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.ray
 def test_old_per_expert_adapter_layout(tmp_path, ray_local):
     """Adapters made before transformers 5 name each expert's Linear: they merge as plain pairs."""
     model = _qwen3_moe(seed=8)
@@ -259,6 +265,7 @@ def test_old_per_expert_adapter_layout(tmp_path, ray_local):
         torch.testing.assert_close(out[m + ".weight"], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.ray
 def test_converter_rank_pattern_warns(tmp_path, ray_local, caplog):
     """A PEFT adapter whose rank_pattern puts experts at r // topk (what ROLL's Megatron converter
     writes) merges with PEFT's semantics and a warning saying the trained delta was 1/topk of it."""

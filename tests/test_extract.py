@@ -42,7 +42,6 @@ from .conftest import snapshot
 from .helpers import DIFFUSERS_CONFIG, TINY, load_checkpoint, tiny_llm_config
 
 pytestmark = [
-    pytest.mark.ray,
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
@@ -127,6 +126,7 @@ def _assert_state_close(got: dict, want: dict, label: str, *, keys=None) -> None
 # --------------------------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("naming", ["wan", "comfy", "diffusers"])
 @pytest.mark.parametrize("layout", ["comfy", "diffusers", "roll", "peft"])
 def test_known_rank_delta_round_trips_through_merge(ray_local, root, tmp_path, layout, naming):
@@ -153,6 +153,7 @@ def test_known_rank_delta_round_trips_through_merge(ray_local, root, tmp_path, l
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], os.listdir(tmp_path)  # no staging left
 
 
+@pytest.mark.ray
 def test_comfy_keys_alpha_and_dtype(ray_local, root, tmp_path):
     base_path, tuned_path, _, _ = _write_pair(root, "wan")
     out = _out(tmp_path, "comfy")
@@ -173,6 +174,7 @@ def test_comfy_keys_alpha_and_dtype(ray_local, root, tmp_path):
     assert all(t["error"] >= t["predicted_error"] for t in lora) and max(t["error"] for t in lora) < 1e-2
 
 
+@pytest.mark.ray
 def test_error_shrinks_with_rank_as_the_report_predicts(ray_local, root, tmp_path):
     base_path, tuned_path, base, tuned = _write_pair(root, "wan", seed=11, rank=None, alpha=0.8)
     errors = {}
@@ -194,6 +196,7 @@ def test_error_shrinks_with_rank_as_the_report_predicts(ray_local, root, tmp_pat
         assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0], (k, errs)
 
 
+@pytest.mark.ray
 def test_energy_mode_picks_the_smallest_rank_per_matrix(ray_local, root, tmp_path):
     base_path, tuned_path, base, tuned = _write_pair(root, "wan", seed=11, rank=None, alpha=0.8)
     rep = extract(base_path, tuned_path, str(tmp_path / "e.safetensors"), rank=None, energy=0.9, dtype="fp32")
@@ -211,6 +214,7 @@ def test_energy_mode_picks_the_smallest_rank_per_matrix(ray_local, root, tmp_pat
         assert by_key[t["key"]]["rank"] == min(want, 5)
 
 
+@pytest.mark.ray
 def test_randomized_svd_through_ray_keeps_within_one_percent_of_exact(ray_local, tmp_path):
     """A 1536² matrix is large enough for the randomized SVD (``lowrank.uses_exact``)."""
     g = torch.Generator().manual_seed(5)
@@ -242,6 +246,7 @@ def test_randomized_svd_through_ray_keeps_within_one_percent_of_exact(ray_local,
     assert got[False]["error"] == pytest.approx(got[False]["predicted_error"], rel=1e-3)
 
 
+@pytest.mark.ray
 def test_min_diff_skips_small_differences(ray_local, root, tmp_path):
     base_path, tuned_path, base, tuned = _write_pair(root, "wan")
     rep = extract(base_path, tuned_path, _out(tmp_path, "comfy"), rank=R, min_diff=0.05)
@@ -261,6 +266,7 @@ def wan_diffusers_pair(root):
     return _saved_pair(WanTransformer3DModel(**DIFFUSERS_CONFIG).eval(), root, "wt", seed=21)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("layout", ["comfy", "diffusers"])
 def test_diffusers_loads_the_lora_and_merges_like_distmerge(ray_local, wan_diffusers_pair, tmp_path, layout):
     from diffusers import WanPipeline, WanTransformer3DModel
@@ -314,6 +320,7 @@ def _saved_pair(model, root: str, name: str, *, seed: int):
     return base_dir, tuned_dir, base, tuned
 
 
+@pytest.mark.ray
 def test_peft_loads_the_adapter_and_merges_like_distmerge(ray_local, llm_pair, tmp_path):
     from peft import PeftModel
 
@@ -337,6 +344,7 @@ def test_peft_loads_the_adapter_and_merges_like_distmerge(ray_local, llm_pair, t
     _assert_state_close(theirs, ours, "PEFT merge_and_unload vs distmerge", keys=base)
 
 
+@pytest.mark.ray
 def test_peft_rank_pattern_for_energy_ranks(ray_local, llm_pair, tmp_path):
     from peft import PeftModel
 
@@ -365,6 +373,7 @@ def _other_pair(tmp_path, mutate) -> tuple[str, str]:
     return str(tmp_path / "b"), str(tmp_path / "t")
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "case, mutate, error, pattern",
     [
@@ -407,6 +416,7 @@ def test_bad_pair_is_one_line_and_publishes_nothing(ray_local, tmp_path, case, m
     assert os.listdir(tmp_path / "out") == []  # no output, no staging, no lock file
 
 
+@pytest.mark.ray
 def test_identical_checkpoints_are_an_error(ray_local, tmp_path):
     base, tuned = _other_pair(tmp_path, lambda t: None)
     with pytest.raises(PlanError, match=r"no tensor differs from the base .* by more than --min-diff 0.5"):
@@ -416,6 +426,7 @@ def test_identical_checkpoints_are_an_error(ray_local, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n not in ("b", "t")], os.listdir(tmp_path)
 
 
+@pytest.mark.ray
 def test_differing_integer_tensor_is_refused(ray_local, tmp_path):
     def mutate(t):
         pass
@@ -458,6 +469,7 @@ def test_usage_errors_are_one_line_before_anything_runs(tmp_path, kw, pattern):
     assert not os.path.exists(out)
 
 
+@pytest.mark.ray
 def test_existing_output_is_refused_unless_overwrite(ray_local, tmp_path):
     base, tuned = _other_pair(tmp_path, lambda t: None)
     out = str(tmp_path / "lora.safetensors")
@@ -521,6 +533,7 @@ def _main(argv: list[str]) -> int:
     return cli.main(argv)
 
 
+@pytest.mark.ray
 def test_cli_prints_one_summary_line(ray_local, root, tmp_path, capsys):
     base_path, tuned_path, base, tuned = _write_pair(root, "wan")
     pairs = sum(v.dim() == 2 and not torch.equal(v, tuned[k]) for k, v in base.items())
@@ -538,6 +551,7 @@ def test_cli_prints_one_summary_line(ray_local, root, tmp_path, capsys):
     assert {"rank", "energy", "predicted_error", "error", "seconds", "method"} <= set(doc["tensors"][0])
 
 
+@pytest.mark.ray
 def test_cli_errors_are_one_line(ray_local, tmp_path, capsys):
     base, tuned = _other_pair(tmp_path, lambda t: t.update({"a.weight": torch.randn(8, 5)}))
     out = str(tmp_path / "l.safetensors")
@@ -567,6 +581,7 @@ def _console(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.ray
 def test_console_script_extract(root, tmp_path):
     base_path, tuned_path, _, _ = _write_pair(root, "wan")
     out = _out(tmp_path, "comfy")
@@ -599,6 +614,7 @@ _CRASHY = textwrap.dedent(
 )
 
 
+@pytest.mark.ray
 def test_crashed_run_resumes_with_finished_units_reused(root, tmp_path):
     base_path, tuned_path, _, tuned = _write_pair(root, "wan")
     out = str(tmp_path / "lora.safetensors")
@@ -638,6 +654,8 @@ def test_crashed_run_resumes_with_finished_units_reused(root, tmp_path):
 # --------------------------------------------------------------------------------------------- benchmark
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_bench_extract_smoke(tmp_path):
     bench = os.path.join(REPO, "benchmarks", "bench_extract.py")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

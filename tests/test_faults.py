@@ -22,6 +22,8 @@ from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_b
 
 from .helpers import assert_close_to_reference, load_checkpoint, lora_terms, reference_merge
 
+pytestmark = pytest.mark.ray
+
 MEDIUM = WanConfig(dim=256, ffn=704, blocks=8, in_dim=16, text_dim=256, freq_dim=64, dtype="F32")
 SLOW = dict(num_workers=1, unit_size="1MB")
 SLOW_CLI = ["--num-workers", "1", "--unit-size", "1MB", "--num-cpus", "2", "-q"]
@@ -80,7 +82,6 @@ def _task_worker_pids() -> list[int]:
     return pids
 
 
-@pytest.mark.ray
 def test_killed_worker_is_retried_and_output_is_bitwise_identical(ray_local, medium, reference_output, tmp_path):
     base, lora, _ = medium
     out = str(tmp_path / "out")
@@ -158,6 +159,7 @@ def test_ctrl_c_through_a_dead_pipe_still_exits_130(medium, tmp_path):
     assert not os.path.exists(out), os.listdir(out)
 
 
+@pytest.mark.slow
 def test_crashed_driver_resumes_with_finished_units_reused(medium, reference_output, tmp_path):
     base, lora, _ = medium
     out = str(tmp_path / "out")
@@ -229,7 +231,6 @@ def test_full_disk_fails_cleanly(medium, tmp_path, tiny_disk):
     assert os.listdir(tiny_disk) == []
 
 
-@pytest.mark.ray
 def test_the_undisturbed_reference_is_itself_correct(ray_local, medium, reference_output, tmp_path):
     base, lora, factors = medium
     folder = tmp_path / "ref"

@@ -16,9 +16,8 @@ from distmerge.app.jobfile import check_job, parse_job
 from distmerge.app.report import save_report
 from distmerge.errors import UsageError
 
-pytestmark = pytest.mark.ray
 
-
+@pytest.mark.ray
 def test_report_into_missing_folders_is_written(tiny_base, lora, tmp_path, ray_local):
     """``--report nodir/sub/r.json``: the folders are made, as for a folder output (this published
     the output and then failed with FileNotFoundError before)."""
@@ -27,6 +26,7 @@ def test_report_into_missing_folders_is_written(tiny_base, lora, tmp_path, ray_l
     assert json.loads(report.read_text())["pairs_merged"] == rep.pairs_merged > 0
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("where", ["folder", "under_file"])
 def test_unwritable_report_refused_before_work(where, tiny_base, lora, tmp_path, ray_local):
     (tmp_path / "plain").write_text("x")
@@ -71,6 +71,7 @@ def test_report_failure_after_publish_is_a_warning(tmp_path, caplog):
     assert os.path.isfile(tmp_path / "plain")
 
 
+@pytest.mark.ray
 def test_output_folder_that_cannot_be_written_says_why(tiny_base, lora, tmp_path, ray_local):
     """An immutable output folder (EPERM even for root): the real reason, not a retry's ENOENT."""
     import shutil
@@ -112,6 +113,7 @@ def test_cli_takes_the_dtype_names_the_api_takes():
         assert resolve_dtype(args.dtype) == code
 
 
+@pytest.mark.ray
 def test_single_file_outputs(tiny_base, lora, tmp_path, ray_local):
     """A single-file output creates its folders as a folder output does; the suffix is matched in
     any case; another weight-file suffix is refused instead of becoming a folder of that name."""
@@ -126,6 +128,7 @@ def test_single_file_outputs(tiny_base, lora, tmp_path, ray_local):
     assert not (tmp_path / "merged.sft").exists()
 
 
+@pytest.mark.ray
 def test_device_cuda_without_a_gpu_fails_even_for_a_tiny_merge(tiny_base, lora, tmp_path):
     """The units the driver merges itself while Ray starts used to ignore ``--device cuda``: a
     small merge then ran on the CPU and exited 0."""
@@ -147,6 +150,7 @@ def test_device_cuda_without_a_gpu_fails_even_for_a_tiny_merge(tiny_base, lora, 
     assert not out.exists()
 
 
+@pytest.mark.ray
 def test_lora_for_another_model_says_so_briefly(tiny_base, tmp_path, ray_local):
     """An LLM adapter on a Wan base: one short line asking whether it is for another model, and no
     advice to --skip-unmatched (which would only fail with "nothing matched")."""
@@ -185,6 +189,7 @@ def _on_a_terminal(cmd: str, done, *, width: int) -> str:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
+@pytest.mark.ray
 def test_terminal_shows_the_bar_then_the_summary_last(tiny_base, lora, tmp_path):
     """On a real terminal (tmux): the finished bar, then the summary alone as the last line (the
     summary used to be glued onto the bar, which was then redrawn below it)."""
@@ -329,6 +334,7 @@ def test_fork_hook_modules_are_imported_before_ray_starts_forking():
     assert r.stdout.strip() == "True", r.stderr
 
 
+@pytest.mark.ray
 def test_demo_says_what_it_is_doing(tmp_path, ray_local):
     """The demo's float64 check (seconds on a small machine) is announced before it runs."""
     from distmerge.app.demo import run_demo
@@ -340,6 +346,7 @@ def test_demo_says_what_it_is_doing(tmp_path, ray_local):
     assert said[checking + 1].startswith("checked ") and "max |error|" in said[checking + 1]
 
 
+@pytest.mark.ray
 def test_extract_report_checked_before_work_and_folders_made(tiny_base, tmp_path, ray_local):
     from distmerge.app.synth import write_wan_base
 

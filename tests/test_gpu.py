@@ -25,6 +25,7 @@ def test_merge_tensor_on_cuda_matches_cpu():
     assert (out.view(torch.int16) == ref.view(torch.int16)).float().mean() > 0.999
 
 
+@pytest.mark.ray
 def test_end_to_end_on_gpu(tiny_base, tiny_factors, tmp_path):
     import ray
 

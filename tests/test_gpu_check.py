@@ -48,6 +48,8 @@ def _run(tmp_path, timeout: int = 240, **env: str) -> tuple[subprocess.Completed
     return proc, steps
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_cpu_mode_merges_and_compares(tmp_path):
     steps_run = "env,generate,merge-gpu,merge-cpu,compare"
     proc, steps = _run(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS=steps_run, **TINY)
@@ -64,6 +66,8 @@ def test_cpu_mode_merges_and_compares(tmp_path):
     assert not (tmp_path / "work" / "out-gpu").exists() and not (tmp_path / "work" / "out-cpu").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_cpu_mode_times_cp_against_distmerge(tmp_path):
     proc, steps = _run(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="timing", **TINY)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -15,6 +15,8 @@ import distmerge
 from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 from distmerge.errors import ShardWriteError
 
+pytestmark = pytest.mark.ray
+
 MEDIUM = WanConfig(dim=256, ffn=704, blocks=8, in_dim=16, text_dim=256, freq_dim=64, dtype="F32")
 
 

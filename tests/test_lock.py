@@ -371,6 +371,7 @@ def _race(base: str, lora: str, out: str, weights: tuple[float, float], folder: 
     return runs, overlapped
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_cli_merges_raced_into_one_output_one_refused_one_verified(tiny_base, tiny_factors, tmp_path):
     lora = str(tmp_path / "l.pth")

@@ -40,8 +40,6 @@ import distmerge
 from .conftest import snapshot
 from .helpers import assert_close_to_reference, load_checkpoint, reference_merge, shared_path
 
-pytestmark = pytest.mark.ray
-
 EXAMPLE = shared_path("examples", "megatron_qwen3_tp2")
 ADAPTER = "default"
 ITER = "iter_0000001"
@@ -185,6 +183,7 @@ def _changed(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor], target
 # --------------------------------------------------------------------------- 1. the real example
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("where", ["root", "adapter", "iteration"])
 def test_real_example_matches_expected(where, tmp_path, ray_local):
     lora = {
@@ -277,6 +276,7 @@ def peft_to_megatron(adapter: dict[str, torch.Tensor], layers: int, heads: int, 
     return modules
 
 
+@pytest.mark.ray
 def test_dense_qwen3_tp2_pp2_matches_peft(tmp_path, ray_local):
     c = DENSE
     base_dir, ad_dir, peft_ref = _dense_peft(tmp_path)
@@ -327,6 +327,7 @@ def test_dense_qwen3_tp2_pp2_matches_peft(tmp_path, ray_local):
 MOE = {"hidden": 32, "heads": 8, "groups": 4, "head_dim": 8, "moe_ffn": 24, "layers": 4, "experts": 4, "topk": 2}
 
 
+@pytest.mark.ray
 def test_moe_qwen3_tp2_pp2_ep2_scales_experts_by_full_rank(tmp_path, ray_local):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -516,6 +517,7 @@ def _unmapped_family_base_too(ck: str, base: str) -> list[str]:
     return ["gpt_oss", "not mapped"]
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "damage",
     [_missing_rank, _replicas_differ, _two_adapters, _router_lora, _unmapped_family, _unmapped_family_base_too],

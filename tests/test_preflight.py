@@ -73,6 +73,7 @@ def test_the_api_refuses_nan_too():
     assert validate_options(weights=[0.5, -1.0], alpha=2.0, dtype="fp16") == "F16"
 
 
+@pytest.mark.ray
 def test_a_scale_times_weight_beyond_float32_is_refused_before_ray(tiny_base, tiny_factors, tmp_path):
     """α/r from the file (1e30) times an ordinary-looking weight (1e9) overflows float32."""
     from safetensors.torch import load_file
@@ -86,6 +87,7 @@ def test_a_scale_times_weight_beyond_float32_is_refused_before_ray(tiny_base, ti
     assert _no_ray() and not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.ray
 def test_one_shard_as_the_base_names_the_folder(inputs, tmp_path, capsys):
     base, lora = inputs
     shard = os.path.join(base, min(n for n in os.listdir(base) if n.endswith("-of-00003.safetensors")))
@@ -98,6 +100,7 @@ def test_one_shard_as_the_base_names_the_folder(inputs, tmp_path, capsys):
         distmerge.merge(shard, [lora], str(tmp_path / "out"))
 
 
+@pytest.mark.ray
 def test_output_rules_come_before_lora_matching(inputs, tmp_path, capsys):
     """An output that cannot be used is reported before a LoRA that does not fit."""
     base, _ = inputs
@@ -112,6 +115,7 @@ def test_output_rules_come_before_lora_matching(inputs, tmp_path, capsys):
     assert code == 1 and "out" in err and len(err.splitlines()) == 1 and _no_ray(), err
 
 
+@pytest.mark.ray
 def test_fp8_refusal_comes_before_ray(tiny_base, tiny_factors, tmp_path):
     from safetensors.torch import load_file
 

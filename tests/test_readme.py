@@ -13,8 +13,6 @@ from distmerge.app.synth import make_factors, write_lora, write_wan_base
 
 from .helpers import TINY
 
-pytestmark = pytest.mark.ray
-
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
@@ -29,6 +27,7 @@ def test_readme_has_the_examples():
     assert any("distmerge.merge(" in b for b in blocks) and any("verify_output(" in b for b in blocks)
 
 
+@pytest.mark.ray
 def test_readme_python_examples_run(tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.chdir(tmp_path)
     write_wan_base("Wan2.2-T2V-A14B/low_noise_model", TINY, num_shards=2)

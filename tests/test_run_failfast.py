@@ -23,6 +23,8 @@ from distmerge.app.jobfile import parse_job, run_job
 from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 from distmerge.errors import DistmergeError
 
+pytestmark = pytest.mark.ray
+
 MEDIUM = WanConfig(dim=256, ffn=704, blocks=8, in_dim=16, text_dim=256, freq_dim=64, dtype="F32")
 BAD_KEY = "blocks.0.self_attn.q.weight"  # in the first unit to run: the others are still to come
 

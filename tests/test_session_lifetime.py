@@ -26,8 +26,6 @@ from distmerge.cluster.watchdog import PROGRAM as WATCHDOG_PROGRAM
 
 from .helpers import TINY
 
-pytestmark = pytest.mark.ray
-
 #: the processes an embedded session is made of, each as its name or command line shows it (Ray 2.60
 #: names the agents ``ray::DashboardAgent``/``ray::RuntimeEnvAgent``, Ray 2.48 shows their scripts);
 #: one ``ray::`` worker at least too
@@ -131,6 +129,7 @@ def _complete(procs: list[psutil.Process]) -> bool:
     )
 
 
+@pytest.mark.ray
 def test_kill_9_of_the_driver_ends_its_whole_session(ray_local, inputs, tmp_path):
     p = _merge(inputs, str(tmp_path / "out"))
     driver = psutil.Process(p.pid)
@@ -152,6 +151,7 @@ def test_kill_9_of_the_driver_ends_its_whole_session(ray_local, inputs, tmp_path
         p.wait(30)
 
 
+@pytest.mark.ray
 def test_a_finished_run_leaves_nothing_and_no_watchdog(inputs, tmp_path):
     p = _merge(inputs, str(tmp_path / "out"))
     driver = psutil.Process(p.pid)
@@ -225,6 +225,7 @@ def test_the_watchdog_kills_writers_of_its_session_only(tmp_path, told):
             h.wait(30)
 
 
+@pytest.mark.ray
 def test_sessions_distmerge_does_not_start_get_no_watchdog(ray_local):
     with cluster.RaySession() as s:
         assert s.mode == "existing" and s._watchdog is None
