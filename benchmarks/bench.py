@@ -324,8 +324,8 @@ def measure(
             ended["perf"], ended["epoch"] = time.perf_counter(), time.time()
             done.set()
 
+        sampler = TreeSampler(proc.pid, t0_epoch, ray_tmp, token)  # before the reap: a fast command is a zombie
         threading.Thread(target=reap, daemon=True).start()
-        sampler = TreeSampler(proc.pid, t0_epoch, ray_tmp, token)
         while not done.is_set():
             try:
                 sampler.sample()
