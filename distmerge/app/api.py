@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from distmerge.tasks.inline import InlineRunner
     from distmerge.tasks.unit import UnitResult
 
-__all__ = ["MergeJob", "check", "collect_deltas", "lora_specs", "merge", "resolve_dtype", "run_unit_task"]
+__all__ = ["MergeJob", "check", "collect_deltas", "lora_specs", "merge", "resolve_dtype"]
 
 Path = str | os.PathLike[str]
 
@@ -220,6 +220,8 @@ class MergeJob(Job[MergeReport]):
         return self.shards is not None and self.shards.direct_io and self.previous is None
 
     def task(self) -> Callable[..., UnitResult]:
+        from distmerge.tasks.unit import run_unit_task  # torch: where there is work (a worker imports only it)
+
         return run_unit_task
 
     def order(self, units: Sequence[WorkUnit]) -> list[WorkUnit]:
@@ -276,10 +278,3 @@ def _unit_report(r: UnitResult, t0: float) -> UnitReport:
     return UnitReport(
         r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged, started, r.direct_bytes
     )
-
-
-def run_unit_task(unit: WorkUnit, dest: str, device: str, direct_io: bool = True) -> UnitResult:
-    """A work unit on a worker (torch is imported there, not by the driver's import of this module)."""
-    from distmerge.tasks.unit import run_unit
-
-    return run_unit(unit, dest, device=device, direct_io=direct_io)

@@ -45,7 +45,8 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
 
     session = RaySession(opts.address, num_cpus=opts.num_cpus, fast_exit=args.fast_exit).start()
     try:
-        from distmerge.app.api import merge  # torch loads while Ray starts
+        from distmerge.app.api import merge
+        from distmerge.tasks import inline  # noqa: F401  (torch and the unit's code load while Ray starts)
 
         report = merge(args.base, loras, args.output, options=opts, session=session, progress=progress)
     finally:

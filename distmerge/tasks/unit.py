@@ -53,12 +53,12 @@ from distmerge.plan.merge_plan import CHUNK_BYTES, Action, PlannedTensor, WorkUn
 from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
-from distmerge.tasks.reading import OpenFiles, read_bytes, read_into, read_scalar
+from distmerge.tasks.reading import OpenFiles, read_into, read_scalar
 from distmerge.tasks.runtime import io_errors, task_device
 from distmerge.tasks.terms import load_terms
 from distmerge.tasks.writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
 
-__all__ = ["UnitResult", "run_unit", "unit_crc32", "read_bytes", "load_terms", "row_chunks", "CHUNK_BYTES"]
+__all__ = ["CHUNK_BYTES", "UnitResult", "row_chunks", "run_unit", "run_unit_task", "unit_crc32"]
 
 _WRITE_BACKLOG = 2
 #: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
@@ -428,6 +428,11 @@ def run_unit(
         started=started,
         direct_bytes=direct,
     )
+
+
+def run_unit_task(unit: WorkUnit, dest: str, device: str, direct_io: bool = True) -> UnitResult:
+    """``run_unit`` as a Ray task calls it (positional arguments)."""
+    return run_unit(unit, dest, device=device, direct_io=direct_io)
 
 
 def unit_crc32(unit: WorkUnit, dest: str) -> int:
