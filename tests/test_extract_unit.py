@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from distmerge.errors import FormatError, ShardWriteError
 from distmerge.inputs.checkpoint import open_base
 from distmerge.inputs.header import read_header
-from distmerge.plan.extract_plan import ExtractOptions, make_extract_plan
 from distmerge.output.parts import assemble
+from distmerge.plan.extract_plan import ExtractOptions, make_extract_plan
 from distmerge.tasks.extract_unit import PART_META, UnitOutcome, compute_unit, read_part_outcome, run_extract_unit
 from distmerge.tasks.writer import write_safetensors
 
