@@ -34,7 +34,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from distmerge.errors import PlanError, UsageError
+from distmerge.app.validate import check_counts, check_device
+from distmerge.errors import PlanError
 from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.manifest import Manifest, changes
 from distmerge.plan.units import TASK_OVERHEAD_BYTES, JobPlan, Unit
@@ -72,13 +73,8 @@ class RunOptions:
         Traceback (most recent call last):
         distmerge.errors.UsageError: --num-workers must be an integer >= 1 (got --num-workers 0)
         """
-        for name, low in (("num_workers", 1), ("num_cpus", 1), ("max_retries", 0)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} must be an integer >= {low} (got {flag} {value!r})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device {self.device!r} is not supported; use auto, cpu or cuda")
+        check_counts(self)
+        check_device(self.device)
 
 
 def with_keywords(func: str, kwargs: Mapping[str, Any], *options: Any) -> list[Any]:

@@ -24,7 +24,16 @@ from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
 
-__all__ = ["F32_MAX", "check_limits", "check_options", "lora_specs", "resolve_dtype", "validate_options"]
+__all__ = [
+    "F32_MAX",
+    "check_counts",
+    "check_device",
+    "check_limits",
+    "check_options",
+    "lora_specs",
+    "resolve_dtype",
+    "validate_options",
+]
 
 #: the largest finite float32: every coefficient is applied in float32
 F32_MAX = 3.4028234663852886e38
@@ -72,9 +81,30 @@ def _finite(name: str, value: float, hint: str) -> None:
         )
 
 
-def _count(name: str, value: int | None, low: int) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+def check_counts(opts: Any) -> None:
+    """The Ray counts of a job's options (``MergeOptions``, ``RunOptions``): ``max_retries`` >= 0,
+    ``num_workers`` and ``num_cpus`` >= 1 when given.
+
+    >>> check_counts(MergeOptions(num_workers=0))
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: --num-workers must be an integer >= 1 (got --num-workers 0)
+    """
+    for name, low in (("max_retries", 0), ("num_workers", 1), ("num_cpus", 1)):
+        value = getattr(opts, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be an integer >= {low} (got {flag} {value!r})")
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu`` or ``cuda``.
+
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: --device 'gpu' is not supported; use auto, cpu or cuda
+    """
+    if device not in DEVICES:
+        raise UsageError(f"--device {device!r} is not supported; use {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
 
 
 def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report") -> None:
@@ -154,7 +184,7 @@ def check_limits(opts: MergeOptions) -> None:
 
     >>> check_limits(MergeOptions(num_workers=0))
     Traceback (most recent call last):
-    distmerge.errors.UsageError: --num-workers must be an integer >= 1, got 0
+    distmerge.errors.UsageError: --num-workers must be an integer >= 1 (got --num-workers 0)
 
     Raises:
         UsageError: a bad size, count, checksum or device (one line; the CLI exits 2).
@@ -165,10 +195,7 @@ def check_limits(opts: MergeOptions) -> None:
                 parse_size(size)
             except PlanError as e:
                 raise UsageError(f"{name}: {e}") from None
-    _count("--max-retries", opts.max_retries, 0)
-    _count("--num-workers", opts.num_workers, 1)
-    _count("--num-cpus", opts.num_cpus, 1)
+    check_counts(opts)
     if opts.checksum not in ALGORITHMS:
         raise UsageError(f"--checksum {opts.checksum!r} is not supported; use {' or '.join(ALGORITHMS)}")
-    if opts.device not in DEVICES:
-        raise UsageError(f"--device {opts.device!r} is not supported; use {', '.join(DEVICES)}")
+    check_device(opts.device)
