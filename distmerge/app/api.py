@@ -122,7 +122,8 @@ class MergeJob(Job[MergeReport]):
         *,
         placement_groups: object = None,
     ) -> None:
-        self.base_arg, self.specs, self.output, self.opts = base, specs, output, opts
+        self.base_arg, self.specs, self.output_arg, self.opts = base, specs, output, opts
+        self.output = os.fspath(output)
         names = ("address", "num_workers", "device", "num_cpus", "max_retries", "unit_size", "overwrite", "resume")
         fields = {n: getattr(opts, n) for n in names}
         self.run = RunOptions(**fields, report=opts.report, placement_groups=placement_groups)
@@ -132,23 +133,24 @@ class MergeJob(Job[MergeReport]):
         self.lora_hashes: list[dict[str, str]] = []
         self.shards: ShardStaging | None = None
         self.shard_order: dict[str, int] = {}
+        self.naming = ""  #: how the base names its tensors (``naming.NAMINGS``), found once the plan is staged
 
     def check(self) -> None:
         """A usage error answers before Ray is even started."""
         self.out_code = check_options(self.opts, self.specs)
-        check_output_name(self.output)
+        check_output_name(self.output_arg)
 
     def open(self) -> None:
-        self.found = locate(self.base_arg, self.specs, self.output)
+        self.found = locate(self.base_arg, self.specs, self.output_arg)
 
     def lock(self) -> OutputLock:
         # the output's parent folders are created, as `mkdir -p` would (a file's as a folder's)
-        return OutputLock(self.output, create_parent=True)
+        return OutputLock(self.output_arg, create_parent=True)
 
     def target(self, workers: int | None) -> None:
         assert self.found is not None  # opened
-        self.inputs = read_inputs(self.found, self.output, self.opts, self.out_code, workers=workers)
-        self.previous = self.inputs.previous
+        self.inputs = read_inputs(self.found, self.output_arg, self.opts, self.out_code, workers=workers)
+        self.previous, self.output = self.inputs.previous, self.inputs.target.directory
 
     @property
     def i(self) -> Inputs:
@@ -185,10 +187,11 @@ class MergeJob(Job[MergeReport]):
         i = self.i
         logger.info("plan: %s", describe(plan))
         self.shard_order = {s.name: n for n, s in enumerate(plan.shards)}
+        self.naming = detect_naming(i.base.tensors).name
         recipe = make_recipe(
             i.base,
             [{**summary, **hashed} for summary, hashed in zip(i.gathered.loras, self.lora_hashes)],
-            naming=detect_naming(i.base.tensors).name,
+            naming=self.naming,
             alpha=self.opts.alpha,
             dtype=i.out_code,
             version=__version__,
@@ -265,7 +268,7 @@ class MergeJob(Job[MergeReport]):
             phases=dict(phases.ends),
             started_at=phases.t0,
             units_reused=len(plan.units) - len(results),
-            base_naming=detect_naming(i.base.tensors).name,
+            base_naming=self.naming,
         )
         if i.companions is not None:
             rep.files_copied = sorted(i.companions.files)

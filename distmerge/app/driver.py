@@ -134,6 +134,13 @@ class Job(abc.ABC, Generic[R]):
     fingerprint_labels: Mapping[str, str] = {}
     #: the interrupted run this one resumes (set by ``target``)
     previous: Manifest | None = None
+    #: the output as messages name it
+    output: str = ""
+
+    @property
+    def workers(self) -> int:
+        """Tasks in flight the plan cut before Ray came up was made for (see ``planned``)."""
+        return 1
 
     def check(self) -> None:
         """Refuse bad options before anything is read."""
@@ -275,7 +282,7 @@ class _Run(Generic[R]):
         changed = changes(previous.fingerprint, fp, self.job.fingerprint_labels) if previous and fp else []
         if changed:
             raise PlanError(
-                f"{getattr(self.job, 'output', '')}: cannot resume: {'; '.join(changed)} changed since the "
+                f"{self.job.output}: cannot resume: {'; '.join(changed)} changed since the "
                 "interrupted run; rerun with --overwrite to start over"
             )
 
@@ -354,7 +361,7 @@ class _Run(Generic[R]):
 
     def _ray_info(self) -> dict[str, Any]:
         if self._settings is None:  # every unit ran on the driver before Ray came up
-            return {"mode": self.session.mode, "device": "cpu", "workers": getattr(self.job, "workers", 1)}
+            return {"mode": self.session.mode, "device": "cpu", "workers": self.job.workers}
         return {"mode": self.session.mode, "device": self._settings.device, "workers": self._settings.workers}
 
 

@@ -82,7 +82,7 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any], labels: Mapping[str,
     for key, label in labels.items():
         before, after = old.get(key), new.get(key)
         if before != after:
-            shown = _small(before) and _small(after) and not (isinstance(after, str) and len(after) == 64)
+            shown = _small(before) and _small(after)  # a hashed part (64 hex digits) is never small
             out.append(f"{label} ({before} -> {after})" if shown else label)
     return out
 
