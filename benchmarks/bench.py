@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark distmerge against the I/O floor (``cp -r && sync``) and one-process merge scripts.
+"""Benchmark distmerge against the disk's floor (``dd`` direct read || direct write), ``cp -r && sync``
+and one-process merge scripts.
 
 What it does:
 
@@ -7,11 +8,20 @@ What it does:
    (``WanConfig(dim=5120, ffn=13824, blocks=--blocks, in_dim=16, text_dim=4096, freq_dim=256)``,
    ``--dtype bf16|fp32``, ``--shards`` shards) and a rank-``--rank`` ROLL-layout LoRA (``.pth``,
    bf16) on the 10 linear layers of every block. 8 blocks in bf16 is about 6.1 GB.
-2. For ``--repeats`` rounds, runs each method once, interleaved (cp, distmerge, seed, seed-fp32,
-   cp, ...):
+2. For ``--repeats`` rounds, runs each method once, interleaved (floor, cp, distmerge, seed,
+   seed-fp32, floor, cp, ...):
 
-   * ``cp``        — ``sh -c 'cp -r BASE DEST && sync'``: a durable copy, the I/O floor (distmerge
-     fsyncs what it writes, so the floor has to reach the disk too);
+   * ``floor``     — the disk's floor (the default's first method with ``--cold``, else only when
+     named in ``--methods``): one ``sh -c`` that starts at once (a) ``dd if=FILE of=/dev/null
+     bs=64M iflag=direct`` for every file of the base, one after another, and (b) ``dd if=/dev/zero
+     of=DEST/floor.bin bs=64M count=N oflag=direct`` with N = ceil(base bytes / 64 MiB), and waits
+     for both: the base's bytes read from the disk while as many are written (rounded up to whole
+     64 MiB blocks), with no page cache and no CPU work. O_DIRECT is probed first (4 KiB, not
+     timed) on the base and on ``DEST``; where a file system refuses it, that ``dd`` runs without
+     the flag and the run's output says so. The run's ``extra`` records the files, bytes read and
+     written and which side was direct;
+   * ``cp``        — ``sh -c 'cp -r BASE DEST && sync'``: a durable copy, the I/O floor of a copy
+     through the page cache (distmerge fsyncs what it writes, so the copy has to reach the disk too);
    * ``distmerge`` — ``distmerge merge --base BASE --lora LORA --output DEST -q --report FILE
      [--distmerge-args]``;
    * ``seed``      — ``benchmarks/seed_merge.py`` (whole-model load, bf16 merge, one ``save_file``);
@@ -21,10 +31,12 @@ What it does:
    Every command is a subprocess writing into a fresh ``DEST`` on the same file system as the
    base. Before each command the previous output is removed (``rm -rf``), ``sync`` is run, and with
    ``--drop-caches`` the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``; failure is
-   recorded, not fatal). The timed wall includes a trailing ``sync`` (reported separately as
-   ``sync_s``), because distmerge fsyncs its output while the seeds do not (``cp`` syncs in its
-   own command, so its trailing sync is ~0); pass ``--no-sync-in-timing`` to time the command
-   alone.
+   recorded, not fatal). ``--cold`` implies ``--drop-caches`` and makes it a requirement: it exits 2
+   with a one-line message where ``/proc/sys/vm/drop_caches`` cannot be written (not root, a
+   container), so every run, the floor's too, reads the base from the disk. The timed wall
+   includes a trailing ``sync`` (reported separately as ``sync_s``), because distmerge fsyncs its
+   output while the seeds do not (``cp`` syncs in its own command and the floor writes with
+   O_DIRECT, so their trailing sync is ~0); pass ``--no-sync-in-timing`` to time the command alone.
 3. Reads each distmerge run's ``--report`` JSON and puts its timeline beside the benchmark's own
    clock (``time.time()`` just before the subprocess starts = "command start"; the moment its exit
    is reaped = "exit"): when ``merge()`` started (import + startup), when each driver phase ended,
@@ -32,16 +44,24 @@ What it does:
    (``started_at + max(started_s + seconds)``), the units phase (first start -> last done) with
    its GB/s (unit bytes / units phase) against the ``cp -r && sync`` GB/s of the same round, and
    the tail (last unit done -> exit).
-4. Prints medians per method, the ratios distmerge/cp, seed/distmerge and seed-fp32/distmerge
-   (time and RSS) -- each computed within one round, then the median over rounds -- the distmerge
-   timeline per round with medians, and machine facts; ``--json FILE`` gets the same plus every
-   run (each distmerge run with its ``extra["timeline"]``).
+4. Prints medians per method with GB/s of base bytes (base bytes / median wall), the ratios of
+   every method's wall to the ``floor`` wall and to the ``cp`` wall (when they ran), distmerge/cp,
+   seed/distmerge and seed-fp32/distmerge (time and RSS) -- each computed within one round, then
+   the median over rounds -- the distmerge timeline per round with medians, machine facts, and
+   last a markdown table to paste in a README::
+
+       | method | median wall s | GB/s | × floor | × cp | peak tree RSS GB |
+
+   (a ``× floor`` / ``× cp`` column only when that method ran). ``--json FILE`` gets the same
+   (``summary[m]`` with ``throughput_gb_s``, ``over_floor_time``, ``over_cp_time``; ``ratios`` with
+   ``<method>_over_floor_time``, ``<method>_over_cp_time``, ``floor_gb_s``; ``table_md``) plus every
+   run (each distmerge run with its ``extra["timeline"]``, the floor's with its bytes).
 
 Your own checkpoint instead of the generated one: ``--base PATH --lora PATH`` (any base and LoRA
 ``distmerge merge`` accepts: a sharded folder or one ``.safetensors``; a LoRA file or PEFT adapter
-folder). Nothing is generated then, and the methods default to ``cp,distmerge`` because the seeds
-only understand ROLL's ``….lora_B.default.weight`` keys (add them with
-``--methods cp,distmerge,seed,seed-fp32``; they fail with "no LoRA pair matched" on other layouts).
+folder). Nothing is generated then, and the methods default to ``cp,distmerge`` (``floor,cp,distmerge``
+with ``--cold``) because the seeds only understand ROLL's ``….lora_B.default.weight`` keys (add them
+with ``--methods cp,distmerge,seed,seed-fp32``; they fail with "no LoRA pair matched" on other layouts).
 ``--generate-only`` writes (or finds in the cache) the generated base and LoRA, prints
 ``base=PATH`` and ``lora=PATH`` and exits (``benchmarks/gpu_check.sh`` uses it).
 
@@ -68,9 +88,13 @@ Example (the full-size 6 GB run):
 A checkpoint you already have:
     .venv/bin/python benchmarks/bench.py --base /data/Qwen2.5-3B --lora /data/my-adapter --repeats 3
 
+Cold, against the disk's floor (root; methods floor,cp,distmerge,seed,seed-fp32):
+    .venv/bin/python benchmarks/bench.py --blocks 8 --repeats 3 --cold --json bench-out/cold.json
+
 Smoke test (tiny, hidden width overrides):
     .venv/bin/python benchmarks/bench.py --dim 512 --ffn 1384 --text-dim 512 --blocks 2 \\
         --repeats 1 --workdir /tmp/bench-smoke --json /tmp/bench-smoke/results.json
+    (add --cold for the floor and cold caches)
 """
 
 from __future__ import annotations
@@ -98,9 +122,12 @@ except ImportError:  # pragma: no cover - main() says so; --generate-only and ti
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-METHODS = ("cp", "distmerge", "seed", "seed-fp32")
+METHODS = ("floor", "cp", "distmerge", "seed", "seed-fp32")
 SEEDS = ("seed", "seed-fp32")
-LABEL = {"cp": "cp -r && sync", "seed": "seed (bf16)"}  #: table names where the method name is terse
+#: table names where the method name is terse
+LABEL = {"floor": "disk floor", "cp": "cp -r && sync", "seed": "seed (bf16)"}
+FLOOR_BS = 64 << 20  #: dd block size of the floor (bs=64M)
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 POLL_S = 0.05
 SCAN_EVERY = 20  # polls between full process-table scans for escaped Ray processes (~1 s)
 GB = 1e9
@@ -287,14 +314,19 @@ def sync() -> float:
     return time.perf_counter() - t
 
 
+def drop_caches_error() -> str | None:
+    """Drop the page cache (``echo 3 > /proc/sys/vm/drop_caches``); None, or why it failed."""
+    try:
+        with open(DROP_CACHES, "w") as f:
+            f.write("3\n")
+        return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+
+
 def drop_caches() -> bool:
     """Drop the page cache; False where not permitted (containers, non-root)."""
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+    return drop_caches_error() is None
 
 
 def measure(
@@ -426,11 +458,80 @@ def timeline(report: dict, command_start: float, exited_at: float) -> dict:
 # --------------------------------------------------------------------------- methods
 
 
+@dataclass
+class FloorPlan:
+    """The ``floor`` run: one ``sh -c`` reading every base file with ``dd`` (one after another)
+    while another ``dd`` writes as many bytes (rounded up to whole 64 MiB blocks) into ``dest``."""
+
+    argv: list[str]
+    files: int
+    read_bytes: int  #: the base's bytes, read once
+    write_bytes: int  #: count x 64 MiB written to DEST/floor.bin
+    direct_read: bool  #: iflag=direct (False: the file system refused O_DIRECT, e.g. tmpfs)
+    direct_write: bool  #: oflag=direct
+    note: str = ""  #: what fell back, for the run's output ("" when both are direct)
+
+
+#: the floor's shell script: $1 = DEST/floor.bin, $2 = 64 MiB blocks to write, $3... = base files;
+#: {iflag}/{oflag} are " iflag=direct"/" oflag=direct" or "" (the fallback)
+FLOOR_SH = """\
+out=$1; count=$2; shift 2
+( for f in "$@"; do dd if="$f" of=/dev/null bs=64M{iflag} status=none || exit 1; done ) &
+r=$!
+dd if=/dev/zero of="$out" bs=64M count="$count"{oflag} status=none &
+w=$!
+wait "$r"; rr=$?
+wait "$w"; rw=$?
+[ "$rr" -eq 0 ] && [ "$rw" -eq 0 ]
+"""
+
+
+def base_files(base: str) -> list[str]:
+    """Every file of the base (the file itself for a single ``.safetensors``), in a stable order."""
+    if os.path.isfile(base):
+        return [base]
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(base) for f in fs)
+
+
+def _dd_ok(*args: str) -> bool:
+    return subprocess.run(["dd", *args, "status=none"], capture_output=True, check=False).returncode == 0
+
+
+def floor_plan(inp: Inputs, dest: str) -> FloorPlan:
+    """Create ``dest`` and build the floor command, probing O_DIRECT on the base and on ``dest``
+    (4 KiB each; not timed): a file system that refuses it (tmpfs) gets dd without direct flags."""
+    os.makedirs(dest)
+    files = base_files(inp.base)
+    count = -(-inp.base_bytes // FLOOR_BS)
+    src = next((f for f in files if os.path.getsize(f) > 0), None)
+    direct_read = src is None or _dd_ok(f"if={src}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct")
+    probe = os.path.join(dest, ".direct-probe")
+    direct_write = _dd_ok("if=/dev/zero", f"of={probe}", "bs=4096", "count=1", "oflag=direct")
+    if os.path.exists(probe):
+        os.remove(probe)
+    refused = [
+        f"{flag} ({where})"
+        for flag, where, ok in (
+            ("iflag=direct", inp.base, direct_read),
+            ("oflag=direct", dest, direct_write),
+        )
+        if not ok
+    ]
+    note = f"O_DIRECT refused: {', '.join(refused)}; dd without it, through the page cache (tmpfs?)" if refused else ""
+    script = FLOOR_SH.format(
+        iflag=" iflag=direct" if direct_read else "", oflag=" oflag=direct" if direct_write else ""
+    )
+    argv = ["sh", "-c", script, "floor", os.path.join(dest, "floor.bin"), str(count), *files]
+    return FloorPlan(argv, len(files), inp.base_bytes, count * FLOOR_BS, direct_read, direct_write, note)
+
+
 def command(
     method: str, inp: Inputs, dest: str, a: argparse.Namespace, log_dir: str, rnd: int
 ) -> tuple[list[str], dict[str, str] | None, str | None, str | None]:
     """(argv, env, ray temp dir, token) of one method run writing into ``dest``."""
     py = sys.executable
+    if method == "floor":  # the disk's floor: a direct read of the base while as many bytes are written
+        return floor_plan(inp, dest).argv, None, None, None
     if method == "cp":  # a durable copy: the data is on the disk when the command ends
         return ["sh", "-c", 'cp -r -- "$1" "$2" && sync', "cp", inp.base, dest], None, None, None
     if method in SEEDS:
@@ -492,7 +593,12 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
         for m in methods:
             dest = os.path.join(a.workdir, f"out-{m}")
             shutil.rmtree(dest, ignore_errors=True)
-            sync()
+            plan = floor_plan(inp, dest) if m == "floor" else None
+            if plan:
+                argv, env, ray_tmp, token = plan.argv, None, None, None
+            else:
+                argv, env, ray_tmp, token = command(m, inp, dest, a, log_dir, rnd)
+            sync()  # then the cache is dropped: the command starts cold, with nothing dirty
             dropped = drop_caches() if a.drop_caches else False
             if a.drop_caches and not dropped and not warned:
                 print(
@@ -501,7 +607,8 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
                     flush=True,
                 )
                 warned = True
-            argv, env, ray_tmp, token = command(m, inp, dest, a, log_dir, rnd)
+            if plan and plan.note:
+                print(f"bench: floor: {plan.note}", flush=True)
             log = os.path.join(log_dir, f"{m}-r{rnd}.log")
             print(f"bench: round {rnd}/{a.repeats} {m:<9} ...", end=" ", flush=True)
             r = measure(
@@ -516,6 +623,13 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
                 caches_dropped=dropped,
             )
             phase_line = ""
+            if plan:
+                r.extra = {k: v for k, v in asdict(plan).items() if k != "argv"}
+                phase_line = (
+                    f"; read {plan.read_bytes / GB:.2f} GB ({plan.files} files"
+                    f"{', direct' if plan.direct_read else ', NOT direct'}) while writing "
+                    f"{plan.write_bytes / GB:.2f} GB{' direct' if plan.direct_write else ' NOT direct'}"
+                )
             if m == "distmerge":
                 rep = os.path.join(log_dir, f"distmerge-r{rnd}-report.json")
                 try:
@@ -615,11 +729,27 @@ PAIRS = {
 }
 
 
+#: the methods every other method's wall is also divided by (when they ran), in table order
+REFERENCES = ("floor", "cp")
+
+
+def _key(method: str) -> str:
+    return method.replace("-", "_")
+
+
+def ratio_key(method: str, ref: str) -> str:
+    """``seed-fp32``, ``floor`` -> ``seed_fp32_over_floor_time`` (the key in ``ratios``)."""
+    return f"{_key(method)}_over_{_key(ref)}_time"
+
+
 def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dict, dict, dict]:
     """(per-method medians, ratios, distmerge timeline).
 
     Ratios are paired: computed within each round from that round's two runs, then the median
-    over the rounds (``ratios["per_round"]`` keeps every round's values). The timeline has every
+    over the rounds (``ratios["per_round"]`` keeps every round's values). Besides ``PAIRS``, every
+    method's wall is divided by the ``floor`` and the ``cp`` wall of its round (when they ran):
+    ``ratios["<method>_over_floor_time"]`` / ``..._over_cp_time``, also in the method's summary as
+    ``over_floor_time`` / ``over_cp_time`` (1.0 for the reference itself). The timeline has every
     round's events and phase figures and their medians.
     """
     summary = {}
@@ -644,13 +774,20 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
 
     ok_runs = {(r.round, r.method): r for r in runs if r.rc == 0}
     rounds = sorted({r.round for r in runs})
+    refs = [b for b in REFERENCES if b in methods]
+    pairs = dict(PAIRS)
+    for b in refs:
+        pairs.update({ratio_key(m, b): (m, b, "wall_s") for m in methods if m != b})
     per_round, tl_rounds = [], []
     for n in rounds:
         row: dict = {"round": n}
-        for key, (x, y, attr) in PAIRS.items():
+        for key, (x, y, attr) in pairs.items():
             rx, ry = ok_runs.get((n, x)), ok_runs.get((n, y))
             vx, vy = (getattr(rx, attr), getattr(ry, attr)) if rx and ry else (0, 0)
             row[key] = round(vx / vy, 3) if vx and vy else None
+        if "floor" in methods:
+            fl = ok_runs.get((n, "floor"))
+            row["floor_gb_s"] = round(base_bytes / GB / fl.wall_s, 3) if fl and fl.wall_s > 0 else None
         cp, dm = ok_runs.get((n, "cp")), ok_runs.get((n, "distmerge"))
         cp_gb_s = round(base_bytes / GB / cp.wall_s, 3) if cp and cp.wall_s > 0 else None
         tl = (dm.extra.get("timeline") if dm else None) or None
@@ -684,6 +821,10 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
             )
     ratios: dict = {k: _median(r[k] for r in per_round) for k in per_round[0] if k != "round"} if per_round else {}
     ratios["per_round"] = per_round
+    for m, s in summary.items():
+        for b in refs:
+            if s.get("runs_ok"):
+                s[f"over_{_key(b)}_time"] = 1.0 if m == b else ratios.get(ratio_key(m, b))
     names: list[str] = []
     for t in tl_rounds:
         names += [k for k in t["events_s"] if k not in names]
@@ -741,10 +882,14 @@ def print_report(
         else f"{a.shards} shards, {a.dtype}, {a.blocks} blocks, dim {a.dim}"
     )
     lora = f"LoRA {inp.lora}" if inp.config.get("given") else f"LoRA rank {a.rank}"
+    caches = "drop caches " + ("on" if a.drop_caches else "off")
+    if getattr(a, "cold", False):
+        caches = "cold: sync + page cache dropped before every run"
     print(
         f"base {inp.base} ({inp.base_bytes / GB:.2f} GB, {shape}); {lora} ({inp.lora_bytes / GB:.3f} GB); "
         f"repeats {a.repeats}; "
-        f"drop caches {'on' if a.drop_caches else 'off'}; wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
+        f"{caches}; "
+        f"wall {'incl.' if not a.no_sync_in_timing else 'excl.'}"
         " trailing sync"
     )
     hdr = f"{'method':<14} {'wall s (med)':>12} {'min':>8} {'max':>8} {'peak RSS GB (med)':>18} {'GB/s':>7} {'ok':>4}"
@@ -762,7 +907,12 @@ def print_report(
     print()
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     print("ratios, each within one round, median over rounds:")
-    print(f"distmerge / cp -r && sync (time): {fmt(ratios.get('distmerge_over_cp_time'))}")
+    if "floor" in summary:
+        for m in summary:
+            if m != "floor":
+                print(f"{LABEL.get(m, m) + ' / floor (time):':<34}{fmt(ratios.get(ratio_key(m, 'floor')))}")
+    if "distmerge" in summary and "cp" in summary:
+        print(f"distmerge / cp -r && sync (time): {fmt(ratios.get('distmerge_over_cp_time'))}")
     for m, key in (("seed", "seed_over"), ("seed-fp32", "seed_fp32_over")):
         if m in summary:
             print(f"{m + ' / distmerge (time):':<34}{fmt(ratios.get(key + '_distmerge_time'))}")
@@ -776,6 +926,29 @@ def print_report(
         f"{machine['disk_free_gb']} GB free on {machine['workdir_fs']}; torch {machine['torch']}, "
         f"ray {machine['ray']}, safetensors {machine['safetensors']}, python {machine['python']}"
     )
+    print()
+    print(markdown_table(summary))
+
+
+def markdown_table(summary: dict) -> str:
+    """The medians as a markdown table to paste in a README: method | median wall s | GB/s (base
+    bytes / median wall) | × floor | × cp (paired ratios; a column only when that method ran) |
+    peak tree RSS GB (median)."""
+    refs = [b for b in REFERENCES if b in summary]
+    cols = ["method", "median wall s", "GB/s", *(f"× {b}" for b in refs), "peak tree RSS GB"]
+    lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+    for m, s in summary.items():
+        if not s.get("runs_ok"):
+            cells = ["failed"] * (len(cols) - 1)
+        else:
+            cells = [
+                f"{s['wall_s_median']:.2f}",
+                _f(s.get("throughput_gb_s")),
+                *(_f(s.get(f"over_{_key(b)}_time")) for b in refs),
+                f"{s['peak_rss_gb_median']:.2f}",
+            ]
+        lines.append("| " + " | ".join([LABEL.get(m, m), *cells]) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
@@ -801,7 +974,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma list of cp,distmerge,seed,seed-fp32 (default all; cp,distmerge with --base)",
+        help="comma list of floor,cp,distmerge,seed,seed-fp32 (default cp,distmerge,seed,seed-fp32; "
+        "cp,distmerge with --base; --cold puts floor first)",
     )
     p.add_argument(
         "--skip-seed",
@@ -819,6 +993,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="drop the page cache before each command (needs root; failure is recorded)",
     )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="sync and drop the page cache before every run (implies --drop-caches; exits 2 if "
+        f"{DROP_CACHES} is not writable) and run the disk's floor first by default",
+    )
     p.add_argument("--no-sync-in-timing", action="store_true", help="do not time a trailing sync")
     p.add_argument("--json", default=None, metavar="FILE", help="write summary + every run as JSON")
     # hidden width overrides, for smoke tests only
@@ -832,7 +1012,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--generate-only makes the generated checkpoint; it takes no --base/--lora")
     if a.base:
         a.base, a.lora = os.path.abspath(a.base), os.path.abspath(a.lora)
-    default = "cp,distmerge" if a.base else ",".join(METHODS)
+    default = "cp,distmerge" if a.base else ",".join(m for m in METHODS if m != "floor")
+    if a.cold:
+        default = "floor," + default
+        a.drop_caches = True
     methods = [m.strip() for m in (a.methods or default).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -850,6 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if psutil is None and not a.generate_only:
         sys.exit("bench.py needs psutil: .venv/bin/pip install psutil")
+    if a.cold and not a.generate_only and (err := drop_caches_error()):
+        print(f"bench: --cold needs a writable {DROP_CACHES} (root, not a container): {err}", file=sys.stderr)
+        return 2
     os.makedirs(a.workdir, exist_ok=True)
     sys.path.insert(0, REPO)
     inp = given_inputs(a) if a.base else ensure_inputs(a)
@@ -879,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "timeline": tl,
             "runs": [asdict(r) for r in runs],
+            "table_md": markdown_table(summary),
             "rss_rule": "max over 50 ms polls of sum(RSS) over the main process + descendants, plus "
             "escaped Ray processes (created after start, 'ray' in cmdline, this run's "
             "RAY_TMPDIR in cmdline or DISTMERGE_BENCH_TOKEN in environ) + their descendants",
