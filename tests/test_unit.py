@@ -14,13 +14,14 @@ from distmerge.inputs.checkpoint import open_base
 from distmerge.output.publish import OutputTarget, part_path
 from distmerge.output.staging import ShardStaging
 from distmerge.plan.merge_plan import make_plan
+from distmerge.tasks import pieces as pieces_mod
 from distmerge.tasks import unit as unit_mod
 
 from .helpers import assert_close_to_reference, direct_io_works, load_checkpoint, lora_terms, reference_merge
 
 
 def _run_all(base_dir, lora, out_dir, monkeypatch, chunk, dtype=None):
-    monkeypatch.setattr(unit_mod, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(pieces_mod, "CHUNK_BYTES", chunk)
     base = open_base(base_dir)
     deltas = collect_deltas(base, [(lora, 1.0)]).deltas
     plan = make_plan(base, deltas, out_dtype=dtype, max_shard_size="5GB", workers=2)
@@ -63,14 +64,14 @@ def test_read_error_names_file_and_key(tiny_base, tiny_factors, tmp_path, monkey
     out = str(tmp_path / "o")
     ShardStaging(OutputTarget(out, None)).prepare(plan)
     victim = next(t for t in plan.units[0].tensors if t.action == "merge")
-    real_read = unit_mod.read_into
+    real_read = unit_mod.read_placed
 
-    def failing(fd, offset, buf):
+    def failing(files, path, offset, *rest, **kw):
         if offset == victim.src_offset:
             raise OSError(5, "Input/output error")
-        return real_read(fd, offset, buf)
+        return real_read(files, path, offset, *rest, **kw)
 
-    monkeypatch.setattr(unit_mod, "read_into", failing)
+    monkeypatch.setattr(unit_mod, "read_placed", failing)
     with pytest.raises(ShardWriteError, match=f"'{victim.key}'.*Input/output error"):
         unit_mod.run_unit(plan.units[0], part_path(out, plan.units[0].shard))
     assert os.path.exists(part_path(out, plan.units[0].shard))  # the driver's abort removes it
@@ -131,8 +132,9 @@ def test_pure_python_crc32_combine_matches_zlib():
 
 
 def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch):
-    """Merged chunks go out with O_DIRECT where the filesystem takes it; the shards are byte-for-byte
-    those of page-cache writes, and the report's ``direct_bytes`` says how much went direct."""
+    """Merged and copied pieces go out with O_DIRECT where the filesystem takes it; the shards are
+    byte-for-byte those of page-cache writes, and the report's ``direct_bytes`` says how much went
+    direct."""
     from distmerge.app.synth import WanConfig, make_factors, write_wan_base
 
     cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")  # 128-256 KB tensors
@@ -154,4 +156,40 @@ def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch
     assert direct["0"] == 0
     if direct_io_works(tmp_path):
         merged = sum(t.out_nbytes for u in plan.units for t in u.tensors if t.deltas)
-        assert 0.9 * merged < direct["1"] <= merged  # all but the partial edge blocks
+        total = sum(u.nbytes for u in plan.units)
+        assert merged < direct["1"] <= total  # merged and copied, all but partial edge blocks
+
+
+def test_cold_base_is_read_direct_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    """A base the page cache does not hold is read with O_DIRECT into placed buffers (every tensor
+    at any offset within its 4 KiB block, the file's last one too); a cached one through the cache;
+    the output bytes are the same either way."""
+    from distmerge.app.synth import WanConfig, make_factors, write_wan_base
+
+    cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")
+    base_dir = str(tmp_path / "base")
+    write_wan_base(base_dir, cfg, num_shards=2)
+    lora = str(tmp_path / "l.pth")
+    write_lora(lora, make_factors(cfg, rank=4))
+    base = open_base(base_dir)
+    plan = make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=2)
+    files = sorted({t.src_path for u in plan.units for t in u.tensors})
+    outputs, read_direct = {}, {}
+    for mode in ("cached", "cold"):
+        if mode == "cold":
+            for path in files:  # drop the base's clean pages: what a cold disk read finds
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        out = str(tmp_path / mode)
+        ShardStaging(OutputTarget(out, None)).prepare(plan)
+        results = [unit_mod.run_unit(u, part_path(out, u.shard), threads=1) for u in plan.units]
+        read_direct[mode] = sum(r.direct_read_bytes for r in results)
+        outputs[mode] = [open(part_path(out, s.name), "rb").read() for s in plan.shards]
+        assert all(r.waits[1] >= 0 and len(r.waits) == 3 for r in results)
+    assert outputs["cold"] == outputs["cached"]
+    assert read_direct["cached"] == 0  # just written: the page cache holds it
+    if direct_io_works(tmp_path):
+        total = sum(t.src_nbytes for u in plan.units for t in u.tensors)
+        assert 0.9 * total < read_direct["cold"] <= total

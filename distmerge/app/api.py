@@ -279,5 +279,15 @@ class MergeJob(Job[MergeReport]):
 def _unit_report(r: UnitResult, t0: float) -> UnitReport:
     started = round(r.started - t0, 3) if r.started else 0.0
     return UnitReport(
-        r.index, r.shard, r.node_id, r.device, r.nbytes, round(r.seconds, 4), r.merged, started, r.direct_bytes
+        r.index,
+        r.shard,
+        r.node_id,
+        r.device,
+        r.nbytes,
+        round(r.seconds, 4),
+        r.merged,
+        started,
+        r.direct_bytes,
+        r.direct_read_bytes,
+        r.waits,
     )

@@ -9,7 +9,7 @@ The steps, written once:
 5. compare the resume manifest's fingerprint (``Job.fingerprint``);
 6. prepare the staging (``Job.staging``: where the output lands until it is published);
 7. take the units an interrupted run finished (``Staging.reusable``);
-8. dispatch the rest: on the driver while Ray starts (``Job.inline``), then as Ray tasks
+8. dispatch the rest: on the driver while Ray and its workers start (``Job.inline``), then as Ray tasks
    (``cluster.run_calls``), every finished unit recorded by one ``UnitLedger``;
 9. publish, or abort on any error or Ctrl-C (nothing is left that looks finished);
 10. build the report (``Job.report``) and write its JSON where ``--report`` says.
@@ -315,13 +315,14 @@ class _Run(Generic[R]):
     def _dispatch(self, plan: JobPlan, staging: Staging, ledger: UnitLedger, reused: dict[int, Any]) -> dict[int, Any]:
         """Every unit not yet done: on the driver while Ray starts, then as Ray tasks."""
         from distmerge.cluster import run_calls
-
         todo: list[Unit] = self.job.order([u for u in plan.units if u.index not in reused])
         claims = UnitClaims()
         inline = self._inline(todo, staging, claims, ledger)
         results: dict[int, Any] = {}
 
         def done(i: int, node: str, res: object) -> None:
+            if inline is not None:
+                inline.stop()  # Ray's workers are running units: they take the ones not yet taken
             results[todo[i].index] = res = _on_node(res, node)
             ledger.unit_done(todo[i], res)
 
@@ -329,10 +330,8 @@ class _Run(Generic[R]):
             if inline is not None and not self.session.wait_or(inline.finished):
                 return self._finish(inline, results)  # every unit ran on the driver before Ray was up
             settings = self.settings()
-            if inline is not None:
-                inline.stop()  # Ray is up: its tasks take the units not yet taken
-                if inline.failed:
-                    inline.join()
+            if inline is not None and inline.failed:
+                inline.join()
             calls = [self.job.call(u, staging.dest(u), settings) for u in todo]
             run_calls(
                 self.job.task(), calls, settings=settings, on_done=done, claim=lambda i: claims.claim(todo[i].index)
@@ -350,10 +349,11 @@ class _Run(Generic[R]):
         return results
 
     def _inline(self, todo: list[Unit], staging: Staging, claims: UnitClaims, ledger: UnitLedger) -> Any:
-        """Units merged on the driver while Ray is not up yet, when Ray will run CPU tasks on this
-        machine (an embedded session, the plan already cut, nothing resumed; never ``--device cuda``)."""
+        """Units merged on the driver until Ray's first task is done (Ray's start, then its workers'
+        imports), when Ray runs CPU tasks on this machine (an embedded session, the plan already
+        cut, nothing resumed; never ``--device cuda``)."""
         s, job = self.session, self.job
-        if s.ready or not s.local or job.previous is not None or job.planned() is None or job.run.device == "cuda":
+        if not s.local or job.previous is not None or job.planned() is None or job.run.device == "cuda":
             return None
         if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
             return None

@@ -73,6 +73,9 @@ class UnitReport:
     tensors_merged: int
     started_s: float = 0.0  #: when the task began, in seconds after the merge started (worker clock)
     direct_bytes: int = 0  #: of ``bytes``, written with O_DIRECT (0 where the filesystem has none)
+    direct_read_bytes: int = 0  #: base bytes read with O_DIRECT (the rest came from the page cache)
+    #: seconds the task waited for reads, computed, and waited for writes (``tasks.pipeline.Waits``)
+    waits: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass

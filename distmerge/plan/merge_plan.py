@@ -23,7 +23,7 @@ from distmerge.inputs.dtypes import itemsize
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
 from distmerge.plan.layout import LaidTensor, layout_shard
 from distmerge.plan.sizes import parse_size
-from distmerge.plan.units import TASK_OVERHEAD_BYTES, partition_units, target_unit_bytes
+from distmerge.plan.units import MAX_UNIT_BYTES, TASK_OVERHEAD_BYTES, partition_units, target_unit_bytes
 
 __all__ = [
     "Action",
@@ -39,8 +39,16 @@ __all__ = [
     "partition_units",
 ]
 
-#: float32 bytes of one row chunk when a task streams a big tensor (see ``unit.row_chunks``)
+#: float32 bytes of one row chunk when a task streams a big tensor (see ``pieces.row_chunks``)
 CHUNK_BYTES = 32 << 20
+#: bytes per piece of a tensor copied as it is (read and written like any other piece)
+COPY_CHUNK = 16 << 20
+#: reads a task keeps in flight (``tasks.pipeline``); each is a whole piece (~16-32 MB) that the
+#: block layer splits into requests queued together, so three keep a disk's queue full while the
+#: task computes a fourth
+READ_DEPTH = 3
+#: finished pieces a task may have queued for writing before it waits
+WRITE_BACKLOG = 2
 #: what a task may hold of whole LoRA factors whose columns it slices (``LoraReader.CACHE_BYTES``)
 _SLICED_SOURCES = 512 << 20
 
@@ -118,25 +126,30 @@ class WorkUnit:
 
     @property
     def memory(self) -> int:
-        """A bound on the task's working memory, for Ray's ``memory=`` admission control: a few
-        row chunks in flight (or the whole tensor for deltas that cannot be chunked), plus the
-        factors of the tensor being merged, plus a fixed allowance. A ``scaled`` fp8 tensor is
-        held whole: two source buffers, a float64-sized accumulator and four output buffers (the
-        task's buffer rings, ``unit._piece_bytes``)."""
-        peak = 0
+        """A bound on the task's working memory, for Ray's ``memory=`` admission control: its
+        buffer rings (``READ_DEPTH + 1`` source pieces, a float64-sized accumulator and
+        ``WRITE_BACKLOG + 2`` output pieces, each as big as the unit's largest: a row chunk, a
+        ``COPY_CHUNK`` of a copied tensor, or a whole tensor whose deltas cannot be chunked), plus
+        the factors of the tensor being merged, plus a fixed allowance."""
+        src = out = acc = extra = 0
         for t in self.tensors:
-            if t.action.passthrough:
+            if t.action == Action.DERIVED or not t.out_nbytes:
                 continue
-            full = math.prod(t.shape) * (8 if t.src_dtype == "F64" else 4)
-            if t.quant:
-                work = 2 * t.src_nbytes + 2 * full + 4 * t.out_nbytes
-            else:
-                work = 3 * full if t.whole else 4 * min(full, CHUNK_BYTES)
-            work += sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
+            if t.action == Action.COPY:
+                src, out = max(src, min(t.src_nbytes, COPY_CHUNK)), max(out, min(t.src_nbytes, COPY_CHUNK))
+                continue
+            elems = math.prod(t.shape)
+            row = math.prod(t.shape[1:]) if len(t.shape) >= 2 else elems
+            piece = elems if (t.whole or len(t.shape) < 2) else min(elems, max(CHUNK_BYTES // 4, 16 * row))
+            src, out = max(src, piece * itemsize(t.src_dtype)), max(out, piece * itemsize(t.out_dtype))
+            acc = max(acc, piece * 8)
+            work = sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
+            work += 4 * elems if t.whole else 0  # a whole ΔW beside the accumulator
             if any(p.cols for d in t.deltas for f in d.factors for p in f.pieces):
                 work += _SLICED_SOURCES  # whole factors kept for their strided columns (MoE experts)
-            peak = max(peak, work)
-        return peak + TASK_OVERHEAD_BYTES
+            extra = max(extra, work)
+        rings = (READ_DEPTH + 1) * src + acc + (WRITE_BACKLOG + 2) * out
+        return rings + extra + TASK_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -207,7 +220,8 @@ def make_plan(
         max_shard_size: shard size limit (ignored with ``single_file``).
         single_file: write one file with this name instead of shards + index.
         workers: how many tasks will run at once; the plan makes four times as many work units
-            so that work stays balanced (``units.target_unit_bytes``).
+            so that work stays balanced, at most ``MAX_UNIT_BYTES`` each, and the last
+            ``workers`` units' worth of bytes in quarter-size units (``units.target_unit_bytes``).
         unit_size: target bytes per unit, overriding the workers-based choice.
     """
     by_target = deltas_by_target(base, deltas)
@@ -227,6 +241,7 @@ def make_plan(
         attach={s: w for w, s in fp8.pairs.items()},
         meta={"format": "pt", **(metadata or {})},
         unit_bytes=target,
+        tail_at=total - workers * target if target == MAX_UNIT_BYTES and not unit_size else None,
     )
     for name, keys in zip(names, groups):
         builder.add(name, keys)
@@ -273,8 +288,10 @@ class _ShardBuilder:
     attach: Mapping[str, str]  #: scale -> weight, for scales laid out right after their weight
     meta: Mapping[str, str]
     unit_bytes: int  #: the target bytes per work unit
+    tail_at: int | None = None  #: output bytes from which units are a quarter of ``unit_bytes``
     shards: list[ShardPlan] = field(default_factory=list)
     units: list[WorkUnit] = field(default_factory=list)
+    done: int = 0  #: tensor bytes of the shards laid out so far
 
     def add(self, name: str, keys: Sequence[str]) -> None:
         """Plan shard ``name`` holding output ``keys``."""
@@ -289,8 +306,11 @@ class _ShardBuilder:
         ]
         self.shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
         joined = [bool(attach) and p.key in attach for p in planned]
-        for start, end in partition_units([p.out_nbytes for p in planned], self.unit_bytes, joined):
+        sizes = [p.out_nbytes for p in planned]
+        tail = None if self.tail_at is None else (self.tail_at - self.done, max(1, self.unit_bytes // 4))
+        for start, end in partition_units(sizes, self.unit_bytes, joined, tail):
             self.units.append(WorkUnit(len(self.units), name, tuple(planned[start:end])))
+        self.done += sum(sizes)
 
 
 def _output_specs(base: BaseCheckpoint, fp8: ScaledLayout) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -1,10 +1,10 @@
-"""Work units run by the driver itself, on a thread of its own, while Ray is still starting.
+"""Work units run by the driver itself, on a thread of its own, while Ray and its workers start.
 
 An embedded Ray takes seconds to come up and its workers seconds more to import torch; the plan
 fixes every byte of the output, so who writes a unit changes nothing. A ``claim`` function (the
 driver's ``UnitClaims``) hands each unit to exactly one runner (this thread or a Ray task);
-``InlineRunner`` takes units in the order Ray would until it is told to stop (Ray is up),
-finishing the one in hand.
+``InlineRunner`` takes units in the order Ray would until it is told to stop (the first Ray task
+is done), finishing the one in hand.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from distmerge.plan.merge_plan import WorkUnit
+from distmerge.tasks.pipeline import release_buffers
 from distmerge.tasks.unit import UnitResult, run_unit
 
 __all__ = ["InlineRunner"]
@@ -73,6 +74,7 @@ class InlineRunner:
             self.error = e
             self._stop.set()
         finally:
+            release_buffers()  # the driver merges no more units: its buffers go back to the system
             self.finished.set()
 
     @property

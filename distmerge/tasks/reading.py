@@ -1,5 +1,5 @@
-"""Reading base and output bytes inside a task: one descriptor per file, exact positioned reads
-straight into tensors, and one-element scales.
+"""Reading base and output bytes inside a task: one descriptor per file (and one for direct I/O),
+exact positioned reads straight into tensors, and one-element scales.
 
 Example:
     >>> import os, tempfile, torch
@@ -14,36 +14,89 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 
 import torch
 
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.rawio import pread_exact, read_bytes
 from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.tasks.directio import open_direct, read_direct, resident_fraction
 
-__all__ = ["OpenFiles", "read_bytes", "read_into", "read_scalar"]
+__all__ = ["OpenFiles", "read_bytes", "read_into", "read_placed", "read_scalar"]
+
+#: a range whose pages are at least this much in the page cache is copied from there
+_CACHED = 0.5
 
 
 class OpenFiles:
     """Input files opened read-only on first use and kept open until ``close`` (one task's inputs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, direct: bool = True) -> None:
         self.fds: dict[str, int] = {}
+        self.direct_fds: dict[str, int | None] = {}
+        self.direct = direct
+        self.direct_bytes = 0  #: bytes read with O_DIRECT so far
+        self._lock = threading.Lock()  # reads run on several threads
 
     def fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
+        with self._lock:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            return self.fds[path]
+
+    def direct_fd(self, path: str) -> int | None:
+        """An ``O_DIRECT`` descriptor of ``path``, or None where direct reads are off or refused."""
+        with self._lock:
+            if path not in self.direct_fds:
+                self.direct_fds[path] = open_direct(path, os.O_RDONLY) if self.direct else None
+            return self.direct_fds[path]
+
+    def count_direct(self, nbytes: int) -> None:
+        with self._lock:
+            self.direct_bytes += nbytes
+
+    def no_direct(self, path: str) -> None:
+        """Read ``path`` through the page cache from now on (the descriptor is closed with the
+        rest: another read thread may still be using it)."""
+        with self._lock:
+            fd = self.direct_fds.get(path)
+            self.direct_fds[path] = None
+            if fd is not None:
+                self.fds[f"{path}\0direct"] = fd
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        for fd in [*self.fds.values(), *self.direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
+        self.fds, self.direct_fds = {}, {}
 
 
 def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:
     """Fill the uint8 tensor ``buf`` from ``offset`` (no intermediate copy)."""
     pread_exact(fd, buf.numpy().data.cast("B"), offset)
+
+
+def read_placed(
+    files: OpenFiles, path: str, offset: int, buf: torch.Tensor, start: int, nbytes: int, *, direct: bool = True
+) -> None:
+    """Fill ``buf[start : start + nbytes]`` with ``path``'s bytes at ``offset``: straight from the
+    disk with ``O_DIRECT`` when the buffer is in step with the file (``pipeline.Slot.direct``) and
+    most of the range is not in the page cache, else (or without ``direct``) through the cache."""
+    dfd = files.direct_fd(path) if direct else None
+    fd = files.fd(path)
+    if dfd is not None and resident_fraction(fd, offset, nbytes) < _CACHED:
+        try:
+            read_direct(dfd, buf.numpy().data.cast("B"), start, offset, nbytes)
+            files.count_direct(nbytes)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            files.no_direct(path)  # a device with a stricter alignment
+    read_into(fd, offset, buf[start : start + nbytes])
 
 
 def read_scalar(fd: int, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:

@@ -2,16 +2,18 @@
 
 This is the body of every Ray task, but it knows nothing about Ray: tests call it directly.
 
-* Tensors no delta touches are copied file-to-file in the kernel (``copy_file_range``), never decoded.
-* Big tensors are streamed in row chunks of about ``CHUNK_BYTES`` of float32: a LoRA delta's rows
-  only need the matching rows of B, so a task never holds more than a few chunks, whatever the
-  model size. Chunk boundaries depend only on the tensor's shape, so the bytes written never depend
-  on how the work was split.
-* Reads, math and writes overlap: one I/O thread prefetches the next chunk and writes finished ones
-  while the main thread computes (``preadv``/``pwrite`` and torch kernels release the GIL).
-* Merged bytes go to the disk with O_DIRECT where the filesystem allows it (``writer.OutputFile``):
-  each output buffer is placed at the same offset within a 4 KiB block as its bytes' place in the
-  file, so every whole block of it can be written without a copy through the page cache.
+* Big tensors are streamed in row chunks of about ``CHUNK_BYTES`` of float32 (``tasks.pieces``),
+  so a task holds a few chunks whatever the model size.
+* Tensors no delta touches are copied as they are, in byte pieces through the same buffers (or
+  file-to-file in the kernel, ``copy_file_range``, where the output is not written with direct
+  I/O), never decoded.
+* Reads, math and writes overlap (``pipeline.run_pipeline``): several reads in flight on their own
+  threads, writes on another, the math on the task's thread (``preadv``/``pwrite`` and torch
+  kernels release the GIL). Every byte is read once: a piece's CRC is taken from its buffer.
+* Base bytes come from the disk with O_DIRECT where the filesystem allows it and the page cache
+  does not already hold them (``reading.read_placed``), and merged bytes go to the disk the same
+  way (``writer.OutputFile``): each buffer is placed at the same offset within a 4 KiB block as
+  its bytes' place in the file, so the whole blocks around them move without a page-cache copy.
 * Merged values are checked to be finite before they are written.
 * A scaled-fp8 weight (``PlannedTensor.quant``) is merged whole: dequantized with its base scale,
   merged in float32 and rounded once to fp8 with a fresh scale, which the same task writes into
@@ -34,35 +36,28 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from distmerge.errors import ShardWriteError
-from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.merge_plan import CHUNK_BYTES, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
-from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, Term, merge_tensor
-from distmerge.tasks.reading import OpenFiles, read_into, read_scalar
+from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, merge_tensor
+from distmerge.tasks.pieces import Piece, piece_bytes, row_chunks, unit_pieces
+from distmerge.tasks.pipeline import READ_DEPTH, WRITE_BACKLOG, Ring, Slot, run_pipeline
+from distmerge.tasks.reading import OpenFiles, read_placed, read_scalar
 from distmerge.tasks.runtime import io_errors, task_device
-from distmerge.tasks.terms import load_terms
-from distmerge.tasks.writer import DIRECT_ALIGN, OutputFile, copy_range, tensor_bytes
+from distmerge.tasks.writer import OutputFile, copy_range, tensor_bytes
 
 __all__ = ["CHUNK_BYTES", "UnitResult", "row_chunks", "run_unit", "run_unit_task", "unit_crc32"]
-
-_WRITE_BACKLOG = 2
-#: at least this many rows per chunk, so the GEMM never degenerates to a matrix-vector kernel
-_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -79,125 +74,24 @@ class UnitResult:
     node_id: str = ""
     started: float = 0.0  #: ``time.time()`` when the task began (for the report's timeline)
     direct_bytes: int = 0  #: of ``nbytes``, written with O_DIRECT (the rest via the page cache)
+    direct_read_bytes: int = 0  #: base bytes read with O_DIRECT (the rest from the page cache)
+    #: seconds the task's main thread waited for reads, computed, and waited for writes
+    waits: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-def row_chunks(shape: tuple[int, ...], chunk_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Row ranges ``[r0, r1)`` covering ``shape[0]`` with about ``chunk_bytes`` of float32 each.
-
-    >>> row_chunks((40, 4), chunk_bytes=256)
-    [(0, 16), (16, 32), (32, 40)]
-    """
-    if len(shape) < 2 or shape[0] == 0:
-        return [(0, shape[0] if shape else 1)]
-    chunk_bytes = chunk_bytes or CHUNK_BYTES
-    per = max(_MIN_ROWS, chunk_bytes // (4 * math.prod(shape[1:])))
-    return [(r, min(r + per, shape[0])) for r in range(0, shape[0], per)]
-
-
-def _chunkable(t: PlannedTensor) -> bool:
-    """True when rows of every ΔW depend only on the same rows of one factor (so row chunks are
-    exact): plain LoRA pairs, full diffs and replacements on a tensor of 2 or more dimensions."""
-    return len(t.shape) >= 2 and not t.whole
-
-
-def _slice_rows(t: Term, r0: int, r1: int) -> Term:
-    if t.kind == DeltaKind.LORA:
-        up, down = t.factor(Role.UP).flatten(1)[r0:r1], t.factor(Role.DOWN)
-        return Term(DeltaKind.LORA, t.coef, (down, up), (Role.DOWN, Role.UP), strength=t.strength)
-    (d,) = t.factors
-    return Term(t.kind, t.coef, (d[r0:r1],), t.roles, strength=t.strength)
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One piece of output: rows ``[r0, r1)`` of tensor ``t`` (or the whole tensor), with the
-    tensor's delta terms sliced to those rows."""
-
-    t: PlannedTensor
-    r0: int
-    r1: int
-    terms: tuple[Term, ...] = ()
-
-    def byte_range(self, *, out: bool) -> tuple[int, int]:
-        """(offset, length) of the piece's bytes in the output file, or with ``out=False`` in its source."""
-        t = self.t
-        if len(t.shape) < 2:
-            return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
-        row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
-        start = t.out_offset if out else t.src_offset
-        return start + self.r0 * row, (self.r1 - self.r0) * row
-
-
-def _pieces(t: PlannedTensor) -> list[tuple[int, int]]:
-    """The row ranges tensor ``t`` is processed in (one range when it cannot be chunked)."""
-    if t.out_nbytes == 0 or t.action.passthrough or not _chunkable(t):
-        return [(0, t.shape[0] if t.shape else 1)]
-    return row_chunks(t.shape)
-
-
-def _jobs(unit: WorkUnit, reader: LoraReader) -> Iterator[_Job]:
-    for t in unit.tensors:
-        terms: tuple[Term, ...] = ()
-        if t.deltas and t.action != Action.COPY:  # factors upcast once per tensor, not once per chunk
-            cdt = torch.float64 if t.src_dtype == "F64" else torch.float32
-            terms = tuple(
-                replace(x, factors=tuple(f.to(cdt) for f in x.factors))
-                for x in load_terms(t.deltas, reader.read, reader.read_rows)
-            )
-        pieces = _pieces(t)
-        for r0, r1 in pieces:
-            sliced = tuple(_slice_rows(x, r0, r1) for x in terms) if len(pieces) > 1 else terms
-            yield _Job(t, r0, r1, sliced)
-
-
-class _Ring:
-    """A fixed ring of reusable byte buffers: fresh 30 MB allocations cost more in page faults
-    than the arithmetic done on them, so each task allocates its working buffers once."""
-
-    def __init__(self, nbytes: int, count: int) -> None:
-        self._bufs = [torch.empty(max(nbytes, 1) + DIRECT_ALIGN, dtype=torch.uint8) for _ in range(count)]
-        self._i = 0
-
-    def take(self, dtype: torch.dtype, shape: tuple[int, ...], file_offset: int | None = None) -> torch.Tensor:
-        """The next buffer as a ``dtype`` tensor of ``shape``; with ``file_offset``, placed at the
-        same position within a ``DIRECT_ALIGN`` block as that offset (for O_DIRECT writes)."""
-        buf = self._bufs[self._i % len(self._bufs)]
-        self._i += 1
-        n = math.prod(shape) * dtype.itemsize
-        shift = 0
-        if file_offset is not None:
-            shift = (file_offset - buf.data_ptr()) % DIRECT_ALIGN
-            if shift % dtype.itemsize:  # an oddly placed tensor: no direct write, just a valid view
-                shift = 0
-        return buf[shift : shift + n].view(dtype).reshape(shape)
-
-
-def _piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
-    """Largest (source, output, float32) bytes of any piece of ``unit``."""
-    src = out = acc = 0
-    for t in unit.tensors:
-        if t.action.passthrough or t.out_nbytes == 0:
-            continue
-        r0, r1 = max(_pieces(t), key=lambda p: p[1] - p[0])
-        rows = (r1 - r0) if len(t.shape) >= 1 else 1
-        per_row = math.prod(t.shape[1:]) if len(t.shape) >= 1 else 1
-        src = max(src, rows * per_row * itemsize(t.src_dtype))
-        out = max(out, rows * per_row * itemsize(t.out_dtype))
-        acc = max(acc, rows * per_row * 8)
-    return src, out, acc
-
-
-def _compute(job: _Job, raw: torch.Tensor, device: torch.device, acc_ring: _Ring, out_ring: _Ring) -> torch.Tensor:
+def _compute(job: Piece, raw: Slot, device: torch.device, acc_ring: Ring, out_ring: Ring) -> torch.Tensor:
     """The output bytes of one piece, in a buffer of ``out_ring`` (never aliasing ``raw``)."""
     t = job.t
     rows = job.r1 - job.r0
     shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
-    w = raw.view(to_torch(t.src_dtype)).reshape(shape)
+    if t.action == Action.COPY:
+        return out_ring.slot(raw.nbytes, job.byte_range(out=True)[0]).data().copy_(raw.data())
+    w = raw.view(to_torch(t.src_dtype), shape)
     out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=job.byte_range(out=True)[0])
     if not job.terms:
         return out.copy_(w)
-    if device.type == "cuda":
-        w = w.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":  # from the pinned ring buffer by DMA; the copy back below waits for it
+        w = w.to(device, non_blocking=True)
         acc = None
     else:
         acc = acc_ring.take(torch.float64 if t.src_dtype == "F64" else torch.float32, shape)
@@ -221,11 +115,11 @@ def _nonfinite(t: PlannedTensor, e: NonFiniteError) -> ShardWriteError:
 
 
 def _compute_scaled(
-    job: _Job,
-    raw: torch.Tensor,
+    job: Piece,
+    raw: Slot,
     device: torch.device,
-    acc_ring: _Ring,
-    out_ring: _Ring,
+    acc_ring: Ring,
+    out_ring: Ring,
     scale0: torch.Tensor | None,
     scale_out: PlannedTensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,10 +127,10 @@ def _compute_scaled(
     shape): ``W = w.float() * scale0`` (``w.float()`` without a base scale), ``+ Σ coef·ΔW`` in
     float32, one rounding to fp8."""
     t = job.t
-    w = raw.view(to_torch(t.src_dtype)).reshape(t.shape)
+    w = raw.view(to_torch(t.src_dtype), t.shape)
     out = out_ring.take(to_torch(t.out_dtype), t.shape, file_offset=t.out_offset)
     if device.type == "cuda":
-        acc = w.pin_memory().to(device, non_blocking=True).to(torch.float32)
+        acc = w.to(device, non_blocking=True).to(torch.float32)
     else:
         acc = acc_ring.take(torch.float32, t.shape)
         acc.copy_(w)
@@ -261,17 +155,27 @@ def _compute_scaled(
 
 @dataclass
 class _Rings:
-    """A unit's working buffers: the piece being computed and the one being read, one float
-    accumulator, and the output buffers of the queued writes plus the one being filled."""
+    """A unit's working buffers (``pipeline.Ring``): the pieces being read and the one being
+    computed, one float accumulator, and the output buffers of the queued writes plus the one
+    being filled; page-locked on a GPU task."""
 
-    read: _Ring
-    acc: _Ring
-    out: _Ring
+    read: Ring
+    acc: Ring
+    out: Ring
 
     @classmethod
-    def for_unit(cls, unit: WorkUnit) -> _Rings:
-        src_bytes, out_bytes, acc_bytes = _piece_bytes(unit)
-        return cls(_Ring(src_bytes, 2), _Ring(acc_bytes, 1), _Ring(out_bytes, _WRITE_BACKLOG + 2))
+    def for_unit(cls, unit: WorkUnit, device: torch.device) -> _Rings:
+        src_bytes, out_bytes, acc_bytes = piece_bytes(unit)
+        pinned = device.type == "cuda"
+        return cls(
+            Ring(src_bytes, READ_DEPTH + 1, pinned=pinned),
+            Ring(acc_bytes, 1),
+            Ring(out_bytes, WRITE_BACKLOG + 2, pinned=pinned),
+        )
+
+    def release(self) -> None:
+        for ring in (self.read, self.acc, self.out):
+            ring.release()
 
 
 @dataclass
@@ -289,6 +193,11 @@ class _Where:
         where = f"{self.path}: '{self.key}'" if self.key else self.path
         return ShardWriteError(f"{where}: {e.strerror or e}")
 
+    @staticmethod
+    def reading(t: PlannedTensor, e: OSError) -> ShardWriteError:
+        """A read of ``t``'s base bytes failed (on a read thread, while others run)."""
+        return _Where(t.src_path, t.key).error(e)
+
 
 @dataclass
 class _Tally:
@@ -303,9 +212,12 @@ class _UnitRun:
     write it (on the I/O thread). A weight's fresh fp8 scale is computed with the weight and kept
     in ``derived`` until its own turn."""
 
-    def __init__(self, unit: WorkUnit, dev: torch.device, files: OpenFiles, sink: OutputFile) -> None:
-        self.unit, self.dev, self.files, self.sink = unit, dev, files, sink
-        self.rings = _Rings.for_unit(unit)
+    def __init__(self, unit: WorkUnit, dev: torch.device, files: OpenFiles, sink: OutputFile, where: _Where) -> None:
+        self.unit, self.dev, self.files, self.sink, self.where = unit, dev, files, sink, where
+        self.tally = _Tally()
+        self.waits = (0.0, 0.0, 0.0)
+        self.stream_copies = sink.direct_fd is not None  # else copy_file_range, through the page cache
+        self.rings = _Rings.for_unit(unit, dev)
         self.by_key = {t.key: t for t in unit.tensors}
         self.scales0 = {  # the base scale of each scaled-fp8 weight
             t.key: read_scalar(files.fd(t.scale_src[0]), t.scale_src[1], t.scale_src[2])
@@ -314,19 +226,28 @@ class _UnitRun:
         }
         self.derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
 
-    def read(self, job: _Job) -> torch.Tensor | None:
-        """The source bytes of ``job`` (None where nothing is computed: copies, derived scales)."""
+    def read(self, job: Piece) -> Callable[[], Slot | None]:
+        """Take the buffer for ``job``'s source bytes now and return the read that fills it (a
+        no-op where nothing is read: derived scales, kernel copies)."""
         t = job.t
-        if t.out_nbytes == 0 or t.action.passthrough:
-            return None
+        if t.out_nbytes == 0 or t.action == Action.DERIVED or (t.action == Action.COPY and not self.stream_copies):
+            return lambda: None
         off, n = job.byte_range(out=False)
-        buf = self.rings.read.take(torch.uint8, (n,))
-        read_into(self.files.fd(t.src_path), off, buf)
-        return buf
+        slot = self.rings.read.slot(n, off, 1 if t.action == Action.COPY else itemsize(t.src_dtype))
 
-    def compute(self, job: _Job, raw: torch.Tensor | None) -> torch.Tensor | None:
+        def fill() -> Slot:
+            try:
+                read_placed(self.files, t.src_path, off, slot.buf, slot.start, n, direct=slot.direct)
+            except OSError as e:
+                raise _Where.reading(t, e) from None
+            return slot
+
+        return fill
+
+    def compute(self, job: Piece, raw: Slot | None) -> torch.Tensor | None:
         """The output bytes of ``job`` (None: copied file to file by ``write``)."""
         t = job.t
+        self.where.at(t)
         if t.derived_from:
             return self.derived.pop(t.key)
         if raw is not None and t.quant:
@@ -337,46 +258,41 @@ class _UnitRun:
             return out
         return None if raw is None else _compute(job, raw, self.dev, self.rings.acc, self.rings.out)
 
-    def account(self, job: _Job, out: torch.Tensor | None, tally: _Tally) -> None:
+    def account(self, job: Piece, out: torch.Tensor | None) -> None:
         """Chain ``job``'s output bytes onto the CRC and note a merged tensor."""
-        t = job.t
+        t, tally = job.t, self.tally
         if out is not None:
             tally.crc = crc32(tensor_bytes(out), tally.crc)
         elif t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes
-            tally.crc = crc_range(self.files.fd(t.src_path), t.src_offset, t.src_nbytes, tally.crc)
+            off, n = job.byte_range(out=False)
+            tally.crc = crc_range(self.files.fd(t.src_path), off, n, tally.crc)
         if job.terms:
             tally.merged.add(t.key)
 
-    def write(self, job: _Job, out: torch.Tensor | None) -> None:
+    def write(self, job: Piece, out: torch.Tensor | None) -> None:
         t = job.t
         if t.out_nbytes == 0:
             return
         if out is None:
-            copy_range(self.files.fd(t.src_path), t.src_offset, self.sink.fd, t.out_offset, t.src_nbytes)
+            src, n = job.byte_range(out=False)
+            copy_range(self.files.fd(t.src_path), src, self.sink.fd, job.byte_range(out=True)[0], n)
             return
         off, _ = job.byte_range(out=True)
         self.sink.write(tensor_bytes(out), off, out.data_ptr())
 
-    def run(self, io: ThreadPoolExecutor, reader: LoraReader, where: _Where, tally: _Tally) -> None:
-        """Every piece in order, the next read and up to ``_WRITE_BACKLOG`` writes in flight."""
-        jobs = _jobs(self.unit, reader)
-        job = next(jobs, None)
-        nxt: Future | None = io.submit(self.read, job) if job else None
-        writes: deque[Future] = deque()
-        while job is not None:
-            where.at(job.t)
-            assert nxt is not None  # set whenever job is
-            raw = nxt.result()
-            following = next(jobs, None)
-            nxt = io.submit(self.read, following) if following else None
+    def run(self, reader: LoraReader) -> None:
+        """Every piece in order, through the task's I/O pipeline."""
+
+        def compute(job: Piece, raw: Slot | None) -> torch.Tensor | None:
             out = self.compute(job, raw)
-            self.account(job, out, tally)
-            writes.append(io.submit(self.write, job, out))
-            while len(writes) > _WRITE_BACKLOG:
-                writes.popleft().result()
-            job = following
-        for w in writes:
-            w.result()
+            self.account(job, out)
+            return out
+
+        try:
+            w = run_pipeline(unit_pieces(self.unit, reader), read=self.read, compute=compute, write=self.write)
+            self.waits = (round(w.read_s, 4), round(w.compute_s, 4), round(w.write_s, 4))
+        finally:
+            self.rings.release()
 
 
 def run_unit(
@@ -403,20 +319,22 @@ def run_unit(
     start, started = time.perf_counter(), time.time()
     dev = task_device(device, threads)
     files = OpenFiles()
-    where, tally = _Where(dest), _Tally()
+    where = _Where(dest)
     sink: OutputFile | None = None
     direct = 0
+    run: _UnitRun | None = None
     try:
         with io_errors(where.error):
             sink = OutputFile(dest, direct=direct_io)
-            with ThreadPoolExecutor(1, thread_name_prefix="distmerge-io") as io:
-                _UnitRun(unit, dev, files, sink).run(io, LoraReader(), where, tally)
+            run = _UnitRun(unit, dev, files, sink, where)
+            run.run(LoraReader())
     finally:
         files.close()
         if sink is not None:
             direct = sink.direct_bytes
             sink.close()
     seconds = time.perf_counter() - start
+    tally = run.tally
     return UnitResult(
         unit.index,
         unit.shard,
@@ -427,6 +345,8 @@ def run_unit(
         tally.crc,
         started=started,
         direct_bytes=direct,
+        direct_read_bytes=files.direct_bytes,
+        waits=run.waits,
     )
 
 

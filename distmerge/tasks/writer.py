@@ -6,12 +6,9 @@ The header and every offset come from the plan (``plan.layout``); this module on
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 
@@ -19,6 +16,14 @@ from distmerge.errors import ShardWriteError
 from distmerge.inputs.rawio import pread_exact, pwrite_all
 from distmerge.inputs.torch_dtypes import code_of
 from distmerge.plan.layout import ShardLayout, layout_shard
+from distmerge.tasks.directio import (
+    DIRECT_ALIGN,
+    DIRECT_FILESYSTEMS,
+    direct_span,
+    filesystem_type,
+    libc_function,
+    open_direct,
+)
 
 __all__ = [
     "create_file",
@@ -38,20 +43,10 @@ __all__ = [
 _COPY_CHUNK = 1 << 26
 
 
-def _libc(name: str, *argtypes: type) -> Any:
-    """The C library's ``name`` (returning int, setting errno), or ``None`` where there is none
-    (non-Linux)."""
-    try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_FALLOCATE = libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_SYNC_FILE_RANGE = libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -101,57 +96,6 @@ def reserve(fd: int, size: int) -> bool:
     return False
 
 
-#: O_DIRECT needs the file offset, the length and the buffer address aligned to the device's
-#: logical block; 4096 covers every common device (512 and 4096 byte sectors)
-DIRECT_ALIGN = 4096
-#: filesystems on local block devices, where an O_DIRECT write is a plain DMA from the buffer;
-#: network and FUSE filesystems (NFS, Lustre, CephFS, gcsfuse, ...) keep the page cache, whose
-#: write-behind they are tuned for (``DISTMERGE_DIRECT_IO=1`` tries direct I/O anywhere)
-DIRECT_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
-
-
-def filesystem_type(path: str) -> str | None:
-    """The type of the filesystem holding ``path`` (the longest matching mount point in
-    ``/proc/self/mounts``), or ``None`` where that cannot be told.
-
-    >>> filesystem_type("/proc/self")
-    'proc'
-    """
-    try:
-        with open("/proc/self/mounts") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    best, kind = "", None
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # \040 = space
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-            best, kind = mnt, parts[2]
-    return kind
-
-
-def direct_span(offset: int, nbytes: int, address: int, align: int = DIRECT_ALIGN) -> tuple[int, int] | None:
-    """The part ``[start, end)`` of the file range ``[offset, offset + nbytes)`` that can be written
-    with O_DIRECT from a buffer at ``address``: the whole aligned blocks inside it, provided the
-    buffer sits at the same position within a block as the file range (else ``None``, as when
-    no whole block fits).
-
-    >>> direct_span(5000, 20000, 904)   # 5000 ≡ 904 (mod 4096): blocks 8192..24576 go direct
-    (8192, 24576)
-    >>> direct_span(5000, 20000, 900) is None, direct_span(5000, 3000, 904) is None
-    (True, True)
-    """
-    if (offset - address) % align:
-        return None
-    start = -(-offset // align) * align
-    end = (offset + nbytes) // align * align
-    return (start, end) if end > start else None
-
-
 class OutputFile:
     """One task's handle on a part file: byte ranges written at known offsets, the whole blocks
     of each with O_DIRECT (straight from the task's buffer to the disk: no page-cache copy, which
@@ -181,16 +125,7 @@ class OutputFile:
         self.fd = os.open(path, os.O_WRONLY)
         self.direct_fd: int | None = None
         self.direct_bytes = 0  #: bytes written with O_DIRECT so far
-        mode = os.environ.get("DISTMERGE_DIRECT_IO", "").strip().lower()
-        if mode in ("0", "false", "no", "off"):
-            direct = False
-        elif mode not in ("1", "true", "yes", "on"):  # unset or anything else: local filesystems only
-            direct = direct and filesystem_type(path) in DIRECT_FILESYSTEMS
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError:  # EINVAL: the filesystem has no direct I/O
-                self.direct_fd = None
+        self.direct_fd = open_direct(path, os.O_WRONLY) if direct else None
 
     def write(self, data: memoryview, offset: int, address: int) -> None:
         """Write all of ``data`` (whose first byte is at memory ``address``) at ``offset``."""
