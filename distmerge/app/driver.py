@@ -315,6 +315,7 @@ class _Run(Generic[R]):
     def _dispatch(self, plan: JobPlan, staging: Staging, ledger: UnitLedger, reused: dict[int, Any]) -> dict[int, Any]:
         """Every unit not yet done: on the driver while Ray starts, then as Ray tasks."""
         from distmerge.cluster import run_calls
+
         todo: list[Unit] = self.job.order([u for u in plan.units if u.index not in reused])
         claims = UnitClaims()
         inline = self._inline(todo, staging, claims, ledger)
