@@ -241,3 +241,18 @@ def test_a_pickled_lora_index_is_loaded_once_per_process_until_the_file_changes(
 def test_pipeline_module_has_no_constants_of_its_own():
     """The ring sizes the plan's memory estimate assumes are the ones the tasks use."""
     assert pipeline.READ_DEPTH == READ_DEPTH and pipeline.WRITE_BACKLOG == WRITE_BACKLOG
+
+
+def test_a_worker_gives_back_its_pages_of_a_pickled_lora_but_never_written_ones(tmp_path):
+    from distmerge.inputs.mapped import drop_mapped_pages
+
+    path = str(tmp_path / "l.pth")
+    torch.save({"a": torch.arange(1 << 20, dtype=torch.float32)}, path)  # 4 MiB
+    sd = LoraReader._shared_pickle(path)
+    total = float(sd["a"].sum())
+    assert drop_mapped_pages(path) >= 4 << 20  # the mapping is given back (clean pages only)
+    assert float(sd["a"].sum()) == total  # mapped again from the file, same values
+    sd["a"][0] = -1.0  # a page of the mapping's own: never dropped, its change kept
+    assert drop_mapped_pages(path) == 0
+    assert float(sd["a"][0]) == -1.0
+    LoraReader._shared.clear()

@@ -246,6 +246,10 @@ class LoraReader:
     CACHE_BYTES = 512 << 20
     CACHE_ENTRIES = 4
     SHARED_PICKLES = 2
+    #: bytes of shared pickles read since this process last gave back its mapped pages
+    _touched: dict[str, int] = {}
+    #: give the pages back once this much was read (reading ``/proc/self/smaps`` costs ~40 ms)
+    DROP_AFTER = 1 << 26  # 64 MiB
     #: (path, size, mtime, inode) -> tensors, shared by the readers of one process
     _shared: OrderedDict[tuple[str, int, int, int], dict[str, torch.Tensor]] = OrderedDict()
 
@@ -270,7 +274,19 @@ class LoraReader:
         sd = self._pickles.get(path)
         if sd is None:
             sd = self._pickles[path] = self._shared_pickle(path)
-        return sd[key]
+        t = sd[key]
+        self._touched[path] = self._touched.get(path, 0) + t.numel() * t.element_size()
+        return t
+
+    def close(self) -> None:
+        """The unit is done: give back this process's pages of the pickles it read (they stay
+        mapped, and in the page cache, for the next unit)."""
+        from distmerge.inputs.mapped import drop_mapped_pages
+
+        for path in self._pickles:
+            if self._touched.get(path, 0) >= self.DROP_AFTER:
+                drop_mapped_pages(path)
+                self._touched[path] = 0
 
     @classmethod
     def _shared_pickle(cls, path: str) -> dict[str, torch.Tensor]:

@@ -327,7 +327,11 @@ def run_unit(
         with io_errors(where.error):
             sink = OutputFile(dest, direct=direct_io)
             run = _UnitRun(unit, dev, files, sink, where)
-            run.run(LoraReader())
+            reader = LoraReader()
+            try:
+                run.run(reader)
+            finally:
+                reader.close()
     finally:
         files.close()
         if sink is not None:
