@@ -100,7 +100,7 @@ class MergeOptions:
     )
     report: str | os.PathLike[str] | None = _opt(None, "write a JSON report here", group="report", metavar="FILE")
     unit_size: int | str | None = _opt(
-        None, "target bytes per work unit (default: total / (4 x workers))", metavar="SIZE", kind="size"
+        None, "target bytes per work unit (default: total / (4 x workers), at most 512MiB)", metavar="SIZE", kind="size"
     )
     max_retries: int = _opt(
         3, "Ray retries per task after a worker or node failure (default 3)", metavar="N", kind="int", minimum=0
