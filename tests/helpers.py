@@ -158,3 +158,19 @@ def shared_path(*parts: str) -> str:
         if os.path.isdir(root):
             return os.path.join(root, *parts)
     return os.path.join(os.path.dirname(repo), "shared", *parts)
+
+
+#: the repository's ``benchmarks/`` folder
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark(name: str, prefix: str = "_bench"):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+    return mod

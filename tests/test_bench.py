@@ -4,7 +4,6 @@ from. (Speed itself is measured by running the script, never asserted here.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,18 +13,14 @@ import pytest
 import torch
 
 from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
+from tests.helpers import BENCHMARKS, load_benchmark
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 BENCH = os.path.join(BENCHMARKS, "bench.py")
 TINY = ["--dim", "128", "--ffn", "256", "--text-dim", "64", "--blocks", "1", "--rank", "4"]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name, "_bench")
 
 
 def _bench(args: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, dict]:

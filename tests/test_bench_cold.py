@@ -5,7 +5,6 @@ where the page cache cannot be dropped. (Speed itself is never asserted.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,13 @@ import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from tests.helpers import BENCHMARKS, load_benchmark
+
 TINY = ["--dim", "128", "--ffn", "256", "--text-dim", "64", "--blocks", "1", "--rank", "4"]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_cold_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name, "_bench_cold")
 
 
 def _base(tmp_path, sizes=(1000, 70 << 20)):

@@ -131,19 +131,24 @@ def test_pure_python_crc32_combine_matches_zlib():
         assert crc32_combine_py(zlib.crc32(a), zlib.crc32(b), n) == zlib.crc32(a + b)
 
 
-def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch):
-    """Merged and copied pieces go out with O_DIRECT where the filesystem takes it; the shards are
-    byte-for-byte those of page-cache writes, and the report's ``direct_bytes`` says how much went
-    direct."""
+def _small_wan_plan(tmp_path):
+    """A one-block Wan base (128-256 KB bf16 tensors, 2 shards) and a rank-4 ROLL LoRA, planned."""
     from distmerge.app.synth import WanConfig, make_factors, write_wan_base
 
-    cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")  # 128-256 KB tensors
+    cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")
     base_dir = str(tmp_path / "base")
     write_wan_base(base_dir, cfg, num_shards=2)
     lora = str(tmp_path / "l.pth")
     write_lora(lora, make_factors(cfg, rank=4))
     base = open_base(base_dir)
-    plan = make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=2)
+    return make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=2)
+
+
+def test_direct_io_writes_the_same_bytes_as_the_page_cache(tmp_path, monkeypatch):
+    """Merged and copied pieces go out with O_DIRECT where the filesystem takes it; the shards are
+    byte-for-byte those of page-cache writes, and the report's ``direct_bytes`` says how much went
+    direct."""
+    plan = _small_wan_plan(tmp_path)
     shards, direct = {}, {}
     for env in ("0", "1"):
         monkeypatch.setenv("DISTMERGE_DIRECT_IO", env)
@@ -164,15 +169,7 @@ def test_cold_base_is_read_direct_and_gives_the_same_bytes(tmp_path, monkeypatch
     """A base the page cache does not hold is read with O_DIRECT into placed buffers (every tensor
     at any offset within its 4 KiB block, the file's last one too); a cached one through the cache;
     the output bytes are the same either way."""
-    from distmerge.app.synth import WanConfig, make_factors, write_wan_base
-
-    cfg = WanConfig(dim=256, ffn=512, blocks=1, text_dim=64, dtype="BF16")
-    base_dir = str(tmp_path / "base")
-    write_wan_base(base_dir, cfg, num_shards=2)
-    lora = str(tmp_path / "l.pth")
-    write_lora(lora, make_factors(cfg, rank=4))
-    base = open_base(base_dir)
-    plan = make_plan(base, collect_deltas(base, [(lora, 1.0)]).deltas, workers=2)
+    plan = _small_wan_plan(tmp_path)
     files = sorted({t.src_path for u in plan.units for t in u.tensors})
     outputs, read_direct = {}, {}
     for mode in ("cached", "cold"):
