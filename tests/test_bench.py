@@ -44,8 +44,9 @@ def test_generated_wan_checkpoint_runs_every_method(tmp_path):
     s = doc["summary"]
     assert [s[m]["runs_ok"] for m in ("cp", "distmerge", "seed", "seed-fp32")] == [1, 1, 1, 1]
     (dm,) = [r for r in doc["runs"] if r["method"] == "distmerge"]
-    # the measured tree is the driver plus the embedded Ray session (GCS, raylet, workers)
-    assert dm["peak_procs"] >= 4 and dm["peak_rss_bytes"] > 200 << 20
+    # the measured tree: a base this small is merged by the driver alone, with no Ray session
+    assert dm["peak_procs"] >= 1 and dm["peak_rss_bytes"] > 200 << 20
+    assert dm["extra"]["ray"]["mode"] == "none"
     assert dm["extra"]["pairs_merged"] == 10  # the 10 linear layers of the one block
     for key in ("distmerge_over_cp_time", "seed_over_distmerge_rss", "seed_fp32_over_distmerge_time"):
         assert doc["ratios"][key] > 0, key

@@ -151,3 +151,25 @@ def test_usage_errors_exit_2_and_help_lists_options():
         "--save_dir",
     ):
         assert opt in h.stdout, opt
+
+
+@pytest.mark.ray
+def test_a_small_merge_is_done_by_the_driver_without_starting_ray(tiny_base, tiny_factors, tmp_path):
+    """A base under ``DRIVER_ALONE_BYTES``: every unit on the driver, with all its cores, and no
+    Ray process ever started; the bytes are those of a merge through Ray."""
+    lora = str(tmp_path / "l.pth")
+    write_lora(lora, tiny_factors)
+    reps = {}
+    for mode, env in (("alone", {}), ("ray", {"DISTMERGE_INLINE_UNITS": "0"})):
+        out, rep = str(tmp_path / mode), str(tmp_path / f"{mode}.json")
+        cmd = [sys.executable, "-m", "distmerge", "merge", "--base", tiny_base, "--lora", lora, "--output", out]
+        full_env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+        r = subprocess.run([*cmd, "--report", rep, "-q"], capture_output=True, text=True, env=full_env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        reps[mode] = json.load(open(rep))
+    assert reps["alone"]["ray"]["mode"] == "none" and "ray ready" not in reps["alone"]["phases"]
+    assert {u["node_id"] for u in reps["alone"]["units"]} == {"driver"}
+    assert reps["ray"]["ray"]["mode"] == "local" and "driver" not in {u["node_id"] for u in reps["ray"]["units"]}
+    assert load_checkpoint(str(tmp_path / "alone")).keys() == load_checkpoint(str(tmp_path / "ray")).keys()
+    for k, v in load_checkpoint(str(tmp_path / "alone")).items():
+        assert torch.equal(v, load_checkpoint(str(tmp_path / "ray"))[k]), k

@@ -61,6 +61,9 @@ RAY_SUBCOMMANDS = {"merge", "extract", "verify", "run", "demo"}
 #: Ray on a thread of its own as it begins (``RaySession.start``) and shuts it down after the refusal.
 RAY_FREE: dict[str, str] = {
     "test_bench.py::test_base_without_lora_is_refused": "bench.py refuses its arguments",
+    "test_session_lifetime.py::test_a_lazy_session_starts_nothing_until_something_waits_for_ray": (
+        "a lazy session is never started"
+    ),
     "test_bench.py::test_generate_only_prints_the_paths": "bench.py --generate-only runs nothing",
     "test_cli.py::test_usage_errors_exit_2_and_help_lists_options": "usage errors and --help come before Ray",
     "test_extract.py::test_a_layout_that_cannot_name_the_base_is_refused_before_ray": "extract plans before Ray",

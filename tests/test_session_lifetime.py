@@ -230,3 +230,17 @@ def test_sessions_distmerge_does_not_start_get_no_watchdog(ray_local):
     with cluster.RaySession() as s:
         assert s.mode == "existing" and s._watchdog is None
     assert ray_local.is_initialized()
+
+
+def test_a_lazy_session_starts_nothing_until_something_waits_for_ray():
+    """``lazy``: ``start`` and ``wait_or`` leave Ray alone (the driver merges every unit itself);
+    the session is still the embedded, local kind, so the driver's units run."""
+    import threading
+
+    s = cluster.RaySession(lazy=True)
+    assert s.start() is s and s.mode == "" and s.local and not s.ready
+    done = threading.Event()
+    threading.Timer(0.1, done.set).start()
+    assert s.wait_or(done) is False  # returns when the driver's units are done, Ray never started
+    assert s.mode == "" and s._thread is None
+    s.close()

@@ -240,14 +240,15 @@ class MergeJob(Job[MergeReport]):
         return Call(args, f"unit-{unit.index} ({unit.shard})", unit.memory, unit.nbytes, order=where)
 
     def inline(
-        self, todo: Sequence[WorkUnit], staging: Any, claim: Callable[[int], bool], ledger: UnitLedger
+        self, todo: Sequence[WorkUnit], staging: Any, claim: Callable[[int], bool], ledger: UnitLedger, threads: int = 1
     ) -> InlineRunner:
         """Merge units on the driver while Ray starts: the bytes are the same."""
         from distmerge.tasks.inline import InlineRunner
 
         of = {u.index: u for u in todo}
         on_done = lambda r: ledger.unit_done(of[r.index], r)  # noqa: E731
-        return InlineRunner(todo, staging.dests, claim, on_done=on_done, direct_io=self.direct_io).start()
+        runner = InlineRunner(todo, staging.dests, claim, on_done=on_done, direct_io=self.direct_io, threads=threads)
+        return runner.start()
 
     def report(self, outcome: JobOutcome) -> MergeReport:
         i, plan, phases = self.i, outcome.plan, outcome.phases

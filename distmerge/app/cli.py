@@ -43,7 +43,8 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
     refuse_if_locked(args.output)  # so does a run into an output another run is writing
     from distmerge.cluster import RaySession
 
-    session = RaySession(opts.address, num_cpus=opts.num_cpus, fast_exit=args.fast_exit).start()
+    lazy = _driver_alone(args.base, opts)
+    session = RaySession(opts.address, num_cpus=opts.num_cpus, fast_exit=args.fast_exit, lazy=lazy).start()
     try:
         from distmerge.app.api import merge
         from distmerge.tasks import inline  # noqa: F401  (torch and the unit's code load while Ray starts)
@@ -58,6 +59,28 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
         print(f"distmerge: … and {len(report.unmatched) - 10} more skipped (see --report)", file=sys.stderr)
     print(report.summary_line(since_start=_process_age()))
     return 0
+
+
+#: a merge whose base is at most this big is done by the driver before an embedded Ray and its
+#: workers (seconds of CPU to start) could take a unit: Ray is then not started at all
+DRIVER_ALONE_BYTES = 512 << 20
+
+
+def _driver_alone(base: str, opts) -> bool:
+    """Whether the driver merges every unit itself, with no Ray: a small base (headers only, no
+    torch), an embedded session on the CPU, the driver's units on, no resume (which re-checks
+    units through Ray). Anything unusual (a Hub reference, a missing file): Ray as usual, and
+    the merge reports the problem."""
+    if opts.address or os.environ.get("RAY_ADDRESS") or opts.device == "cuda" or opts.resume:
+        return False
+    if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
+        return False
+    try:
+        from distmerge.inputs.checkpoint import open_base
+
+        return sum(t.nbytes for t in open_base(base).tensors.values()) <= DRIVER_ALONE_BYTES
+    except Exception:  # noqa: BLE001 (the merge itself reports what is wrong with the base)
+        return False
 
 
 def _process_age() -> float | None:

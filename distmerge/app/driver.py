@@ -187,8 +187,11 @@ class Job(abc.ABC, Generic[R]):
         """The order units are sent in."""
         return list(units)
 
-    def inline(self, todo: Sequence[Any], staging: Staging, claim: Callable[[int], bool], ledger: UnitLedger) -> Any:
-        """A runner of units on the driver while Ray starts (``tasks.inline``), or None."""
+    def inline(
+        self, todo: Sequence[Any], staging: Staging, claim: Callable[[int], bool], ledger: UnitLedger, threads: int = 1
+    ) -> Any:
+        """A runner of units on the driver while Ray starts (``tasks.inline``; ``threads``: its
+        math threads), or None."""
         return None
 
     def check_results(self, results: Mapping[int, Any]) -> None:
@@ -358,11 +361,13 @@ class _Run(Generic[R]):
             return None
         if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
             return None
-        return job.inline(todo, staging, claims.claim, ledger)
+        alone = s.lazy and not s.mode  # no Ray to share the cores with: all of them for the math
+        threads = (s.expected_workers(None, "cpu") or 1) if alone else 1
+        return job.inline(todo, staging, claims.claim, ledger, threads)
 
     def _ray_info(self) -> dict[str, Any]:
-        if self._settings is None:  # every unit ran on the driver before Ray came up
-            return {"mode": self.session.mode, "device": "cpu", "workers": self.job.workers}
+        if self._settings is None:  # every unit ran on the driver (before Ray came up, or without it)
+            return {"mode": self.session.mode or "none", "device": "cpu", "workers": self.job.workers}
         return {"mode": self.session.mode, "device": self._settings.device, "workers": self._settings.workers}
 
 

@@ -141,11 +141,15 @@ class RaySession:
         num_cpus: int | None = None,
         num_gpus: int | None = None,
         fast_exit: bool = False,
+        lazy: bool = False,
     ) -> None:
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.fast_exit = fast_exit
+        #: an embedded session started only when something waits for it (``wait``, ``settings``):
+        #: a job the driver finishes by itself never starts Ray
+        self.lazy = lazy
         self.owned = False
         self.mode = ""
         self._watchdog: Watchdog | None = None
@@ -155,8 +159,9 @@ class RaySession:
         self._error: BaseException | None = None
 
     def start(self) -> Self:
-        """Begin starting or joining Ray (no-op if already begun, or if Ray runs in this process)."""
-        if self.mode:
+        """Begin starting or joining Ray (no-op if already begun, if Ray runs in this process, or
+        while the session is ``lazy``)."""
+        if self.mode or self.lazy:
             return self
         if ray.is_initialized():
             self.mode = "existing"
@@ -171,8 +176,8 @@ class RaySession:
 
     @property
     def local(self) -> bool:
-        """An embedded session of this object's own (once started)."""
-        return self.mode == "local"
+        """An embedded session of this object's own (once started, or ``lazy``)."""
+        return self.mode == "local" or (self.lazy and not self.mode)
 
     @property
     def ready(self) -> bool:
@@ -181,7 +186,11 @@ class RaySession:
 
     def wait_or(self, other: threading.Event, poll_s: float = 0.01) -> bool:
         """Block until Ray is up (or failed to come up: ``wait`` raises it) or ``other`` is set;
-        True if Ray is up."""
+        True if Ray is up. A ``lazy`` session is not started: this waits for ``other`` alone."""
+        if self.lazy and not self.mode:
+            while not other.wait(0.05):  # in slices, so Ctrl-C is taken at once
+                pass
+            return False
         self.start()
         while not self._ready.is_set() and not other.is_set():
             self._ready.wait(poll_s)
@@ -193,6 +202,7 @@ class RaySession:
         Raises:
             ClusterError: Ray could not be started or joined.
         """
+        self.lazy = False  # needed after all
         self.start()
         self._ready.wait()
         if self._error is not None:
