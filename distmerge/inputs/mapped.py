@@ -14,20 +14,14 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
-from typing import Any
+
+from distmerge.inputs.rawio import libc_function
 
 __all__ = ["drop_mapped_pages"]
 
-_MADVISE: Any
-try:
-    _MADVISE = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
-    _MADVISE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _MADVISE.restype = ctypes.c_int
-except (OSError, AttributeError):  # not Linux
-    _MADVISE = None
+_MADVISE = libc_function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
@@ -52,17 +46,16 @@ def drop_mapped_pages(path: str) -> int:
 
 def _mappings(smaps: str, path: str) -> list[tuple[int, int, int]]:
     """``(start, end, kB of its own pages)`` of each private mapping of ``path`` in ``smaps``
-    (pages copied on write are anonymous)."""
+    (pages copied on write are anonymous; -1 where the mapping has no ``Anonymous`` line)."""
     found: list[tuple[int, int, int]] = []
-    current: list[int] | None = None
+    ours = False  # the lines being read belong to a mapping of ``path``
     for line in smaps.splitlines():
         parts = line.split(maxsplit=5)
         if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
-            current = None
-            if len(parts) == 6 and parts[5] == path and parts[1].endswith("p"):
+            ours = len(parts) == 6 and parts[5] == path and parts[1].endswith("p")
+            if ours:
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                current = [lo, hi, -1]  # -1 until its Anonymous line says
                 found.append((lo, hi, -1))
-        elif current is not None and parts[:1] == ["Anonymous:"]:
-            found[-1] = (current[0], current[1], int(parts[1]))
+        elif ours and parts[:1] == ["Anonymous:"]:
+            found[-1] = (*found[-1][:2], int(parts[1]))
     return found

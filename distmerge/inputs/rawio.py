@@ -20,10 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
+from typing import Any
 
-__all__ = ["EndOfFile", "pread_exact", "pwrite_all", "read_bytes"]
+__all__ = ["EndOfFile", "libc_function", "pread_exact", "pwrite_all", "read_bytes"]
 
 
 class EndOfFile(OSError):
@@ -63,3 +66,14 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         if n == 0:
             raise OSError(errno.EIO, "pwrite wrote 0 bytes")
         view, offset = view[n:], offset + n
+
+
+def libc_function(name: str, restype: Any, *argtypes: Any) -> Any:
+    """The C library's ``name`` (setting errno), or ``None`` where there is none (non-Linux)."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = restype
+    return fn

@@ -24,12 +24,12 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import re
-from typing import Any
+
+from distmerge.inputs.rawio import libc_function
 
 __all__ = [
     "DIRECT_ALIGN",
@@ -37,7 +37,6 @@ __all__ = [
     "direct_span",
     "direct_wanted",
     "filesystem_type",
-    "libc_function",
     "open_direct",
     "read_direct",
     "resident_fraction",
@@ -92,17 +91,6 @@ def direct_span(offset: int, nbytes: int, address: int, align: int = DIRECT_ALIG
     start = -(-offset // align) * align
     end = (offset + nbytes) // align * align
     return (start, end) if end > start else None
-
-
-def libc_function(name: str, restype: Any, *argtypes: Any) -> Any:
-    """The C library's ``name`` (setting errno), or ``None`` where there is none (non-Linux)."""
-    try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = restype
-    return fn
 
 
 _MMAP = libc_function(

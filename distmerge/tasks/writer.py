@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from distmerge.errors import ShardWriteError
-from distmerge.inputs.rawio import pread_exact, pwrite_all
+from distmerge.inputs.rawio import libc_function, pread_exact, pwrite_all
 from distmerge.inputs.torch_dtypes import code_of
 from distmerge.plan.layout import ShardLayout, layout_shard
 from distmerge.tasks.directio import (
@@ -21,7 +21,6 @@ from distmerge.tasks.directio import (
     DIRECT_FILESYSTEMS,
     direct_span,
     filesystem_type,
-    libc_function,
     open_direct,
 )
 
