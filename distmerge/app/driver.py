@@ -361,8 +361,8 @@ class _Run(Generic[R]):
             return None
         if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
             return None
-        alone = s.lazy and not s.mode  # no Ray to share the cores with: all of them for the math
-        threads = (s.expected_workers(None, "cpu") or 1) if alone else 1
+        # a lazy session is not started: no Ray to share the cores with, all of them for the math
+        threads = (s.expected_workers(None, "cpu") or 1) if s.lazy else 1
         return job.inline(todo, staging, claims.claim, ledger, threads)
 
     def _ray_info(self) -> dict[str, Any]:

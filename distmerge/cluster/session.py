@@ -147,8 +147,8 @@ class RaySession:
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.fast_exit = fast_exit
-        #: an embedded session started only when something waits for it (``wait``, ``settings``):
-        #: a job the driver finishes by itself never starts Ray
+        #: an embedded session started only when something waits for it (``wait``, ``settings``,
+        #: which clear this): a job the driver finishes by itself never starts Ray
         self.lazy = lazy
         self.owned = False
         self.mode = ""
@@ -177,7 +177,7 @@ class RaySession:
     @property
     def local(self) -> bool:
         """An embedded session of this object's own (once started, or ``lazy``)."""
-        return self.mode == "local" or (self.lazy and not self.mode)
+        return self.mode == "local" or self.lazy
 
     @property
     def ready(self) -> bool:
@@ -187,7 +187,7 @@ class RaySession:
     def wait_or(self, other: threading.Event, poll_s: float = 0.01) -> bool:
         """Block until Ray is up (or failed to come up: ``wait`` raises it) or ``other`` is set;
         True if Ray is up. A ``lazy`` session is not started: this waits for ``other`` alone."""
-        if self.lazy and not self.mode:
+        if self.lazy:
             while not other.wait(0.05):  # in slices, so Ctrl-C is taken at once
                 pass
             return False

@@ -21,9 +21,8 @@ import torch
 from distmerge.formats.kinds import DeltaKind, Role
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.lorafile import LoraReader
-from distmerge.plan.merge_plan import CHUNK_BYTES, Action, PlannedTensor, WorkUnit
+from distmerge.plan.merge_plan import CHUNK_BYTES, COPY_CHUNK, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.mergemath import Term
-from distmerge.tasks.pipeline import COPY_CHUNK
 from distmerge.tasks.terms import load_terms
 
 __all__ = ["CHUNK_BYTES", "Piece", "piece_bytes", "row_chunks", "tensor_pieces", "unit_pieces"]

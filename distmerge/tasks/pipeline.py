@@ -39,13 +39,10 @@ from typing import TypeVar
 
 import torch
 
-from distmerge.plan.merge_plan import COPY_CHUNK, READ_DEPTH, WRITE_BACKLOG
+from distmerge.plan.merge_plan import READ_DEPTH, WRITE_BACKLOG
 from distmerge.tasks.directio import DIRECT_ALIGN
 
 __all__ = [
-    "COPY_CHUNK",
-    "READ_DEPTH",
-    "WRITE_BACKLOG",
     "BufferPool",
     "Ring",
     "Slot",
@@ -139,8 +136,8 @@ class Ring:
 
     def __init__(self, nbytes: int, count: int, *, pinned: bool = False, pool: BufferPool = _POOL) -> None:
         self._pool = pool
-        self._bufs = [pool.take(max(nbytes, 1) + 3 * DIRECT_ALIGN, pinned=pinned) for _ in range(count)]
         # room for the aligned start, the bytes' offset within their first block and the last block's rest
+        self._bufs = [pool.take(max(nbytes, 1) + 3 * DIRECT_ALIGN, pinned=pinned) for _ in range(count)]
         self._i = 0
 
     def slot(self, nbytes: int, file_offset: int | None = None, itemsize: int = 1) -> Slot:

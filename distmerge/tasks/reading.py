@@ -34,10 +34,10 @@ _CACHED = 0.5
 class OpenFiles:
     """Input files opened read-only on first use and kept open until ``close`` (one task's inputs)."""
 
-    def __init__(self, *, direct: bool = True) -> None:
+    def __init__(self) -> None:
         self.fds: dict[str, int] = {}
         self.direct_fds: dict[str, int | None] = {}
-        self.direct = direct
+        self.retired: list[int] = []  #: direct descriptors refused mid-run, closed with the rest
         self.direct_bytes = 0  #: bytes read with O_DIRECT so far
         self._lock = threading.Lock()  # reads run on several threads
 
@@ -48,10 +48,11 @@ class OpenFiles:
             return self.fds[path]
 
     def direct_fd(self, path: str) -> int | None:
-        """An ``O_DIRECT`` descriptor of ``path``, or None where direct reads are off or refused."""
+        """An ``O_DIRECT`` descriptor of ``path``, or None where direct I/O is off
+        (``directio.direct_wanted``) or refused."""
         with self._lock:
             if path not in self.direct_fds:
-                self.direct_fds[path] = open_direct(path, os.O_RDONLY) if self.direct else None
+                self.direct_fds[path] = open_direct(path, os.O_RDONLY)
             return self.direct_fds[path]
 
     def count_direct(self, nbytes: int) -> None:
@@ -65,13 +66,13 @@ class OpenFiles:
             fd = self.direct_fds.get(path)
             self.direct_fds[path] = None
             if fd is not None:
-                self.fds[f"{path}\0direct"] = fd
+                self.retired.append(fd)
 
     def close(self) -> None:
-        for fd in [*self.fds.values(), *self.direct_fds.values()]:
+        for fd in [*self.fds.values(), *self.direct_fds.values(), *self.retired]:
             if fd is not None:
                 os.close(fd)
-        self.fds, self.direct_fds = {}, {}
+        self.fds, self.direct_fds, self.retired = {}, {}, []
 
 
 def read_into(fd: int, offset: int, buf: torch.Tensor) -> None:

@@ -47,12 +47,12 @@ from distmerge.errors import ShardWriteError
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
-from distmerge.plan.merge_plan import CHUNK_BYTES, Action, PlannedTensor, WorkUnit
+from distmerge.plan.merge_plan import CHUNK_BYTES, READ_DEPTH, WRITE_BACKLOG, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, merge_tensor
 from distmerge.tasks.pieces import Piece, piece_bytes, row_chunks, unit_pieces
-from distmerge.tasks.pipeline import READ_DEPTH, WRITE_BACKLOG, Ring, Slot, run_pipeline
+from distmerge.tasks.pipeline import Ring, Slot, run_pipeline
 from distmerge.tasks.reading import OpenFiles, read_placed, read_scalar
 from distmerge.tasks.runtime import io_errors, task_device
 from distmerge.tasks.writer import OutputFile, copy_range, tensor_bytes
@@ -208,8 +208,8 @@ class _Tally:
 
 
 class _UnitRun:
-    """The steps of one unit: read a piece (on the I/O thread), compute it, account for its bytes,
-    write it (on the I/O thread). A weight's fresh fp8 scale is computed with the weight and kept
+    """The steps of one unit: read a piece (on a read thread), compute it, account for its bytes,
+    write it (on the write thread). A weight's fresh fp8 scale is computed with the weight and kept
     in ``derived`` until its own turn."""
 
     def __init__(self, unit: WorkUnit, dev: torch.device, files: OpenFiles, sink: OutputFile, where: _Where) -> None:
