@@ -73,7 +73,9 @@ def _driver_alone(base: str, opts) -> bool:
     the merge reports the problem."""
     if opts.address or os.environ.get("RAY_ADDRESS") or opts.device == "cuda" or opts.resume:
         return False
-    if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
+    from distmerge.app.driver import driver_units_on
+
+    if not driver_units_on():
         return False
     try:
         from distmerge.inputs.checkpoint import open_base

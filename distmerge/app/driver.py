@@ -44,9 +44,15 @@ if TYPE_CHECKING:
     from distmerge.cluster import Call, DispatchSettings, RaySession
     from distmerge.output.staging import Staging
 
-__all__ = ["Job", "JobOutcome", "Phases", "RunOptions", "UnitClaims", "run_job", "with_keywords"]
+__all__ = ["Job", "JobOutcome", "Phases", "RunOptions", "UnitClaims", "driver_units_on", "run_job", "with_keywords"]
 
 logger = logging.getLogger("distmerge.driver")  # the name users see in -v logs
+
+
+def driver_units_on() -> bool:
+    """Whether the driver may merge units itself (``DISTMERGE_INLINE_UNITS=0``: every unit a Ray task)."""
+    return os.environ.get("DISTMERGE_INLINE_UNITS", "1") != "0"
+
 
 R = TypeVar("R")
 
@@ -359,7 +365,7 @@ class _Run(Generic[R]):
         s, job = self.session, self.job
         if not s.local or job.previous is not None or job.planned() is None or job.run.device == "cuda":
             return None
-        if os.environ.get("DISTMERGE_INLINE_UNITS", "1") == "0":
+        if not driver_units_on():
             return None
         # a lazy session is not started: no Ray to share the cores with, all of them for the math
         threads = (s.expected_workers(None, "cpu") or 1) if s.lazy else 1
