@@ -95,7 +95,7 @@ def check(
     (opts,) = with_keywords("merge", kwargs, options or MergeOptions())
     specs = lora_specs(loras)
     out_code = check_options(opts, specs)
-    check_output_name(output)
+    check_output_name(output, out_code=out_code)
     return read_inputs(locate(base, specs, output), output, opts, out_code)
 
 
@@ -138,7 +138,7 @@ class MergeJob(Job[MergeReport]):
     def check(self) -> None:
         """A usage error answers before Ray is even started."""
         self.out_code = check_options(self.opts, self.specs)
-        check_output_name(self.output_arg)
+        check_output_name(self.output_arg, out_code=self.out_code)
 
     def open(self) -> None:
         self.found = locate(self.base_arg, self.specs, self.output_arg)

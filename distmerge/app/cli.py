@@ -36,8 +36,8 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
 
     opts = from_args(args)
     loras = pair_weights(args.lora, args.weight)
-    check_options(opts, loras)  # a usage error answers before Ray (or torch) is even imported
-    check_output_name(args.output)
+    out_code = check_options(opts, loras)  # a usage error answers before Ray (or torch) is even imported
+    check_output_name(args.output, out_code=out_code)
     from distmerge.output.lock import refuse_if_locked
 
     refuse_if_locked(args.output)  # so does a run into an output another run is writing

@@ -132,7 +132,9 @@ class ExtractJob(Job[ExtractReport]):
     def open(self) -> None:
         """Both checkpoints, header-only, checked against each other and planned once (every plan
         error comes before Ray starts); the output's form, and that it is no input."""
-        base, tuned = (open_base(os.path.abspath(local_path(p))) for p in self.args[:2])  # workers' cwd differs
+        base, tuned = (  # absolute: the workers' working folder differs
+            open_base(os.path.abspath(local_path(p))).require_safetensors("extract") for p in self.args[:2]
+        )
         check_pair(base, tuned)
         make_extract_plan(base, tuned, self.options, unit_size=self.run.unit_size)
         self.base, self.tuned = base, tuned

@@ -22,12 +22,14 @@ from distmerge.app.validate import F32_MAX, check_options, lora_specs, resolve_d
 from distmerge.errors import MatchError, OutputError, UsageError
 from distmerge.formats.normalize import Delta, Unmatched, normalize
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
+from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest, load_previous
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
+from distmerge.plan.gguf import kept_types_changed
 from distmerge.plan.merge_plan import MergePlan, make_plan
 
 __all__ = [
@@ -189,7 +191,24 @@ def read_inputs(
     if workers is None:
         inputs.plan = None  # cut again once Ray says how many tasks run at once
     inputs.companions = find_companions(base_ck) if not target.single_file else None
+    _say_block_types(base_ck, target, out_code)
     return inputs
+
+
+def _say_block_types(base: BaseCheckpoint, target: OutputTarget, out_code: str | None) -> None:
+    """A GGUF base's block types that ``--dtype keep`` cannot keep, said once, before any work."""
+    if not base.is_gguf:
+        return
+    to_gguf = is_gguf_name(target.single_file or "")
+    for src, dst in kept_types_changed(base.tensors, out_code, to_gguf=to_gguf).items():
+        why = "gguf-py cannot write it" if to_gguf else "safetensors has no GGML block types"
+        logger.warning(
+            "%s: its %s tensors are written as %s (%s); choose another type with --dtype",
+            base.path,
+            src,
+            dst,
+            why,
+        )
 
 
 def _check_coefficients(deltas: Sequence[Delta]) -> None:

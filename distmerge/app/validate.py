@@ -19,7 +19,9 @@ from typing import Any
 
 from distmerge.app.options import DEVICES, MergeOptions
 from distmerge.errors import PlanError, UsageError
-from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, code_of_torch_name, dtype_code
+from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, FP8_CODES, code_of_torch_name, dtype_code, flag_of_code
+from distmerge.inputs.ggml import WRITABLE
+from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
@@ -132,22 +134,40 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")
 
 
-def check_output_name(output: str | os.PathLike[str], flag: str = "--output") -> None:
+def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *, out_code: str | None = None) -> None:
     """Refuse an output named like a weight file distmerge does not write (``merged.sft``,
-    ``model.bin``), which would otherwise become a folder of that name.
+    ``model.bin``), which would otherwise become a folder of that name, and a ``--dtype`` (code
+    ``out_code``) the output's format cannot hold: GGML block types need a ``.gguf`` output, fp8 a
+    safetensors one.
 
     >>> try:
     ...     check_output_name("merged.sft")
     ... except UsageError as e:
-    ...     print(str(e)[:62])
-    --output merged.sft: distmerge writes safetensors; name a sing
+    ...     print(str(e)[:72])
+    --output merged.sft: distmerge writes safetensors or GGUF; name a single
+    >>> try:
+    ...     check_output_name("wan.safetensors", out_code="Q8_0")
+    ... except UsageError as e:
+    ...     print(str(e)[:70])
+    --dtype q8_0 is a GGUF block type: name a .gguf output (e.g. wan.gguf)
     """
     name = os.fspath(output).rstrip(os.sep)
     stem, ext = os.path.splitext(os.path.basename(name))
     if ext.lower() in OTHER_WEIGHT_SUFFIXES:
         raise UsageError(
-            f"{flag} {output}: distmerge writes safetensors; name a single-file output '….safetensors' "
-            f"(e.g. {stem}.safetensors), or give a folder name for a model folder"
+            f"{flag} {output}: distmerge writes safetensors or GGUF; name a single-file output "
+            f"'….safetensors' (e.g. {stem}.safetensors) or '….gguf', or give a folder name for a model folder"
+        )
+    gguf = is_gguf_name(name)
+    if out_code in WRITABLE and not gguf:
+        raise UsageError(
+            f"--dtype {out_code.lower()} is a GGUF block type: name a .gguf output (e.g. {stem}.gguf), "
+            "or use bf16, fp16 or fp32 for safetensors"
+        )
+    if gguf and out_code in FP8_CODES:
+        raise UsageError(
+            f"--dtype {out_code and flag_of_code(out_code)} writes scaled-fp8 safetensors; a .gguf output "
+            "takes keep, q8_0, q5_1, q5_0, q4_1, q4_0, bf16, fp16 or fp32"
         )
 
 

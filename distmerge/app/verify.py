@@ -70,6 +70,7 @@ from distmerge.app.report import VerifyReport
 from distmerge.errors import FormatError, PlanError
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
+from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.hub import local_path
 from distmerge.output.recorded import Recorded, recorded_checksums
 from distmerge.output.staging import NoStaging
@@ -270,7 +271,9 @@ def verify(
     if opts.rows < 0:
         raise PlanError(f"--rows must be >= 0, got {opts.rows}")
     # absolute paths: the check tasks run in Ray workers, whose working folder may differ
-    base_ck = open_base(os.path.abspath(local_path(base)))
+    base_ck = open_base(os.path.abspath(local_path(base))).require_safetensors("verify")
+    if is_gguf_name(merged):
+        raise FormatError(f"{os.fspath(merged)}: verify reads safetensors outputs, not GGUF")
     specs = [(os.path.abspath(local_path(p)), w) for p, w in lora_specs(loras)]
     gathered = collect_deltas(base_ck, specs, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
     out_code, report = resolve_dtype(opts.dtype), VerifyReport(output=os.fspath(merged), tensors=len(base_ck.tensors))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
 from distmerge.errors import FormatError
+from distmerge.inputs.gguffile import ARCH_KEY, GGUF_SUFFIX, is_gguf_name, read_gguf
 from distmerge.inputs.header import Header, TensorInfo, read_header
 from distmerge.inputs.hub import local_path
 from distmerge.inputs.paths import missing
@@ -48,6 +49,19 @@ class BaseCheckpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF file (ComfyUI-GGUF's Wan models), not safetensors."""
+        return is_gguf_name(self.files[0])
+
+    def require_safetensors(self, command: str) -> BaseCheckpoint:
+        """This checkpoint, if it is safetensors: ``command`` reads no GGUF (merge does)."""
+        if self.is_gguf:
+            raise FormatError(
+                f"{self.path}: {command} reads safetensors checkpoints; a GGUF file is a merge's --base or --output"
+            )
+        return self
 
     def model_config(self) -> dict | None:
         """The base folder's transformers ``config.json`` (None when there is none, or for a single
@@ -76,10 +90,12 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
             shard names, keys in the wrong shard), duplicate keys across shards, bad headers.
     """
     p = local_path(path)  # an ``owner/repo/sub`` Hugging Face cache reference -> its snapshot
+    if os.path.isfile(p) and is_gguf_name(p):
+        return _from_gguf(p)
     if os.path.isfile(p):
         if not p.endswith(".safetensors"):
             raise FormatError(
-                f"{p}: base must be a .safetensors file or a folder of them, "
+                f"{p}: base must be a .safetensors or .gguf file or a folder of safetensors, "
                 f"found a '{os.path.splitext(p)[1] or 'no'}' extension"
             )
         _refuse_lone_shard(p)
@@ -169,6 +185,28 @@ def _from_index(folder: str, index_path: str) -> BaseCheckpoint:
             f"'weight_map' (first: '{extra[0]}' in {base.tensors[extra[0]].path})"
         )
     return base
+
+
+#: what a GGUF base may hold: a Wan diffusion model, as ComfyUI-GGUF writes and loads it
+#: (``general.architecture = wan``; its loader's ``IMG_ARCH_LIST`` has the other image models)
+GGUF_ARCHS = ("wan",)
+
+
+def _from_gguf(path: str) -> BaseCheckpoint:
+    """A GGUF base: one file of a Wan diffusion model (``general.architecture`` ``wan``, or absent
+    with Wan's ``head.modulation``, as ComfyUI-GGUF's loader accepts)."""
+    h = read_gguf(path)
+    arch = h.metadata.get(ARCH_KEY, "")
+    if arch not in GGUF_ARCHS and not (arch == "" and "head.modulation" in h.tensors):
+        what = f"general.architecture '{arch}'" if arch else "no general.architecture and no Wan tensors"
+        raise FormatError(
+            f"{path}: a GGUF with {what}; distmerge merges GGUF Wan diffusion models "
+            f"(general.architecture 'wan', as ComfyUI-GGUF writes them)"
+        )
+    if not h.tensors:
+        raise FormatError(f"{path}: the base checkpoint holds no tensors")
+    stem = os.path.basename(path)[: -len(GGUF_SUFFIX)]
+    return BaseCheckpoint(path=path, stem=stem, files=(path,), tensors=dict(h.tensors), headers=(h,))
 
 
 def _is_safe_name(name: str) -> bool:

@@ -68,6 +68,12 @@ CLI_DTYPES: dict[str, str | None] = {
     "float8_e4m3fn": "F8_E4M3",
     "fp8_e5m2": "F8_E5M2",
     "float8_e5m2": "F8_E5M2",
+    # GGML block types, for a .gguf output (``ggml``, ``plan.gguf``)
+    "q8_0": "Q8_0",
+    "q5_1": "Q5_1",
+    "q5_0": "Q5_0",
+    "q4_1": "Q4_1",
+    "q4_0": "Q4_0",
 }
 #: code -> its ``--dtype`` spelling: the first that ``CLI_DTYPES`` gives it (``keep`` for None)
 _FLAG_OF: dict[str | None, str] = {
@@ -109,8 +115,8 @@ def dtype_code(flag: str, *, allowed: Collection[str | None] | None = None, comm
 def flag_of_code(code: str | None) -> str:
     """The ``--dtype`` spelling of a safetensors code (``keep`` for None; any other code in lower case).
 
-    >>> [flag_of_code(c) for c in (None, "BF16", "F16", "F32", "F8_E4M3", "F8_E5M2", "F64")]
-    ['keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn', 'fp8_e5m2', 'f64']
+    >>> [flag_of_code(c) for c in (None, "BF16", "F16", "F32", "F8_E4M3", "F8_E5M2", "F64", "Q8_0")]
+    ['keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn', 'fp8_e5m2', 'f64', 'q8_0']
     """
     return _FLAG_OF[code] if code in _FLAG_OF else str(code).lower()
 
@@ -121,5 +127,10 @@ def itemsize(code: str) -> int:
 
 
 def is_float(code: str) -> bool:
-    """True for floating-point codes, the only ones a delta can be added to."""
-    return code in FLOAT_CODES
+    """True for floating-point codes, the only ones a delta can be added to (GGUF's block-quantized
+    types too: ``ggml``)."""
+    if code in ITEMSIZES:
+        return code in FLOAT_CODES
+    from distmerge.inputs.ggml import is_quant  # gguf-py is imported only for a code it names
+
+    return is_quant(code)

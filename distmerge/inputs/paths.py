@@ -3,8 +3,8 @@
 Example:
     >>> inside("/data/out/a", "/data/out"), inside("/data/outer", "/data/out"), inside("/data", "/data")
     (True, False, True)
-    >>> is_file_output("out/Merged.SAFETENSORS"), is_file_output("out/low_noise_model")
-    (True, False)
+    >>> is_file_output("out/Merged.SAFETENSORS"), is_file_output("wan-Q8_0.gguf"), is_file_output("out/low_noise")
+    (True, True, False)
     >>> missing("/no/such/model.safetensors")
     'no such file or folder (nothing of it exists below /)'
 """
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["inside", "missing", "is_file_output", "OTHER_WEIGHT_SUFFIXES"]
+__all__ = ["inside", "missing", "is_file_output", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
 
-#: weight-file extensions an output cannot be written as (distmerge writes safetensors): an output
-#: named like one is refused instead of silently becoming a folder of that name
-OTHER_WEIGHT_SUFFIXES = (".sft", ".st", ".safetensor", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".pkl")
+#: the names of one-file outputs: safetensors, or GGUF (a Wan model for ComfyUI-GGUF)
+FILE_SUFFIXES = (".safetensors", ".gguf")
+#: weight-file extensions an output cannot be written as (distmerge writes safetensors or GGUF): an
+#: output named like one is refused instead of silently becoming a folder of that name
+OTHER_WEIGHT_SUFFIXES = (".sft", ".st", ".safetensor", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def inside(child: str, parent: str) -> bool:
@@ -45,5 +47,6 @@ def missing(path: str) -> str:
 
 
 def is_file_output(path: str) -> bool:
-    """An output named ``….safetensors`` (in any case) is one file; any other name is a model folder."""
-    return os.fspath(path).rstrip(os.sep).lower().endswith(".safetensors")
+    """An output named ``….safetensors`` or ``….gguf`` (in any case) is one file; any other name is
+    a model folder."""
+    return os.fspath(path).rstrip(os.sep).lower().endswith(FILE_SUFFIXES)

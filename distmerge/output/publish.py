@@ -85,7 +85,7 @@ def resolve_output(
     if is_file_output(out):
         directory, name = os.path.dirname(out), os.path.basename(out)
         if os.path.isdir(out):
-            raise OutputError(f"{out}: is a folder; a .safetensors output must be a file path")
+            raise OutputError(f"{out}: is a folder; a {os.path.splitext(out)[1]} output must be a file path")
         if os.path.exists(out) and not overwrite:
             raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
         if os.path.exists(directory) and not os.path.isdir(directory):

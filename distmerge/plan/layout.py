@@ -34,6 +34,7 @@ class LaidTensor:
     shape: tuple[int, ...]
     offset: int  #: absolute byte offset in the file
     nbytes: int
+    pad: int = 0  #: zero bytes after it, up to the next tensor (GGUF's alignment; none in safetensors)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from distmerge.errors import PlanError
 from distmerge.formats.kinds import TextEnum
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import BaseCheckpoint
-from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.ggml import is_quant, tensor_nbytes
+from distmerge.inputs.gguffile import ARCH_KEY, is_gguf_name
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
-from distmerge.plan.layout import LaidTensor, layout_shard
+from distmerge.plan.gguf import file_type, gguf_type, is_block_linear, layout_gguf
+from distmerge.plan.layout import LaidTensor, ShardLayout, layout_shard
 from distmerge.plan.sizes import parse_size
 from distmerge.plan.units import MAX_UNIT_BYTES, TASK_OVERHEAD_BYTES, partition_units, target_unit_bytes
 
@@ -49,6 +51,9 @@ COPY_CHUNK = 16 << 20
 READ_DEPTH = 3
 #: finished pieces a task may have queued for writing before it waits
 WRITE_BACKLOG = 2
+#: bytes per value a GGML block type's piece needs beside its buffers: the float32 values, and
+#: gguf-py's block arrays while it decodes or encodes them
+_PACKED_WORK = 24
 #: what a task may hold of whole LoRA factors whose columns it slices (``LoraReader.CACHE_BYTES``)
 _SLICED_SOURCES = 512 << 20
 
@@ -87,6 +92,7 @@ class PlannedTensor:
     #: the base's scale of a ``scaled`` tensor ((path, offset, dtype)), to dequantize it
     scale_src: tuple[str, int, str] | None = None
     derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
+    out_pad: int = 0  #: zero bytes after the tensor that its unit owns (GGUF's alignment)
 
     @property
     def action(self) -> Action:
@@ -97,6 +103,11 @@ class PlannedTensor:
         if self.deltas:
             return Action.MERGE
         return Action.CONVERT if (self.out_dtype != self.src_dtype or self.quant) else Action.COPY
+
+    @property
+    def packed(self) -> bool:
+        """Read or written in a GGML block type (decoded and encoded by gguf-py, ``tasks.ggml``)."""
+        return is_quant(self.src_dtype) or is_quant(self.out_dtype)
 
     @property
     def whole(self) -> bool:
@@ -122,7 +133,8 @@ class WorkUnit:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.out_nbytes for t in self.tensors)
+        """The unit's contiguous output range: its tensors and the padding after each."""
+        return sum(t.out_nbytes + t.out_pad for t in self.tensors)
 
     @property
     def memory(self) -> int:
@@ -141,8 +153,10 @@ class WorkUnit:
             elems = math.prod(t.shape)
             row = math.prod(t.shape[1:]) if len(t.shape) >= 2 else elems
             piece = elems if (t.whole or len(t.shape) < 2) else min(elems, max(CHUNK_BYTES // 4, 16 * row))
-            src, out = max(src, piece * itemsize(t.src_dtype)), max(out, piece * itemsize(t.out_dtype))
-            acc = max(acc, piece * 8)
+            piece_shape = (piece // max(1, row),) + t.shape[1:] if len(t.shape) >= 2 else t.shape
+            src = max(src, tensor_nbytes(t.src_dtype, piece_shape))
+            out = max(out, tensor_nbytes(t.out_dtype, piece_shape))
+            acc = max(acc, piece * (_PACKED_WORK if t.packed else 8))
             work = sum(2 * f.nbytes + math.prod(f.shape) * 4 for d in t.deltas for f in d.factors)
             work += 4 * elems if t.whole else 0  # a whole ΔW beside the accumulator
             if any(p.cols for d in t.deltas for f in d.factors for p in f.pieces):
@@ -225,10 +239,11 @@ def make_plan(
         unit_size: target bytes per unit, overriding the workers-based choice.
     """
     by_target = deltas_by_target(base, deltas)
-    fp8 = scaled_layout(base.tensors, out_dtype, path=base.path)
+    gguf = is_gguf_name(single_file or "")
+    fp8 = scaled_layout(base.tensors, None if gguf else out_dtype, path=base.path)
     for key in by_target:
         fp8.check_merge(key, base.tensors)
-    specs = _output_specs(base, fp8)
+    specs = _gguf_specs(base, fp8, out_dtype) if gguf else _output_specs(base, fp8)
     groups, total = _shard_groups(base, fp8, specs, single_file, max_shard_size)
     names = [single_file] if single_file else shard_names(base.stem, len(groups))
     target = target_unit_bytes(total, workers=workers, unit_size=unit_size)
@@ -242,6 +257,7 @@ def make_plan(
         meta={"format": "pt", **(metadata or {})},
         unit_bytes=target,
         tail_at=total - workers * target if target == MAX_UNIT_BYTES and not unit_size else None,
+        gguf_meta=_gguf_meta(base, specs) if gguf else None,
     )
     for name, keys in zip(names, groups):
         builder.add(name, keys)
@@ -268,7 +284,7 @@ def _shard_groups(
     """The output keys of each shard (a weight and its attached scale never apart), and the
     total output bytes."""
     blocks = fp8.blocks(list(base.tensors))
-    sizes = [(b[0], sum(math.prod(specs[k][1]) * itemsize(specs[k][0]) for k in b)) for b in blocks]
+    sizes = [(b[0], sum(tensor_nbytes(*specs[k]) for k in b)) for b in blocks]
     limit = math.inf if single_file else parse_size(max_shard_size)
     members = {b[0]: b for b in blocks}
     cut = [[k for k, _ in sizes]] if single_file else split_by_size(sizes, limit)  # type: ignore[arg-type]
@@ -289,6 +305,7 @@ class _ShardBuilder:
     meta: Mapping[str, str]
     unit_bytes: int  #: the target bytes per work unit
     tail_at: int | None = None  #: output bytes from which units are a quarter of ``unit_bytes``
+    gguf_meta: Mapping[str, object] | None = None  #: a GGUF file's key/values (None: safetensors)
     shards: list[ShardPlan] = field(default_factory=list)
     units: list[WorkUnit] = field(default_factory=list)
     done: int = 0  #: tensor bytes of the shards laid out so far
@@ -296,28 +313,73 @@ class _ShardBuilder:
     def add(self, name: str, keys: Sequence[str]) -> None:
         """Plan shard ``name`` holding output ``keys``."""
         attach = self.attach
-        layout = layout_shard(
-            [(k, *self.specs[k]) for k in keys],
-            metadata=self.meta,
-            attach={s: w for s, w in attach.items() if s in keys} if attach else None,
-        )
+        layout = self._layout(keys)
         planned = [
             _planned(self.base, e, self.by_target.get(e.key, ()), self.fp8, self.derived) for e in layout.entries
         ]
         self.shards.append(ShardPlan(name, layout.header, layout.size, tuple(e.key for e in layout.entries)))
         joined = [bool(attach) and p.key in attach for p in planned]
-        sizes = [p.out_nbytes for p in planned]
+        sizes = [p.out_nbytes + p.out_pad for p in planned]
         tail = None if self.tail_at is None else (self.tail_at - self.done, max(1, self.unit_bytes // 4))
         for start, end in partition_units(sizes, self.unit_bytes, joined, tail):
             self.units.append(WorkUnit(len(self.units), name, tuple(planned[start:end])))
         self.done += sum(sizes)
 
+    def _layout(self, keys: Sequence[str]) -> ShardLayout:
+        entries = [(k, *self.specs[k]) for k in keys]
+        if self.gguf_meta is not None:
+            return layout_gguf(entries, self.gguf_meta)
+        attach = {s: w for s, w in self.attach.items() if s in keys} if self.attach else None
+        return layout_shard(entries, metadata=self.meta, attach=attach)
+
 
 def _output_specs(base: BaseCheckpoint, fp8: ScaledLayout) -> dict[str, tuple[str, tuple[int, ...]]]:
     """(dtype code, shape) of every output tensor: the base's, converted, plus new fp8 keys."""
     specs = {k: (fp8.out_code(k, t.dtype), t.shape) for k, t in base.tensors.items()}
+    specs = {k: ("BF16" if is_quant(c) else c, shape) for k, (c, shape) in specs.items()}  # GGUF blocks
     specs.update(fp8.new_tensors())
     return specs
+
+
+def _gguf_specs(base: BaseCheckpoint, fp8: ScaledLayout, want: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(GGML type, shape) of every tensor of a GGUF output (``plan.gguf``'s rules)."""
+    if fp8.is_scaled or fp8.marker:
+        what = fp8.marker or next(iter(fp8.scales.values()))
+        raise PlanError(
+            f"{base.path}: a scaled-fp8 checkpoint ('{what}') cannot be written as GGUF; merge into "
+            "its bf16 original (or write safetensors)"
+        )
+    if not base.is_gguf:
+        _check_wan_names(base)
+    return {k: (gguf_type(t, want, from_gguf=base.is_gguf), t.shape) for k, t in base.tensors.items()}
+
+
+def _check_wan_names(base: BaseCheckpoint) -> None:
+    """A GGUF output holds a Wan model under its original, bare names (ComfyUI-GGUF's contract)."""
+    if "head.modulation" in base.tensors:
+        return
+    prefixed = next((k for k in base.tensors if k.endswith(".head.modulation")), None)
+    if prefixed:
+        raise PlanError(
+            f"{base.path}: '{prefixed}': a GGUF output holds Wan's bare names (head.modulation), as "
+            f"ComfyUI-GGUF loads them; this base's keys carry a prefix ('{prefixed[: -len('head.modulation')]}')"
+        )
+    raise PlanError(
+        f"{base.path}: a GGUF output is a Wan diffusion model in Wan's own names (ComfyUI-GGUF); this base "
+        "has no 'head.modulation' (a diffusers-named or non-Wan checkpoint); write safetensors instead"
+    )
+
+
+def _gguf_meta(base: BaseCheckpoint, specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, object]:
+    """What city96's tools write: the architecture, the quantization version and the file type."""
+    from gguf.constants import GGML_QUANT_VERSION
+
+    linears = [specs[k][0] for k, t in base.tensors.items() if is_block_linear(k, t.shape)]
+    return {
+        ARCH_KEY: "wan",
+        "general.quantization_version": GGML_QUANT_VERSION,
+        "general.file_type": file_type(linears),
+    }
 
 
 def _planned(
@@ -327,7 +389,17 @@ def _planned(
     src = base.tensors.get(e.key)
     if src is None:
         return PlannedTensor(
-            e.key, e.shape, "", 0, e.dtype, 0, e.dtype, e.offset, e.nbytes, derived_from=derived.get(e.key, "")
+            e.key,
+            e.shape,
+            "",
+            0,
+            e.dtype,
+            0,
+            e.dtype,
+            e.offset,
+            e.nbytes,
+            derived_from=derived.get(e.key, ""),
+            out_pad=e.pad,
         )
     quant, scale_key, scale_src = "", "", None
     if e.key in fp8.new_scales or (e.key in fp8.pairs and deltas):
@@ -349,6 +421,7 @@ def _planned(
         scale_key,
         scale_src,
         derived.get(e.key, ""),
+        e.pad,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from distmerge.formats.kinds import DeltaKind, Role
-from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.ggml import row_nbytes
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.plan.merge_plan import CHUNK_BYTES, COPY_CHUNK, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.mergemath import Term
@@ -67,6 +67,7 @@ class Piece:
     r0: int
     r1: int
     terms: tuple[Term, ...] = ()
+    tail: int = 0  #: zero bytes after the piece that are the unit's (after a tensor's last piece: its pad)
 
     def byte_range(self, *, out: bool) -> tuple[int, int]:
         """(offset, length) of the piece's bytes in the output file, or with ``out=False`` in its source."""
@@ -76,7 +77,7 @@ class Piece:
             return start + self.r0, self.r1 - self.r0
         if len(t.shape) < 2:
             return (t.out_offset, t.out_nbytes) if out else (t.src_offset, t.src_nbytes)
-        row = math.prod(t.shape[1:]) * itemsize(t.out_dtype if out else t.src_dtype)
+        row = row_nbytes(t.out_dtype if out else t.src_dtype, t.shape)
         return start + self.r0 * row, (self.r1 - self.r0) * row
 
 
@@ -103,7 +104,7 @@ def unit_pieces(unit: WorkUnit, reader: LoraReader) -> Iterator[Piece]:
         pieces = tensor_pieces(t)
         for r0, r1 in pieces:
             sliced = tuple(_slice_rows(x, r0, r1) for x in terms) if len(pieces) > 1 else terms
-            yield Piece(t, r0, r1, sliced)
+            yield Piece(t, r0, r1, sliced, t.out_pad if r1 == pieces[-1][1] else 0)
 
 
 def piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
@@ -116,9 +117,9 @@ def piece_bytes(unit: WorkUnit) -> tuple[int, int, int]:
             src, out = max(src, min(t.src_nbytes, COPY_CHUNK)), max(out, min(t.src_nbytes, COPY_CHUNK))
             continue
         r0, r1 = max(tensor_pieces(t), key=lambda p: p[1] - p[0])
-        rows = (r1 - r0) if len(t.shape) >= 1 else 1
-        per_row = math.prod(t.shape[1:]) if len(t.shape) >= 1 else 1
-        src = max(src, rows * per_row * itemsize(t.src_dtype))
-        out = max(out, rows * per_row * itemsize(t.out_dtype))
+        rows = (r1 - r0) if len(t.shape) >= 2 else 1
+        per_row = math.prod(t.shape[1:]) if len(t.shape) >= 2 else math.prod(t.shape)
+        src = max(src, rows * row_nbytes(t.src_dtype, t.shape))
+        out = max(out, rows * row_nbytes(t.out_dtype, t.shape))
         acc = max(acc, rows * per_row * (8 if t.src_dtype == "F64" else 4))
     return src, out, acc

@@ -45,11 +45,13 @@ import torch
 
 from distmerge.errors import ShardWriteError
 from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.ggml import is_quant
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.merge_plan import CHUNK_BYTES, READ_DEPTH, WRITE_BACKLOG, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
 from distmerge.tasks.fp8 import quantize
+from distmerge.tasks.ggml import decode, encode
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, merge_tensor
 from distmerge.tasks.pieces import Piece, piece_bytes, row_chunks, unit_pieces
 from distmerge.tasks.pipeline import Ring, Slot, run_pipeline
@@ -86,6 +88,8 @@ def _compute(job: Piece, raw: Slot, device: torch.device, acc_ring: Ring, out_ri
     shape = (rows,) + t.shape[1:] if len(t.shape) >= 2 else t.shape
     if t.action == Action.COPY:
         return out_ring.slot(raw.nbytes, job.byte_range(out=True)[0]).data().copy_(raw.data())
+    if t.packed:
+        return _compute_packed(job, raw, device, shape, out_ring)
     w = raw.view(to_torch(t.src_dtype), shape)
     out = out_ring.take(to_torch(t.out_dtype), shape, file_offset=job.byte_range(out=True)[0])
     if not job.terms:
@@ -101,6 +105,30 @@ def _compute(job: Piece, raw: Slot, device: torch.device, acc_ring: Ring, out_ri
         return merge_tensor(w, job.terms, out_dtype=out.dtype, check_finite=True, acc=acc, out=out)
     except NonFiniteError as e:
         raise _nonfinite(t, e) from None
+
+
+def _compute_packed(
+    job: Piece, raw: Slot, device: torch.device, shape: tuple[int, ...], out_ring: Ring
+) -> torch.Tensor:
+    """A piece read or written in a GGML block type: its float32 values (``ggml.decode``, or the
+    plain dtype's), the deltas added in float32 (on the task's device), one rounding to the
+    output's type (``ggml.encode``, or the plain dtype's)."""
+    t = job.t
+    if is_quant(t.src_dtype):
+        w = decode(raw.data(), t.src_dtype, shape)
+    else:
+        w = raw.view(to_torch(t.src_dtype), shape).to(torch.float32)
+    try:
+        if job.terms:
+            w = merge_tensor(w.to(device), job.terms, out_dtype=torch.float32, inplace=True, check_finite=True)
+        elif not bool(torch.isfinite(w).all()):
+            raise NonFiniteError("a value is NaN or infinite")
+    except NonFiniteError as e:
+        raise _nonfinite(t, e) from None
+    off, n = job.byte_range(out=True)
+    if is_quant(t.out_dtype):
+        return encode(w, t.out_dtype, out_ring.slot(n, off).data())
+    return out_ring.take(to_torch(t.out_dtype), shape, file_offset=off).copy_(w)
 
 
 def _nonfinite(t: PlannedTensor, e: NonFiniteError) -> ShardWriteError:
@@ -233,7 +261,8 @@ class _UnitRun:
         if t.out_nbytes == 0 or t.action == Action.DERIVED or (t.action == Action.COPY and not self.stream_copies):
             return lambda: None
         off, n = job.byte_range(out=False)
-        slot = self.rings.read.slot(n, off, 1 if t.action == Action.COPY else itemsize(t.src_dtype))
+        elem = 1 if (t.action == Action.COPY or is_quant(t.src_dtype)) else itemsize(t.src_dtype)
+        slot = self.rings.read.slot(n, off, elem)
 
         def fill() -> Slot:
             try:
@@ -266,6 +295,8 @@ class _UnitRun:
         elif t.out_nbytes:  # copied in the kernel: CRC the (cached) source bytes
             off, n = job.byte_range(out=False)
             tally.crc = crc_range(self.files.fd(t.src_path), off, n, tally.crc)
+        if job.tail:  # the zeros after a GGUF tensor, part of the unit's range
+            tally.crc = crc32(bytes(job.tail), tally.crc)
         if job.terms:
             tally.merged.add(t.key)
 
