@@ -22,7 +22,7 @@ from distmerge.errors import PlanError, UsageError
 from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, FP8_CODES, code_of_torch_name, dtype_code, flag_of_code
 from distmerge.inputs.ggml import WRITABLE
 from distmerge.inputs.gguffile import is_gguf_name
-from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES
+from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES, refuse_url
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
 
@@ -120,6 +120,7 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
     """
     if not path:
         return
+    refuse_url(path, flag)
     p = os.path.abspath(os.fspath(path))
     if os.path.isdir(p):
         raise UsageError(
@@ -151,6 +152,7 @@ def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *,
     ...     print(str(e)[:70])
     --dtype q8_0 is a GGUF block type: name a .gguf output (e.g. wan.gguf)
     """
+    refuse_url(output, flag)
     name = os.fspath(output).rstrip(os.sep)
     stem, ext = os.path.splitext(os.path.basename(name))
     if ext.lower() in OTHER_WEIGHT_SUFFIXES:

@@ -35,7 +35,7 @@ import shlex
 from dataclasses import dataclass
 
 from distmerge.errors import FormatError
-from distmerge.inputs.paths import missing
+from distmerge.inputs.paths import missing, refuse_url
 
 __all__ = ["HubRef", "Resolved", "cache_dir", "download_command", "local_path", "parse_reference", "resolve"]
 
@@ -130,6 +130,7 @@ def resolve(path: str | os.PathLike[str]) -> Resolved:
         FormatError: a reference whose repo, revision or sub path is not in the cache.
     """
     spelled = os.fspath(path)
+    refuse_url(spelled)
     explicit = spelled.startswith(SCHEME)
     if not explicit and os.path.lexists(spelled):
         return Resolved(spelled)

@@ -12,8 +12,13 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ["inside", "missing", "is_file_output", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
+from distmerge.errors import UsageError
+
+__all__ = ["inside", "missing", "is_file_output", "refuse_url", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 #: the names of one-file outputs: safetensors, or GGUF (a Wan model for ComfyUI-GGUF)
 FILE_SUFFIXES = (".safetensors", ".gguf")
@@ -44,6 +49,26 @@ def missing(path: str) -> str:
         shown = ", ".join(close[:5]) + (", …" if len(close) > 5 else "")
         return f"no such file or folder in {parent}" + (f" (it holds {shown})" if shown else " (an empty folder)")
     return f"no such file or folder (nothing of it exists below {parent})"
+
+
+def refuse_url(path: str | os.PathLike[str], flag: str = "") -> None:
+    """Refuse a URL (``s3://bucket/key``, ``gs://…``) where distmerge takes a local path: it would
+    otherwise become a local folder named ``s3:``.
+
+    >>> refuse_url("out/merged", "--output")
+    >>> try:
+    ...     refuse_url("s3://bucket/wan/base", "--base")
+    ... except UsageError as e:
+    ...     print(str(e)[:86])
+    --base s3://bucket/wan/base: distmerge reads and writes local or mounted paths, not s3
+    """
+    m = _URL.match(os.fspath(path))
+    if m and m.group(1).lower() != "hf":
+        where = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
+        raise UsageError(
+            f"{where}: distmerge reads and writes local or mounted paths, not {m.group(1)}:// "
+            "URLs; mount the bucket (e.g. mountpoint-s3, s3fs) or copy the files"
+        )
 
 
 def is_file_output(path: str) -> bool:

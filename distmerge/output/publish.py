@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from distmerge.errors import OutputError
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
-from distmerge.inputs.paths import inside, is_file_output
+from distmerge.inputs.paths import inside, is_file_output, refuse_url
 
 __all__ = ["OutputTarget", "manifest_path", "part_path", "refuse_inputs_as_output", "resolve_output"]
 
@@ -51,6 +51,7 @@ def refuse_inputs_as_output(output: str | os.PathLike[str], base: BaseCheckpoint
     Raises:
         OutputError: output is the base or inside its folder, or is a LoRA input or inside one.
     """
+    refuse_url(output, "--output")
     out = os.path.abspath(os.fspath(output))
     real = os.path.realpath(out)
     base_real = os.path.realpath(base.path)
