@@ -26,7 +26,15 @@ What it does:
      [--distmerge-args]``;
    * ``seed``      — ``benchmarks/seed_merge.py`` (whole-model load, bf16 merge, one ``save_file``);
    * ``seed-fp32`` — ``benchmarks/seed_merge.py --math fp32``: the same one-process algorithm with
-     float32 math and one rounding (what a careful one-process script does).
+     float32 math and one rounding (what a careful one-process script does);
+   * ``distmerge-q8_0`` — ``distmerge merge ... --output DEST/merged.gguf --dtype q8_0 [--distmerge-args]``
+     (a ComfyUI-GGUF file: block linears Q8_0, the rest F32/BF16 by city96's rules);
+   * ``peer-q8_0`` — ``benchmarks/gguf_peer.py``: the same GGUF made the one-process way (whole-model
+     load, float32 merge, ``gguf.quants.quantize`` and gguf-py's ``GGUFWriter``). Its file is
+     byte-identical to distmerge's: each run's output sha256 is taken (not timed) and the report says
+     whether the two methods' files matched in every round.
+
+   Only ``--methods`` selects the two GGUF methods (not run by default).
 
    Every command is a subprocess writing into a fresh ``DEST`` on the same file system as the
    base. Before each command the previous output is removed (``rm -rf``), ``sync`` is run, and with
@@ -46,7 +54,8 @@ What it does:
    the tail (last unit done -> exit).
 4. Prints medians per method with GB/s of base bytes (base bytes / median wall), the ratios of
    every method's wall to the ``floor`` wall and to the ``cp`` wall (when they ran), distmerge/cp,
-   seed/distmerge and seed-fp32/distmerge (time and RSS) -- each computed within one round, then
+   seed/distmerge and seed-fp32/distmerge (time and RSS), peer-q8_0/distmerge-q8_0 (time and RSS)
+   and distmerge-q8_0/distmerge (time) -- each computed within one round, then
    the median over rounds -- the distmerge timeline per round with medians, machine facts, and
    last a markdown table to paste in a README::
 
@@ -122,8 +131,15 @@ except ImportError:  # pragma: no cover - main() says so; --generate-only and ti
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-METHODS = ("floor", "cp", "distmerge", "seed", "seed-fp32")
+METHODS = ("floor", "cp", "distmerge", "seed", "seed-fp32", "distmerge-q8_0", "peer-q8_0")
 SEEDS = ("seed", "seed-fp32")
+#: the one-process scripts: each holds the whole base in RAM (--skip-seed leaves them out)
+WHOLE_MODEL = (*SEEDS, "peer-q8_0")
+#: the methods that write a GGUF file, DEST/merged.gguf (not run by default)
+GGUF_METHODS = ("distmerge-q8_0", "peer-q8_0")
+GGUF_NAME = "merged.gguf"
+#: the methods that run ``distmerge merge`` (with a --report)
+DISTMERGES = ("distmerge", "distmerge-q8_0")
 #: table names where the method name is terse
 LABEL = {"floor": "disk floor", "cp": "cp -r && sync", "seed": "seed (bf16)"}
 FLOOR_BS = 64 << 20  #: dd block size of the floor (bs=64M)
@@ -534,6 +550,11 @@ def command(
         return floor_plan(inp, dest).argv, None, None, None
     if method == "cp":  # a durable copy: the data is on the disk when the command ends
         return ["sh", "-c", 'cp -r -- "$1" "$2" && sync', "cp", inp.base, dest], None, None, None
+    if method == "peer-q8_0":
+        os.makedirs(dest)
+        script = os.path.join(HERE, "gguf_peer.py")
+        out = os.path.join(dest, GGUF_NAME)
+        return [py, script, "--base", inp.base, "--lora", inp.lora, "--output", out, "--alpha", "1.0"], None, None, None
     if method in SEEDS:
         out_file = os.path.join(dest, "diffusion_pytorch_model.safetensors")
         os.makedirs(dest)
@@ -558,6 +579,9 @@ def command(
         )
     exe = os.path.join(os.path.dirname(py), "distmerge")
     argv = [exe] if os.path.exists(exe) else [py, "-m", "distmerge"]
+    gguf = method == "distmerge-q8_0"
+    if gguf:
+        os.makedirs(dest)
     argv += [
         "merge",
         "--base",
@@ -565,13 +589,33 @@ def command(
         "--lora",
         inp.lora,
         "--output",
-        dest,
+        os.path.join(dest, GGUF_NAME) if gguf else dest,
         "-q",
         "--report",
-        os.path.join(log_dir, f"distmerge-r{rnd}-report.json"),
+        report_path(log_dir, method, rnd),
         *shlex.split(a.distmerge_args),
+        *(["--dtype", "q8_0"] if gguf else []),  # last: --distmerge-args cannot change the GGUF's type
     ]
     return (argv, *distmerge_env())
+
+
+def report_path(log_dir: str, method: str, rnd: int) -> str:
+    """The ``--report`` JSON of a distmerge run (``distmerge-r1-report.json``, ``distmerge-q8_0-r1-...``)."""
+    return os.path.join(log_dir, f"{method}-r{rnd}-report.json")
+
+
+def sha256_of(path: str) -> str | None:
+    """The sha256 of a file (None where there is none), read in 16 MiB pieces; not timed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def distmerge_env() -> tuple[dict[str, str], str, str]:
@@ -630,8 +674,8 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
                     f"{', direct' if plan.direct_read else ', NOT direct'}) while writing "
                     f"{plan.write_bytes / GB:.2f} GB{' direct' if plan.direct_write else ' NOT direct'}"
                 )
-            if m == "distmerge":
-                rep = os.path.join(log_dir, f"distmerge-r{rnd}-report.json")
+            if m in DISTMERGES:
+                rep = report_path(log_dir, m, rnd)
                 try:
                     with open(rep) as f:
                         j = json.load(f)
@@ -657,6 +701,8 @@ def run_all(inp: Inputs, a: argparse.Namespace, methods: list[str]) -> list[Run]
                 f" ({r.peak_procs} procs{f', {r.escaped} escaped' if r.escaped else ''}){phase_line}",
                 flush=True,
             )
+            if m in GGUF_METHODS and r.rc == 0:
+                r.extra["output_sha256"] = sha256_of(os.path.join(dest, GGUF_NAME))
             if r.rc != 0:
                 with open(log) as f:
                     tail = f.read()[-2000:]
@@ -726,6 +772,9 @@ PAIRS = {
     "seed_fp32_over_distmerge_time": ("seed-fp32", "distmerge", "wall_s"),
     "seed_over_distmerge_rss": ("seed", "distmerge", "peak_rss_bytes"),
     "seed_fp32_over_distmerge_rss": ("seed-fp32", "distmerge", "peak_rss_bytes"),
+    "peer_q8_0_over_distmerge_q8_0_time": ("peer-q8_0", "distmerge-q8_0", "wall_s"),
+    "peer_q8_0_over_distmerge_q8_0_rss": ("peer-q8_0", "distmerge-q8_0", "peak_rss_bytes"),
+    "distmerge_q8_0_over_distmerge_time": ("distmerge-q8_0", "distmerge", "wall_s"),
 }
 
 
@@ -821,6 +870,8 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
             )
     ratios: dict = {k: _median(r[k] for r in per_round) for k in per_round[0] if k != "round"} if per_round else {}
     ratios["per_round"] = per_round
+    if all(m in methods for m in GGUF_METHODS):
+        ratios["gguf_outputs_identical"] = gguf_identical(ok_runs, rounds)
     for m, s in summary.items():
         for b in refs:
             if s.get("runs_ok"):
@@ -839,6 +890,18 @@ def summarize(runs: list[Run], methods: list[str], base_bytes: int) -> tuple[dic
             k: _median(t[k] for t in tl_rounds) for k in tl_rounds[0] if k not in ("round", "events_s")
         }
     return summary, ratios, timeline_doc
+
+
+def gguf_identical(ok_runs: dict[tuple[int, str], Run], rounds: list[int]) -> bool | None:
+    """Whether ``distmerge-q8_0`` and ``peer-q8_0`` wrote the same bytes (output sha256) in every
+    round where both succeeded; None where no round has both."""
+    same = []
+    for n in rounds:
+        runs = [ok_runs.get((n, m)) for m in GGUF_METHODS]
+        shas = [r.extra.get("output_sha256") if r else None for r in runs]
+        if all(shas):
+            same.append(shas[0] == shas[1])
+    return all(same) if same else None
 
 
 #: (label, key in a timeline round, format) of the phase rows under the event rows
@@ -917,6 +980,13 @@ def print_report(
         if m in summary:
             print(f"{m + ' / distmerge (time):':<34}{fmt(ratios.get(key + '_distmerge_time'))}")
             print(f"{m + ' / distmerge (RSS):':<34}{fmt(ratios.get(key + '_distmerge_rss'))}")
+    if all(m in summary for m in GGUF_METHODS):
+        print(f"{'peer-q8_0 / distmerge-q8_0 (time):':<35} {fmt(ratios.get('peer_q8_0_over_distmerge_q8_0_time'))}")
+        print(f"{'peer-q8_0 / distmerge-q8_0 (RSS):':<35} {fmt(ratios.get('peer_q8_0_over_distmerge_q8_0_rss'))}")
+        same = {True: "yes", False: "NO", None: "n/a"}[ratios.get("gguf_outputs_identical")]
+        print(f"{'GGUF files identical (sha256):':<35} {same}")
+    if "distmerge-q8_0" in summary and "distmerge" in summary:
+        print(f"{'distmerge-q8_0 / distmerge (time):':<35} {fmt(ratios.get('distmerge_q8_0_over_distmerge_time'))}")
     print()
     if tl and tl.get("rounds"):
         print_timeline(tl)
@@ -974,13 +1044,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma list of floor,cp,distmerge,seed,seed-fp32 (default cp,distmerge,seed,seed-fp32; "
-        "cp,distmerge with --base; --cold puts floor first)",
+        help="comma list of floor,cp,distmerge,seed,seed-fp32,distmerge-q8_0,peer-q8_0 (default "
+        "cp,distmerge,seed,seed-fp32; cp,distmerge with --base; --cold puts floor first)",
     )
     p.add_argument(
         "--skip-seed",
         action="store_true",
-        help="leave out seed and seed-fp32 (when the base does not fit in RAM)",
+        help="leave out seed, seed-fp32 and peer-q8_0 (when the base does not fit in RAM)",
     )
     p.add_argument(
         "--generate-only",
@@ -1012,7 +1082,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--generate-only makes the generated checkpoint; it takes no --base/--lora")
     if a.base:
         a.base, a.lora = os.path.abspath(a.base), os.path.abspath(a.lora)
-    default = "cp,distmerge" if a.base else ",".join(m for m in METHODS if m != "floor")
+    default = "cp,distmerge" if a.base else ",".join(m for m in METHODS if m != "floor" and m not in GGUF_METHODS)
     if a.cold:
         default = "floor," + default
         a.drop_caches = True
@@ -1021,7 +1091,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
     if a.skip_seed:
-        methods = [m for m in methods if m not in SEEDS]
+        methods = [m for m in methods if m not in WHOLE_MODEL]
     if not methods:
         p.error("no method left to run")
     a.method_list = methods
@@ -1043,9 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"base={inp.base}\nlora={inp.lora}\nbase_bytes={inp.base_bytes}", flush=True)
         return 0
     machine = machine_facts(a.workdir)
-    if set(SEEDS) & set(a.method_list) and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
+    if set(WHOLE_MODEL) & set(a.method_list) and inp.base_bytes * 2.5 > psutil.virtual_memory().total:
         print(
-            f"bench: warning: the seeds hold the whole {inp.base_bytes / GB:.1f} GB base plus save "
+            f"bench: warning: the one-process scripts hold the whole {inp.base_bytes / GB:.1f} GB base plus save "
             f"buffers in RAM ({machine['ram_total_gb']} GB total); consider --skip-seed",
             flush=True,
         )
