@@ -87,6 +87,8 @@ class PlannedTensor:
     #: the base's scale of a ``scaled`` tensor ((path, offset, dtype)), to dequantize it
     scale_src: tuple[str, int, str] | None = None
     derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
+    #: the new input scale of a ``scaled`` tensor (``fp8.INPUT_SCALE``), laid out after ``scale_key``
+    input_key: str = ""
 
     @property
     def action(self) -> Action:
@@ -238,7 +240,7 @@ def make_plan(
         by_target,
         fp8,
         derived=fp8.recomputed(set(by_target)),
-        attach={s: w for w, s in fp8.pairs.items()},
+        attach=fp8.followers(),
         meta={"format": "pt", **(metadata or {})},
         unit_bytes=target,
         tail_at=total - workers * target if target == MAX_UNIT_BYTES and not unit_size else None,
@@ -285,7 +287,7 @@ class _ShardBuilder:
     by_target: Mapping[str, tuple[Delta, ...]]
     fp8: ScaledLayout
     derived: Mapping[str, str]  #: scale -> weight, for scales computed with their weight
-    attach: Mapping[str, str]  #: scale -> weight, for scales laid out right after their weight
+    attach: Mapping[str, str]  #: follower -> weight: scales laid out right after their weight
     meta: Mapping[str, str]
     unit_bytes: int  #: the target bytes per work unit
     tail_at: int | None = None  #: output bytes from which units are a quarter of ``unit_bytes``
@@ -349,6 +351,7 @@ def _planned(
         scale_key,
         scale_src,
         derived.get(e.key, ""),
+        fp8.new_inputs.get(e.key, ""),
     )
 
 
