@@ -30,6 +30,9 @@ from .helpers import TINY, load_checkpoint
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FMAX = {E4M3: 448.0, E5M2: 57344.0}
 LINEARS = [f"blocks.{n}.{m}" for n in range(TINY.blocks) for m in BLOCK_LINEARS]
+#: every Linear of the T2V Wan model (``comfy/ldm/wan/model.py`` ``WanModel``): what --dtype fp8 quantizes
+ALL_LINEARS = ["text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1"]
+ALL_LINEARS += [*LINEARS, "head.head"]
 #: the LoRA touches block 0 and block 1's ffn; the other block-1 linears stay untouched
 MERGED = [m for m in LINEARS if m.startswith("blocks.0.") or ".ffn." in m]
 
@@ -155,30 +158,33 @@ def test_scaled_layout_detection_and_refusals():
     assert scaled_layout(base, "F8_E4M3", path="b").new_scales == {}  # already scaled: nothing added
 
 
-def test_scaled_layout_dtype_fp8_picks_block_linears_and_marker_prefix():
+def test_scaled_layout_dtype_fp8_picks_every_linear_and_marker_prefix():
+    """Every Linear of the diffusion model of a full checkpoint, embedders and head included (ComfyUI
+    builds them all with ``scaled_fp8_ops``, ``comfy/ops.py`` ``pick_operations``); the text encoder
+    and VAE of the checkpoint are built without them (only ``{unet_prefix}scaled_fp8`` is read,
+    ``comfy/model_detection.py``), so their Linears stay."""
+    p = "model.diffusion_model."
     keys = [
-        ("model.diffusion_model.patch_embedding.weight", "BF16", (8, 4, 1, 2, 2)),
-        ("model.diffusion_model.text_embedding.0.weight", "BF16", (8, 4)),
-        ("model.diffusion_model.blocks.0.self_attn.q.weight", "BF16", (8, 8)),
-        ("model.diffusion_model.blocks.0.self_attn.q.bias", "BF16", (8,)),
-        ("model.diffusion_model.blocks.0.self_attn.norm_q.weight", "BF16", (8,)),
-        ("model.diffusion_model.blocks.0.modulation", "F32", (1, 6, 8)),
-        ("model.diffusion_model.blocks.0.ffn.0.weight", "F32", (12, 8)),
-        ("model.diffusion_model.head.head.weight", "BF16", (4, 8)),
+        (p + "patch_embedding.weight", "BF16", (8, 4, 1, 2, 2)),
+        (p + "text_embedding.0.weight", "BF16", (8, 4)),
+        (p + "blocks.0.self_attn.q.weight", "BF16", (8, 8)),
+        (p + "blocks.0.self_attn.q.bias", "BF16", (8,)),
+        (p + "blocks.0.self_attn.norm_q.weight", "BF16", (8,)),
+        (p + "blocks.0.modulation", "F32", (1, 6, 8)),
+        (p + "blocks.0.ffn.0.weight", "F32", (12, 8)),
+        (p + "head.head.weight", "BF16", (4, 8)),
+        ("cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight", "BF16", (8, 8)),
     ]
     base = {k: _info(k, c, s) for k, c, s in keys}
     lay = scaled_layout(base, "F8_E4M3", path="b")
-    p = "model.diffusion_model."
-    assert lay.new_scales == {
-        p + "blocks.0.self_attn.q.weight": p + "blocks.0.self_attn.q.scale_weight",
-        p + "blocks.0.ffn.0.weight": p + "blocks.0.ffn.0.scale_weight",
-    }
+    linears = ["text_embedding.0", "blocks.0.self_attn.q", "blocks.0.ffn.0", "head.head"]
+    assert lay.new_scales == {p + m + ".weight": p + m + ".scale_weight" for m in linears}
+    assert lay.new_inputs == {p + m + ".weight": p + m + ".scale_input" for m in linears}
     assert lay.new_marker == p + "scaled_fp8"
     assert lay.new_tensors()[p + "scaled_fp8"] == ("F8_E4M3", (0,))
-    assert {k: lay.out_code(k, c) for k, c, _ in keys if lay.out_code(k, c) != c} == {
-        p + "blocks.0.self_attn.q.weight": "F8_E4M3",
-        p + "blocks.0.ffn.0.weight": "F8_E4M3",
-    }
+    assert lay.new_tensors()[p + "head.head.scale_input"] == ("F32", ())
+    changed = {k: lay.out_code(k, c) for k, c, _ in keys if lay.out_code(k, c) != c}
+    assert changed == {p + m + ".weight": "F8_E4M3" for m in linears}
 
 
 # --------------------------------------------------------------------------------------------- helpers (e2e)
@@ -377,25 +383,19 @@ def test_dtype_fp8_writes_a_scaled_checkpoint(ray_local, lora, tmp_path, dtype, 
     out = load_checkpoint(out_dir)
     assert len(rep.shards) >= 2
     new = set(out) - set(base)
-    assert new == {"scaled_fp8"} | {m + ".scale_weight" for m in LINEARS}
+    assert new == {"scaled_fp8"} | {m + s for m in ALL_LINEARS for s in (".scale_weight", ".scale_input")}
     assert out["scaled_fp8"].dtype == dt and out["scaled_fp8"].shape == (0,)
     stayed = {k for k, v in out.items() if v.dtype == torch.bfloat16}
-    assert stayed == set(base) - {m + ".weight" for m in LINEARS}  # norms, biases, modulation, embeddings, head
-    assert {
-        "patch_embedding.weight",
-        "blocks.0.modulation",
-        "blocks.0.norm3.weight",
-        "text_embedding.0.weight",
-        "time_projection.1.weight",
-        "head.head.weight",
-        "blocks.1.ffn.2.bias",
-    } <= stayed
+    assert stayed == set(base) - {m + ".weight" for m in ALL_LINEARS}  # conv, norms, biases, modulation
+    assert {"patch_embedding.weight", "blocks.0.modulation", "blocks.0.norm3.weight", "head.modulation"} <= stayed
+    assert "blocks.1.ffn.2.bias" in stayed and "text_embedding.0.weight" not in stayed
     for k in stayed:
         assert _raw(out[k]) == _raw(base[k]), k
     loaded = _comfy_load(out)
-    for m in LINEARS:
+    for m in ALL_LINEARS:
         s = out[m + ".scale_weight"]
         assert out[m + ".weight"].dtype == dt and s.dtype == torch.float32 and s.shape == ()
+        assert out[m + ".scale_input"].dtype == torch.float32 and out[m + ".scale_input"].tolist() == 1.0
         ref = base[m + ".weight"].double() + (_dw(factors, m) if m in MERGED else 0.0)
         ref = ref.float()
         assert _raw(out[m + ".weight"]) == _raw(_requant(ref, dt)[0]), m  # one rounding from float32
@@ -417,9 +417,11 @@ def test_dtype_fp8_plan_keeps_pairs_in_one_unit(tiny_base, lora):
     for u in plan.units:
         for i, t in enumerate(u.tensors):
             if t.quant:
-                follower = u.tensors[i + 1]
+                follower, inp = u.tensors[i + 1], u.tensors[i + 2]  # the scale, then the input scale
                 assert follower.key == t.scale_key and follower.derived_from == t.key
                 assert follower.out_offset == t.out_offset + t.out_nbytes and follower.out_offset % 4 == 0
+                assert inp.key == t.input_key == t.key.removesuffix(".weight") + ".scale_input"
+                assert inp.derived_from == t.key and inp.out_offset == follower.out_offset + 4
                 assert t.whole and (t.action == "merge") == (t.key[: -len(".weight")] in MERGED)
                 n = t.out_nbytes  # fp8: one byte per element; fp32 source, float64-sized accumulator
                 assert u.memory >= 2 * 4 * n + 8 * n + 4 * n

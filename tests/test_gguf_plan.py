@@ -69,3 +69,27 @@ def test_a_packed_unit_s_memory_bound_covers_gguf_py_s_work(tmp_path):
     unit = next(u for u in plan.units if u.tensors[0].key == "blocks.0.ffn.0.weight")
     values = 512 * 256  # float32 values plus gguf-py's block arrays (~24 bytes a value), beside the buffers
     assert unit.memory - TASK_OVERHEAD_BYTES >= 24 * values
+
+
+def test_the_warnings_a_user_needs_are_said_before_any_work(tmp_path, caplog):
+    """A K-quant base kept (gguf-py cannot write Q4_K) and --dtype fp8_e5m2 (newer ComfyUI reads
+    every scaled_fp8 file as e4m3fn: comfy/utils.py convert_old_quants) each get one warning."""
+    from distmerge.app.api import check
+
+    base = str(tmp_path / "wan-Q4_K.gguf")
+    write_gguf_base(base, KQ, "Q4_K")
+    lora = str(tmp_path / "lora.safetensors")
+    write_lora(lora, make_factors(KQ, rank=4), layout="diffusion_model", alpha=4.0)
+    with caplog.at_level("WARNING", logger="distmerge"):
+        check(base, [lora], str(tmp_path / "out.gguf"))
+        check(base, [lora], str(tmp_path / "out.safetensors"), dtype="bf16")  # named: nothing to say
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "Q4_K tensors are written as Q8_0" in said[0], said
+    caplog.clear()
+    st = str(tmp_path / "st")
+    from distmerge.app.synth import write_wan_base
+
+    write_wan_base(st, KQ, num_shards=1)
+    with caplog.at_level("WARNING", logger="distmerge"):
+        check(st, [lora], str(tmp_path / "fp8.safetensors"), dtype="fp8_e5m2")
+    assert any("fp8_e4m3fn for ComfyUI" in r.getMessage() for r in caplog.records)

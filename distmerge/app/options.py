@@ -75,7 +75,8 @@ class MergeOptions:
     dtype: Any = _opt(
         "keep",
         "output dtype of float tensors (default: keep the base's); fp8_* writes scaled fp8 "
-        "block linears (ComfyUI's convention), other tensors keep their dtype",
+        "Linears (ComfyUI's convention), other tensors keep their dtype; q8_0 … q4_0 quantize "
+        "the block linears of a .gguf output (ComfyUI-GGUF)",
         choices=DTYPE_NAMES,
         metavar="{" + ",".join(DTYPE_CHOICES) + "}",
     )

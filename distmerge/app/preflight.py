@@ -192,6 +192,11 @@ def read_inputs(
         inputs.plan = None  # cut again once Ray says how many tasks run at once
     inputs.companions = find_companions(base_ck) if not target.single_file else None
     _say_block_types(base_ck, target, out_code)
+    if out_code == "F8_E5M2":
+        logger.warning(
+            "--dtype fp8_e5m2: newer ComfyUI reads every scaled_fp8 file as float8_e4m3fn and loads e5m2 "
+            "weights above 448 wrong; use --dtype fp8_e4m3fn for ComfyUI"
+        )
     return inputs
 
 

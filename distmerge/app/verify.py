@@ -22,7 +22,7 @@ What is checked:
   reference is divided by the output's scale and compared in fp8 ulps (≤ 1: e4m3fn has 3 mantissa
   bits), and the largest output code must be ±fp8_max (a fresh scale ``amax/448``); tensors
   ``--dtype fp8_*`` quantized without deltas must equal the base quantized (bytes of weight and
-  scale);
+  scale); the input scales ``--dtype fp8_*`` adds must be exactly 1.0;
 * checksums: when the index records ``metadata.distmerge.crc32`` or ``.sha256`` (a single-file
   output: a ``<file>.crc32`` or ``<file>.sha256`` sidecar, ``HEX  NAME``), every shard's checksum
   must match, which catches a changed byte outside the sampled rows too. Missing checksums are
@@ -213,7 +213,8 @@ def _tensor_checks(
         if quant and scale is None:
             continue  # reported as a missing key by the structure check
         base_scale = base.tensors.get(fp8.scales.get(k, "")) if quant else None
-        checks.append(TensorCheck(k, b, o, deltas, "scaled" if quant else "", scale, base_scale))
+        inp = out.tensors.get(fp8.new_inputs.get(k, ""))  # a new input scale: must be 1.0
+        checks.append(TensorCheck(k, b, o, deltas, "scaled" if quant else "", scale, base_scale, inp))
     return checks
 
 

@@ -93,6 +93,8 @@ class PlannedTensor:
     scale_src: tuple[str, int, str] | None = None
     derived_from: str = ""  #: a scale whose bytes the unit computes with this weight
     out_pad: int = 0  #: zero bytes after the tensor that its unit owns (GGUF's alignment)
+    #: the new input scale of a ``scaled`` tensor (``fp8.INPUT_SCALE``), laid out after ``scale_key``
+    input_key: str = ""
 
     @property
     def action(self) -> Action:
@@ -253,7 +255,7 @@ def make_plan(
         by_target,
         fp8,
         derived=fp8.recomputed(set(by_target)),
-        attach={s: w for w, s in fp8.pairs.items()},
+        attach=fp8.followers(),
         meta={"format": "pt", **(metadata or {})},
         unit_bytes=target,
         tail_at=total - workers * target if target == MAX_UNIT_BYTES and not unit_size else None,
@@ -301,7 +303,7 @@ class _ShardBuilder:
     by_target: Mapping[str, tuple[Delta, ...]]
     fp8: ScaledLayout
     derived: Mapping[str, str]  #: scale -> weight, for scales computed with their weight
-    attach: Mapping[str, str]  #: scale -> weight, for scales laid out right after their weight
+    attach: Mapping[str, str]  #: follower -> weight: scales laid out right after their weight
     meta: Mapping[str, str]
     unit_bytes: int  #: the target bytes per work unit
     tail_at: int | None = None  #: output bytes from which units are a quarter of ``unit_bytes``
@@ -421,7 +423,8 @@ def _planned(
         scale_key,
         scale_src,
         derived.get(e.key, ""),
-        e.pad,
+        out_pad=e.pad,
+        input_key=fp8.new_inputs.get(e.key, ""),
     )
 
 

@@ -18,6 +18,7 @@ from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.header import TensorInfo
 from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.plan.fp8 import INPUT_SCALE
 from distmerge.plan.merge_plan import CHUNK_BYTES  # bytes of float64 (or raw data) handled at once
 from distmerge.plan.units import TASK_OVERHEAD_BYTES
 from distmerge.tasks.checksum import file_digest
@@ -67,6 +68,7 @@ class TensorCheck:
     quant: str = ""  #: ``scaled``: the output is scaled fp8 with a fresh scale in ``scale``
     scale: TensorInfo | None = None  #: the output's scale of a ``scaled`` tensor
     base_scale: TensorInfo | None = None  #: the base's scale (dequantizes a scaled-fp8 base)
+    input_scale: TensorInfo | None = None  #: the output's new input scale (``fp8.INPUT_SCALE``)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def check_group(group: CheckGroup) -> GroupResult:
                     stats = stats.merge(one)
                 else:
                     found = _check_untouched(c, files)
+                found += _check_input_scale(c, files)
             except OSError as e:
                 found = [(STRUCTURE, 0, (f"{c.out.path}: '{c.key}': cannot read ({e.strerror or e})"))]
             if found:
@@ -367,6 +370,18 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
             ),
         )
     ]
+
+
+def _check_input_scale(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, str]]:
+    """A new input scale (``--dtype fp8_*``) holds exactly ``INPUT_SCALE``."""
+    s = c.input_scale
+    if s is None:
+        return []
+    got = float(read_scalar(files.fd(s.path), s.offset, s.dtype, s.nbytes))
+    if got == INPUT_SCALE:
+        return []
+    want = f"expected {INPUT_SCALE:g} (the input scale of '{c.key}')"
+    return [(VALUE, 0, f"{s.key}: {show_value(got, s.dtype)}, {want} ({os.path.basename(s.path)})")]
 
 
 def _first_difference(got: bytearray, want: bytearray, code: str) -> tuple[int, str] | None:

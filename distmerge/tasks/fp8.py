@@ -10,10 +10,11 @@ Merging into a scaled weight dequantizes it, adds the deltas in float32 and roun
 with round-to-nearest-even and a fresh per-tensor scale ``amax(|W'|) / fp8_max`` (448 for e4m3fn,
 57344 for e5m2), so the largest value lands exactly on ±fp8_max and nothing saturates. Both the
 new weight and its new scale are written; untouched weights, their scales, ``scale_input`` and
-the marker are copied byte for byte. ``--dtype fp8_e4m3fn`` turns the 2-D ``.weight`` tensors of
-the transformer blocks (``blocks.N.`` / ``layers.N.``, no norms or embeddings) into scaled fp8 with
-new ``scale_weight`` keys and adds a marker; every other tensor keeps its dtype (on a base that
-is already scaled fp8 it is the same as ``--dtype keep``).
+the marker are copied byte for byte. ``--dtype fp8_e4m3fn`` turns every Linear weight (a 2-D
+``.weight`` that is not a norm's or an embedding table's, ``plan.fp8.quantizable``) into scaled fp8
+with new ``scale_weight`` and ``scale_input`` (``INPUT_SCALE``, 1.0) keys and adds a marker, as
+ComfyUI's loader expects of every Linear in such a file; every other tensor keeps its dtype (on a
+base that is already scaled fp8 it is the same as ``--dtype keep``).
 
 Example:
     >>> import torch
@@ -31,9 +32,10 @@ import math
 import torch
 
 from distmerge.inputs.torch_dtypes import to_torch
+from distmerge.plan.fp8 import INPUT_SCALE
 from distmerge.tasks.mergemath import NonFiniteError
 
-__all__ = ["FP8_MAX", "dequantize", "fresh_scale", "quantize"]
+__all__ = ["FP8_MAX", "dequantize", "fresh_scale", "input_scale", "quantize"]
 
 #: largest finite value of each fp8 code
 FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -50,6 +52,15 @@ def fresh_scale(amax: float, code: str, dtype: torch.dtype = torch.float32) -> t
         raise NonFiniteError(f"max |value| {amax:.4g} is not finite")
     s = (torch.tensor(amax, dtype=torch.float32) / FP8_MAX[code]).to(dtype)
     return s if float(s) > 0 else torch.tensor(1.0, dtype=dtype)
+
+
+def input_scale(code: str, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """The bytes of a new input scale: ``INPUT_SCALE`` in dtype ``code`` and ``shape``.
+
+    >>> input_scale("F32").tolist(), input_scale("F32").shape
+    (1.0, torch.Size([]))
+    """
+    return torch.full(shape, INPUT_SCALE, dtype=to_torch(code))
 
 
 def quantize(

@@ -17,7 +17,8 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
 * Merged values are checked to be finite before they are written.
 * A scaled-fp8 weight (``PlannedTensor.quant``) is merged whole: dequantized with its base scale,
   merged in float32 and rounded once to fp8 with a fresh scale, which the same task writes into
-  the scale tensor laid out right after it (``fp8.quantize``).
+  the scale tensor laid out right after it (``fp8.quantize``), followed by its new input scale
+  (1.0, ``fp8.input_scale``) where ``--dtype fp8_*`` adds one.
 
 Example:
     >>> import os, tempfile
@@ -50,7 +51,7 @@ from distmerge.inputs.lorafile import LoraReader
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.merge_plan import CHUNK_BYTES, READ_DEPTH, WRITE_BACKLOG, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
-from distmerge.tasks.fp8 import quantize
+from distmerge.tasks.fp8 import input_scale, quantize
 from distmerge.tasks.ggml import decode, encode
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, merge_tensor
 from distmerge.tasks.pieces import Piece, piece_bytes, row_chunks, unit_pieces
@@ -237,8 +238,8 @@ class _Tally:
 
 class _UnitRun:
     """The steps of one unit: read a piece (on a read thread), compute it, account for its bytes,
-    write it (on the write thread). A weight's fresh fp8 scale is computed with the weight and kept
-    in ``derived`` until its own turn."""
+    write it (on the write thread). A weight's fresh fp8 scale (and new input scale) is computed
+    with the weight and kept in ``derived`` until its own turn."""
 
     def __init__(self, unit: WorkUnit, dev: torch.device, files: OpenFiles, sink: OutputFile, where: _Where) -> None:
         self.unit, self.dev, self.files, self.sink, self.where = unit, dev, files, sink, where
@@ -284,6 +285,9 @@ class _UnitRun:
             out, self.derived[t.scale_key] = _compute_scaled(
                 job, raw, self.dev, self.rings.acc, self.rings.out, self.scales0.get(t.key), scale_out
             )
+            if t.input_key:  # a new input scale: a constant, written after the scale
+                inp = self.by_key[t.input_key]
+                self.derived[t.input_key] = input_scale(inp.out_dtype, inp.shape)
             return out
         return None if raw is None else _compute(job, raw, self.dev, self.rings.acc, self.rings.out)
 
