@@ -176,11 +176,11 @@ def test_a_small_merge_is_done_by_the_driver_without_starting_ray(tiny_base, tin
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("which", ["--base", "--lora", "--output", "--report"])
-def test_an_object_storage_url_is_refused_and_never_becomes_a_local_folder(tiny_base, lora, tmp_path, which):
+@pytest.mark.parametrize("which, url", [("--base", "gs"), ("--lora", "gs"), ("--output", "s3"), ("--report", "s3")])
+def test_a_url_that_cannot_be_used_is_refused_and_never_becomes_a_local_folder(tiny_base, lora, tmp_path, which, url):
     args = {"--base": tiny_base, "--lora": lora, "--output": "merged", "--report": "r.json"}
-    args[which] = "s3://bucket/wan/x"
+    args[which] = f"{url}://bucket/wan/x"
     r = run_cli("merge", *[x for kv in args.items() for x in kv], cwd=str(tmp_path))
     assert r.returncode == 2, r.stderr
-    assert "s3://bucket/wan/x" in r.stderr and "mount" in r.stderr and "Traceback" not in r.stderr
+    assert f"{url}://bucket/wan/x" in r.stderr and "mount" in r.stderr and "Traceback" not in r.stderr
     assert os.listdir(tmp_path) == []  # no "s3:" folder, no output, no lock

@@ -201,9 +201,7 @@ def test_the_emulation_catches_the_old_block_only_layout(inputs, merged):
     """The old output (embedders, projection and head left in bf16, no ``scale_input``), loaded by
     the same emulation: the missing keys ComfyUI reported, and the probe re-rounded to 0.125."""
     _, base, _, _ = inputs
-    dt, _, out = merged
-    if dt != E4M3:
-        pytest.skip("one fp8 type shows it")
+    _, _, out = merged  # either fp8 type: 0.1328125 cast under a scale of 1.0 is 0.125 in both
     old = {k: v for k, v in out.items() if not k.endswith(".scale_input")}
     outside = [m for m in wan_linears(base) if not m.startswith("blocks.")]
     for m in outside:

@@ -24,6 +24,7 @@ from distmerge.app.preflight import resolve_dtype as resolve_dtype
 from distmerge.app.report import MergeReport, UnitReport
 from distmerge.app.validate import check_output_name
 from distmerge.formats.naming import detect_naming
+from distmerge.inputs.objstore import is_s3
 from distmerge.output.companions import HIDDEN, RECIPE_NAME, config_for_dtype, make_recipe
 from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.lock import OutputLock
@@ -213,7 +214,9 @@ class MergeJob(Job[MergeReport]):
         return self.shards
 
     def shared_paths(self) -> tuple[list[str], str]:
-        return list(self.i.base.files) + [p for p, _ in self.i.specs], self.i.target.directory
+        """What every node must see at the same path (objects in a bucket are read by URL)."""
+        files = [f for f in self.i.base.files if not is_s3(f)]
+        return files + [p for p, _ in self.i.specs], self.i.target.directory
 
     @property
     def direct_io(self) -> bool:

@@ -30,7 +30,7 @@ from distmerge import __version__
 from distmerge.app.driver import Job, JobOutcome, RunOptions, run_job, with_keywords
 from distmerge.app.flags import add_extract_parser  # the grammar lives with the other subcommands
 from distmerge.app.report import ExtractReport
-from distmerge.app.validate import check_report_path
+from distmerge.app.validate import check_report_path, local_only
 from distmerge.errors import PlanError
 from distmerge.formats.layouts import not_loaded
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
@@ -132,6 +132,7 @@ class ExtractJob(Job[ExtractReport]):
     def open(self) -> None:
         """Both checkpoints, header-only, checked against each other and planned once (every plan
         error comes before Ray starts); the output's form, and that it is no input."""
+        local_only(self.args[:2], "extract")
         base, tuned = (  # absolute: the workers' working folder differs
             open_base(os.path.abspath(local_path(p))).require_safetensors("extract") for p in self.args[:2]
         )

@@ -61,6 +61,7 @@ from distmerge.app.jobschema import RayOptions as RayOptions
 from distmerge.app.jobschema import parse_job as parse_job
 from distmerge.errors import DistmergeError, PlanError
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.objstore import is_s3
 from distmerge.output.ledger import ProgressFn
 
 #: the job file's schema and parsing (``jobschema``), then its running
@@ -85,7 +86,7 @@ def check_job(job: Job) -> None:
 
     for m in job.merges:  # every missing file first: the cheapest mistake to report
         for what, p in [("base", m.base), *(("LoRA", lo.path) for lo in m.loras)]:
-            if not os.path.exists(local_path(p)):  # a Hugging Face cache reference: its snapshot
+            if not is_s3(p) and not os.path.exists(local_path(p)):  # a cache reference: its snapshot
                 raise PlanError(f"merge {m.name!r}: {what} {p} not found (checked before running any merge)")
     for m in job.merges:
         try:

@@ -244,6 +244,8 @@ def _pydantic_error(e: ValidationError, root: yaml.Node | None, source: str) -> 
 
 
 def _resolve(path: str, folder: str) -> str:
+    if "://" in path:  # a URL (s3:// inputs; any other is refused by the merge's checks, in one line)
+        return path
     return os.path.normpath(os.path.join(folder, os.path.expanduser(path)))
 
 

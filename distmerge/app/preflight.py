@@ -21,11 +21,13 @@ from distmerge.app.options import MergeOptions
 from distmerge.app.validate import F32_MAX, check_options, lora_specs, resolve_dtype, validate_options
 from distmerge.errors import MatchError, OutputError, UsageError
 from distmerge.formats.normalize import Delta, Unmatched, normalize
+from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
+from distmerge.inputs.objstore import is_s3
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest, load_previous
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
@@ -155,11 +157,19 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
     """
     base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
     # absolute: Ray's workers (and a caller's later os.chdir) must read the same files
-    base_ck = open_base(os.path.abspath(base_ref.local))
-    lora_refs = [(resolve_reference(p), w) for p, w in specs]
+    base_ck = open_base(base_ref.local if is_s3(base_ref.local) else os.path.abspath(base_ref.local))
+    lora_refs = [(_lora_reference(p), w) for p, w in specs]
     local = [(os.path.abspath(r.local), w) for r, w in lora_refs]
     refuse_inputs_as_output(output, base_ck, [p for p, _ in local])
     return Located(base_ref, base_ck, lora_refs, local)
+
+
+def _lora_reference(path: str) -> Resolved:
+    """Where a LoRA is read: an ``s3://`` LoRA (file or adapter folder) from this node's copy
+    (``objstore.cached``: downloaded once, whole; LoRAs are small)."""
+    if is_s3(path):
+        return Resolved(objstore.cached(path), os.fspath(path))
+    return resolve_reference(path)
 
 
 def read_inputs(

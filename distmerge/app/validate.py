@@ -22,6 +22,7 @@ from distmerge.errors import PlanError, UsageError
 from distmerge.inputs.dtypes import CLI_DTYPES, DTYPE_FLAGS, FP8_CODES, code_of_torch_name, dtype_code, flag_of_code
 from distmerge.inputs.ggml import WRITABLE
 from distmerge.inputs.gguffile import is_gguf_name
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES, refuse_url
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
@@ -133,6 +134,21 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")
+
+
+def local_only(paths: Sequence[str | os.PathLike[str]], command: str) -> None:
+    """Refuse an ``s3://`` input to a command that reads local or mounted files only (merge reads
+    object storage; verify and extract do not yet).
+
+    >>> local_only(["s3://b/base"], "verify")
+    Traceback (most recent call last):
+    distmerge.errors.UsageError: s3://b/base: verify reads local or mounted checkpoints; s3:// inputs are read by merge
+    """
+    for p in paths:
+        if is_s3(p):
+            raise UsageError(
+                f"{os.fspath(p)}: {command} reads local or mounted checkpoints; s3:// inputs are read by merge"
+            )
 
 
 def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *, out_code: str | None = None) -> None:

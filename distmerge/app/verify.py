@@ -67,6 +67,7 @@ from distmerge.app.recipe import (
 )
 from distmerge.app.recipe import read_recipe as read_recipe  # public here too, as before
 from distmerge.app.report import VerifyReport
+from distmerge.app.validate import local_only
 from distmerge.errors import FormatError, PlanError
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
@@ -272,6 +273,7 @@ def verify(
     if opts.rows < 0:
         raise PlanError(f"--rows must be >= 0, got {opts.rows}")
     # absolute paths: the check tasks run in Ray workers, whose working folder may differ
+    local_only([base, *(p for p, _ in lora_specs(loras))], "verify")
     base_ck = open_base(os.path.abspath(local_path(base))).require_safetensors("verify")
     if is_gguf_name(merged):
         raise FormatError(f"{os.fspath(merged)}: verify reads safetensors outputs, not GGUF")

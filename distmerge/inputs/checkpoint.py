@@ -19,13 +19,16 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 
 from distmerge.errors import FormatError
+from distmerge.inputs import objstore
 from distmerge.inputs.gguffile import ARCH_KEY, GGUF_SUFFIX, is_gguf_name, read_gguf
 from distmerge.inputs.header import Header, TensorInfo, read_header
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import missing
 
 __all__ = ["BaseCheckpoint", "open_base", "INDEX_SUFFIX"]
@@ -89,6 +92,8 @@ def open_base(path: str | os.PathLike[str]) -> BaseCheckpoint:
         FormatError: nothing usable found, an ambiguous folder, a bad index (unsafe or missing
             shard names, keys in the wrong shard), duplicate keys across shards, bad headers.
     """
+    if is_s3(path):
+        return _from_bucket(os.fspath(path))
     p = local_path(path)  # an ``owner/repo/sub`` Hugging Face cache reference -> its snapshot
     if os.path.isfile(p) and is_gguf_name(p):
         return _from_gguf(p)
@@ -146,10 +151,41 @@ def _refuse_lone_shard(path: str) -> None:
             )
 
 
-def _from_index(folder: str, index_path: str) -> BaseCheckpoint:
+def _from_bucket(url: str) -> BaseCheckpoint:
+    """A base in object storage (``s3://bucket/key``): one ``.safetensors`` object, or a prefix
+    holding an index and its shards, or one ``.safetensors``; only headers are read (ranged GETs)."""
+    url = url.rstrip("/")
+    if url.endswith(".safetensors"):
+        objstore.stat(url)
+        return _assemble(url, url.rsplit("/", 1)[-1][: -len(".safetensors")], [url])
+    if is_gguf_name(url):
+        raise FormatError(f"{url}: a GGUF base is read from a local or mounted path, not from object storage")
+    names = [o.url[len(url) + 1 :] for o in objstore.list_objects(url)]
+    names = [n for n in names if "/" not in n]  # the folder's own objects
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if len(indexes) > 1:
+        raise FormatError(f"{url}: found {len(indexes)} index files ({', '.join(indexes)}), expected one")
+    if indexes:
+        index = f"{url}/{indexes[0]}"
+        raw = objstore.read_range(index, 0, objstore.stat(index).size)
+        return _from_index(url, index, raw=raw, exists=lambda shard: shard in names)
+    files = [n for n in names if n.endswith(".safetensors") and not _VARIANT.search(n)]
+    if len(files) == 1:
+        return _assemble(url, files[0][: -len(".safetensors")], [f"{url}/{files[0]}"])
+    what = f"{len(files)} .safetensors objects" if files else "no .safetensors object"
+    raise FormatError(f"{url}: {what} and no *{INDEX_SUFFIX} below this prefix; expected one checkpoint")
+
+
+def _from_index(
+    folder: str, index_path: str, *, raw: bytes | None = None, exists: Callable[[str], bool] | None = None
+) -> BaseCheckpoint:
+    """A sharded checkpoint from its index (``raw``: the index's bytes, already read; ``exists``:
+    whether a shard name is in the folder, for a folder that is not on a filesystem)."""
     try:
-        with open(index_path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
+        if raw is None:
+            with open(index_path, "rb") as f:
+                raw = f.read()
+        index = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{index_path}: cannot read index ({type(e).__name__}: {e})") from None
     wmap = index.get("weight_map") if isinstance(index, dict) else None
@@ -166,8 +202,8 @@ def _from_index(folder: str, index_path: str) -> BaseCheckpoint:
             shards.append(shard)
     files = []
     for shard in shards:
-        shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
+        shard_path = f"{folder}/{shard}" if exists else os.path.join(folder, shard)
+        if not (exists(shard) if exists else os.path.isfile(shard_path)):
             raise FormatError(f"{index_path}: names shard '{shard}', which does not exist in {folder}")
         files.append(shard_path)
     stem = os.path.basename(index_path)[: -len(INDEX_SUFFIX)]

@@ -24,7 +24,9 @@ import struct
 from dataclasses import dataclass, field
 
 from distmerge.errors import FormatError
+from distmerge.inputs import objstore
 from distmerge.inputs.dtypes import ITEMSIZES
+from distmerge.inputs.objstore import is_s3
 
 __all__ = ["TensorInfo", "Header", "read_header", "parse_header_bytes", "MAX_HEADER_BYTES"]
 
@@ -63,18 +65,27 @@ def _fail(path: str, what: str) -> FormatError:
     return FormatError(f"{path}: not a valid safetensors file: {what}")
 
 
+def _header_length(path: str, head: bytes, size: int) -> int:
+    """The header length the first 8 bytes ``head`` of a ``size``-byte file give, checked."""
+    if len(head) < 8:
+        raise _fail(path, f"file is {size} bytes, expected at least 8 (header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise _fail(path, f"header length {n} points past the end of the file ({size} bytes)")
+    return int(n)
+
+
 def _read_prefix(path: str) -> tuple[bytes, int]:
+    if is_s3(path):  # two ranged GETs: the length, then the header
+        size = objstore.stat(path).size
+        n = _header_length(path, objstore.read_range(path, 0, min(8, size)), size)
+        return objstore.read_range(path, 8, n), size
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise _fail(path, f"file is {size} bytes, expected at least 8 (header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                raise _fail(path, f"header length {n} points past the end of the file ({size} bytes)")
+            n = _header_length(path, f.read(8), size)
             return f.read(n), size
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None

@@ -35,6 +35,7 @@ import shlex
 from dataclasses import dataclass
 
 from distmerge.errors import FormatError
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import missing, refuse_url
 
 __all__ = ["HubRef", "Resolved", "cache_dir", "download_command", "local_path", "parse_reference", "resolve"]
@@ -130,6 +131,8 @@ def resolve(path: str | os.PathLike[str]) -> Resolved:
         FormatError: a reference whose repo, revision or sub path is not in the cache.
     """
     spelled = os.fspath(path)
+    if is_s3(spelled):
+        return Resolved(spelled)  # object storage: read where it is (``objstore``), never a local path
     refuse_url(spelled)
     explicit = spelled.startswith(SCHEME)
     if not explicit and os.path.lexists(spelled):

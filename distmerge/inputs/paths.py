@@ -52,23 +52,29 @@ def missing(path: str) -> str:
 
 
 def refuse_url(path: str | os.PathLike[str], flag: str = "") -> None:
-    """Refuse a URL (``s3://bucket/key``, ``gs://…``) where distmerge takes a local path: it would
-    otherwise become a local folder named ``s3:``.
+    """Refuse a URL where distmerge takes a local path (an output, a report; any scheme but
+    ``s3://`` for an input): it would otherwise become a local folder named ``s3:``.
 
     >>> refuse_url("out/merged", "--output")
     >>> try:
-    ...     refuse_url("s3://bucket/wan/base", "--base")
+    ...     refuse_url("s3://bucket/wan/out", "--output")
     ... except UsageError as e:
     ...     print(str(e)[:86])
-    --base s3://bucket/wan/base: distmerge reads and writes local or mounted paths, not s3
+    --output s3://bucket/wan/out: distmerge reads s3:// inputs but writes local or mounted
     """
     m = _URL.match(os.fspath(path))
-    if m and m.group(1).lower() != "hf":
-        where = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
+    if not m or m.group(1).lower() == "hf":
+        return
+    where = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
+    if m.group(1).lower() == "s3":
         raise UsageError(
-            f"{where}: distmerge reads and writes local or mounted paths, not {m.group(1)}:// "
-            "URLs; mount the bucket (e.g. mountpoint-s3, s3fs) or copy the files"
+            f"{where}: distmerge reads s3:// inputs but writes local or mounted paths only (so far); "
+            "write locally and upload, or mount the bucket (e.g. mountpoint-s3, s3fs)"
         )
+    raise UsageError(
+        f"{where}: distmerge reads local or mounted paths and s3:// URLs, not {m.group(1)}:// ones; "
+        "mount the bucket (e.g. gcsfuse) or use its S3 API"
+    )
 
 
 def is_file_output(path: str) -> bool:

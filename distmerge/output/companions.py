@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge.errors import OutputError
+from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
 from distmerge.inputs.hub import Resolved
+from distmerge.inputs.objstore import is_s3
 
 __all__ = [
     "RECIPE_NAME",
@@ -72,6 +74,7 @@ class Companions:
     skipped: tuple[tuple[str, str], ...] = ()
 
 
+_SUB_FOLDER = "a sub-folder (only the model folder's own files are copied)"
 #: files distmerge writes beside a single-file result (checksums, recipe): they describe that file
 SIDECAR_SUFFIXES = (".crc32", ".sha256", "." + RECIPE_NAME)
 
@@ -91,6 +94,8 @@ HIDDEN = "a hidden file or folder (git attributes, caches: not part of the model
 
 def find_companions(base: BaseCheckpoint) -> Companions:
     """The files to copy from ``base``'s folder (none when the base was given as one file)."""
+    if is_s3(base.path):
+        return _bucket_companions(base)
     if not os.path.isdir(base.path):
         return Companions()
     files: dict[str, str] = {}
@@ -103,7 +108,7 @@ def find_companions(base: BaseCheckpoint) -> Companions:
             skipped.append((name + ("/" if os.path.isdir(path) else ""), HIDDEN))
             continue
         if os.path.isdir(path):
-            skipped.append((name + "/", "a sub-folder (only the model folder's own files are copied)"))
+            skipped.append((name + "/", _SUB_FOLDER))
         elif is_weight_file(name):
             if path not in base.files and name != base.stem + INDEX_SUFFIX:
                 skipped.append((name, "weights that are not part of the merged checkpoint"))
@@ -114,6 +119,31 @@ def find_companions(base: BaseCheckpoint) -> Companions:
                 f"{path}: is in the base folder but is not a readable file (a broken link?); "
                 "fix or remove it, or give the base as a .safetensors file"
             )
+    return Companions(files, tuple(skipped))
+
+
+def _bucket_companions(base: BaseCheckpoint) -> Companions:
+    """``find_companions`` of a base prefix in object storage: its own objects that are not weights
+    (``config.json``, tokenizer files …), each from this node's copy (``objstore.cached``)."""
+    if base.path.endswith(".safetensors"):
+        return Companions()
+    files: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    folders: set[str] = set()
+    for obj in objstore.list_objects(base.path):
+        name = obj.url[len(base.path) + 1 :]
+        if "/" in name:
+            top = name.split("/", 1)[0]
+            if top not in folders:
+                folders.add(top)
+                skipped.append((top + "/", HIDDEN if top.startswith(".") else _SUB_FOLDER))
+        elif name.startswith("."):
+            skipped.append((name, HIDDEN))
+        elif is_weight_file(name):
+            if obj.url not in base.files and name != base.stem + INDEX_SUFFIX:
+                skipped.append((name, "weights that are not part of the merged checkpoint"))
+        elif name != RECIPE_NAME:
+            files[name] = objstore.cached(obj.url)
     return Companions(files, tuple(skipped))
 
 

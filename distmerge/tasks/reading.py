@@ -20,12 +20,14 @@ import threading
 
 import torch
 
+from distmerge.inputs import objstore
 from distmerge.inputs.dtypes import itemsize
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.rawio import pread_exact, read_bytes
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.directio import open_direct, read_direct, resident_fraction
 
-__all__ = ["OpenFiles", "read_bytes", "read_into", "read_placed", "read_scalar"]
+__all__ = ["OpenFiles", "read_bytes", "read_into", "read_placed", "read_scalar", "scalar_at"]
 
 #: a range whose pages are at least this much in the page cache is copied from there
 _CACHED = 0.5
@@ -85,7 +87,11 @@ def read_placed(
 ) -> None:
     """Fill ``buf[start : start + nbytes]`` with ``path``'s bytes at ``offset``: straight from the
     disk with ``O_DIRECT`` when the buffer is in step with the file (``pipeline.Slot.direct``) and
-    most of the range is not in the page cache, else (or without ``direct``) through the cache."""
+    most of the range is not in the page cache, else (or without ``direct``) through the cache.
+    An ``s3://`` object is read with one ranged GET straight into the buffer (``objstore``)."""
+    if is_s3(path):
+        objstore.read_into(path, offset, buf[start : start + nbytes].numpy().data.cast("B"))
+        return
     dfd = files.direct_fd(path) if direct else None
     fd = files.fd(path)
     if dfd is not None and resident_fraction(fd, offset, nbytes) < _CACHED:
@@ -98,6 +104,14 @@ def read_placed(
                 raise
             files.no_direct(path)  # a device with a stricter alignment
     read_into(fd, offset, buf[start : start + nbytes])
+
+
+def scalar_at(files: OpenFiles, path: str, offset: int, code: str) -> torch.Tensor:
+    """``read_scalar`` of ``path`` (a file, or an ``s3://`` object)."""
+    if is_s3(path):
+        raw = bytearray(objstore.read_range(path, offset, itemsize(code)))
+        return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
+    return read_scalar(files.fd(path), offset, code)
 
 
 def read_scalar(fd: int, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:

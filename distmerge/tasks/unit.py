@@ -48,6 +48,7 @@ from distmerge.errors import ShardWriteError
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.ggml import is_quant
 from distmerge.inputs.lorafile import LoraReader
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.merge_plan import CHUNK_BYTES, READ_DEPTH, WRITE_BACKLOG, Action, PlannedTensor, WorkUnit
 from distmerge.tasks.checksum import crc32, crc_range
@@ -56,7 +57,7 @@ from distmerge.tasks.ggml import decode, encode
 from distmerge.tasks.mergemath import NonFiniteError, OutOfRangeError, merge_tensor
 from distmerge.tasks.pieces import Piece, piece_bytes, row_chunks, unit_pieces
 from distmerge.tasks.pipeline import Ring, Slot, run_pipeline
-from distmerge.tasks.reading import OpenFiles, read_placed, read_scalar
+from distmerge.tasks.reading import OpenFiles, read_placed, scalar_at
 from distmerge.tasks.runtime import io_errors, task_device
 from distmerge.tasks.writer import OutputFile, copy_range, tensor_bytes
 
@@ -245,13 +246,12 @@ class _UnitRun:
         self.unit, self.dev, self.files, self.sink, self.where = unit, dev, files, sink, where
         self.tally = _Tally()
         self.waits = (0.0, 0.0, 0.0)
-        self.stream_copies = sink.direct_fd is not None  # else copy_file_range, through the page cache
+        # else copy_file_range, through the page cache (a file: an object in a bucket is read into buffers)
+        self.stream_copies = sink.direct_fd is not None or any(is_s3(t.src_path) for t in unit.tensors)
         self.rings = _Rings.for_unit(unit, dev)
         self.by_key = {t.key: t for t in unit.tensors}
         self.scales0 = {  # the base scale of each scaled-fp8 weight
-            t.key: read_scalar(files.fd(t.scale_src[0]), t.scale_src[1], t.scale_src[2])
-            for t in unit.tensors
-            if t.quant and t.scale_src
+            t.key: scalar_at(files, *t.scale_src) for t in unit.tensors if t.quant and t.scale_src
         }
         self.derived: dict[str, torch.Tensor] = {}  # scale key -> its bytes, computed with its weight
 
