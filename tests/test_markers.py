@@ -11,7 +11,7 @@ constants it uses (transitively), for what starts or joins Ray:
 * the command line with a subcommand that starts Ray (``merge``, ``extract``, ``verify``, ``run``,
   ``demo``): in process (``main(["merge", ...])``, ``run_cli("merge", ...)``), as
   ``python -m distmerge merge`` (an argument list or a shell line), ``python -c`` code that merges,
-  or a benchmark script that runs distmerge (``bench.py``, ``bench_extract.py``, ``gpu_check.sh``).
+  or a benchmark script that runs distmerge (``bench.py``, ``bench_extract.py``, ``bench_s3.py``, ``gpu_check.sh``).
 
 Such a test must be marked ``ray`` (itself, or by the module's ``pytestmark``) unless ``RAY_FREE``
 names it with the reason it never gets to Ray (a refusal made before Ray starts); a test marked
@@ -139,7 +139,7 @@ def _text(node: ast.Constant | ast.JoinedStr) -> str:
 _RAY_TEXT = re.compile(
     r"-m distmerge (?P<sub>merge|extract|verify|run|demo)\b"
     r"|(?P<code>(?:^|[\s;(=.])(?:merge|extract|verify|run_job|ray\.init)\()"
-    r"|(?P<bench>(?:^|/)(?:bench|bench_extract)\.py$|(?:^|/)gpu_check\.sh$)"
+    r"|(?P<bench>(?:^|/)(?:bench|bench_extract|bench_s3)\.py$|(?:^|/)gpu_check\.sh$)"
 )
 
 

@@ -75,6 +75,9 @@ def test_a_merge_from_a_bucket_writes_the_local_merge_s_bytes(s3, bucket, tiny_b
     assert r.returncode == 0, r.stderr
     got, want = _files(str(tmp_path / "s3")), _files(str(tmp_path / "local"))
     assert "config.json" in got and got == want
+    recipe = json.load(open(os.path.join(tmp_path / "s3", "distmerge.json")))
+    assert recipe["base"]["path"] == f"s3://{name}/wan/low_noise_model"  # the URL, not a local path
+    assert recipe["loras"][0]["reference"] == f"s3://{name}/loras/lora.safetensors"
     cached = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
     assert "lora.safetensors" in cached and not any(f.startswith("diffusion_pytorch_model-") for f in cached)
 

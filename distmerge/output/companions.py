@@ -173,7 +173,7 @@ def make_recipe(
     input was resolved from.
     """
     base_entry: dict[str, Any] = {
-        "path": os.path.abspath(base.path),
+        "path": base.path if is_s3(base.path) else os.path.abspath(base.path),
         "naming": naming,
         "files": [os.path.basename(f) for f in base.files],
     }
