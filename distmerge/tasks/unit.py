@@ -15,6 +15,10 @@ This is the body of every Ray task, but it knows nothing about Ray: tests call i
   way (``writer.OutputFile``): each buffer is placed at the same offset within a 4 KiB block as
   its bytes' place in the file, so the whole blocks around them move without a page-cache copy.
 * Merged values are checked to be finite before they are written.
+* A GGUF tensor in a block type (``PlannedTensor.packed``) goes in row pieces too (rows are whole
+  blocks): decoded to float32 by gguf-py, merged, encoded once to its output type (``ggml``).
+* An ``s3://`` base is read with ranged GETs straight into the same buffers (``objstore``), and
+  its copied tensors stream through them too.
 * A scaled-fp8 weight (``PlannedTensor.quant``) is merged whole: dequantized with its base scale,
   merged in float32 and rounded once to fp8 with a fresh scale, which the same task writes into
   the scale tensor laid out right after it (``fp8.quantize``), followed by its new input scale
