@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,58 +93,63 @@ HIDDEN = "a hidden file or folder (git attributes, caches: not part of the model
 
 
 def find_companions(base: BaseCheckpoint) -> Companions:
-    """The files to copy from ``base``'s folder (none when the base was given as one file)."""
+    """The files to copy from ``base``'s folder (none when the base was given as one file): a
+    folder's on a filesystem, or a prefix's in object storage (each copied from this node's copy,
+    ``objstore.cached``)."""
+    fetch: Callable[[str], str]
     if is_s3(base.path):
-        return _bucket_companions(base)
-    if not os.path.isdir(base.path):
+        if base.path.endswith(".safetensors"):
+            return Companions()
+        entries, fetch = _bucket_entries(base.path), objstore.cached
+    elif os.path.isdir(base.path):
+        entries, fetch = _folder_entries(base.path), _readable
+    else:
         return Companions()
     files: dict[str, str] = {}
     skipped: list[tuple[str, str]] = []
-    for name in sorted(os.listdir(base.path)):
-        path = os.path.join(base.path, name)
+    for name, folder, source in entries:
         if name == RECIPE_NAME:
             continue  # the output gets a recipe of its own
         if name.startswith("."):
-            skipped.append((name + ("/" if os.path.isdir(path) else ""), HIDDEN))
-            continue
-        if os.path.isdir(path):
+            skipped.append((name + ("/" if folder else ""), HIDDEN))
+        elif folder:
             skipped.append((name + "/", _SUB_FOLDER))
         elif is_weight_file(name):
-            if path not in base.files and name != base.stem + INDEX_SUFFIX:
+            if source not in base.files and name != base.stem + INDEX_SUFFIX:
                 skipped.append((name, "weights that are not part of the merged checkpoint"))
-        elif os.path.isfile(path):
-            files[name] = path
-        else:  # a dangling link, a pipe: a loader would miss it, so it is not skipped quietly
-            raise OutputError(
-                f"{path}: is in the base folder but is not a readable file (a broken link?); "
-                "fix or remove it, or give the base as a .safetensors file"
-            )
+        else:
+            files[name] = fetch(source)
     return Companions(files, tuple(skipped))
 
 
-def _bucket_companions(base: BaseCheckpoint) -> Companions:
-    """``find_companions`` of a base prefix in object storage: its own objects that are not weights
-    (``config.json``, tokenizer files …), each from this node's copy (``objstore.cached``)."""
-    if base.path.endswith(".safetensors"):
-        return Companions()
-    files: dict[str, str] = {}
-    skipped: list[tuple[str, str]] = []
+def _folder_entries(folder: str) -> Iterator[tuple[str, bool, str]]:
+    """(name, is a folder, path) of every entry of a base folder, by name."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        yield name, os.path.isdir(path), path
+
+
+def _bucket_entries(prefix: str) -> Iterator[tuple[str, bool, str]]:
+    """``_folder_entries`` of a prefix in object storage: its own objects, and each sub-prefix once."""
     folders: set[str] = set()
-    for obj in objstore.list_objects(base.path):
-        name = obj.url[len(base.path) + 1 :]
-        if "/" in name:
-            top = name.split("/", 1)[0]
-            if top not in folders:
-                folders.add(top)
-                skipped.append((top + "/", HIDDEN if top.startswith(".") else _SUB_FOLDER))
-        elif name.startswith("."):
-            skipped.append((name, HIDDEN))
-        elif is_weight_file(name):
-            if obj.url not in base.files and name != base.stem + INDEX_SUFFIX:
-                skipped.append((name, "weights that are not part of the merged checkpoint"))
-        elif name != RECIPE_NAME:
-            files[name] = objstore.cached(obj.url)
-    return Companions(files, tuple(skipped))
+    for obj in objstore.list_objects(prefix):
+        name = obj.url[len(prefix) + 1 :]
+        if "/" not in name:
+            yield name, False, obj.url
+        elif (top := name.split("/", 1)[0]) not in folders:
+            folders.add(top)
+            yield top, True, f"{prefix}/{top}"
+
+
+def _readable(path: str) -> str:
+    """``path``, a file to copy; a dangling link or a pipe (a loader would miss it) is an error, so
+    it is not skipped quietly."""
+    if not os.path.isfile(path):
+        raise OutputError(
+            f"{path}: is in the base folder but is not a readable file (a broken link?); "
+            "fix or remove it, or give the base as a .safetensors file"
+        )
+    return path
 
 
 def _dtype_name(code: str | None) -> str:
