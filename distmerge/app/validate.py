@@ -24,6 +24,7 @@ from distmerge.inputs.ggml import WRITABLE
 from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import OTHER_WEIGHT_SUFFIXES, refuse_url
+from distmerge.plan.gguf import GGUF_TYPES
 from distmerge.plan.merge_plan import parse_size
 from distmerge.tasks.checksum import ALGORITHMS
 
@@ -184,8 +185,8 @@ def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *,
         )
     if gguf and out_code in FP8_CODES:
         raise UsageError(
-            f"--dtype {out_code and flag_of_code(out_code)} writes scaled-fp8 safetensors; a .gguf output "
-            "takes keep, q8_0, q5_1, q5_0, q4_1, q4_0, bf16, fp16 or fp32"
+            f"--dtype {flag_of_code(out_code)} writes scaled-fp8 safetensors; a .gguf output takes keep, "
+            f"{', '.join(flag_of_code(c) for c in GGUF_TYPES)}"
         )
 
 

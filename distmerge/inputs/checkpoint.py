@@ -155,19 +155,18 @@ def _from_bucket(url: str) -> BaseCheckpoint:
     """A base in object storage (``s3://bucket/key``): one ``.safetensors`` object, or a prefix
     holding an index and its shards, or one ``.safetensors``; only headers are read (ranged GETs)."""
     url = url.rstrip("/")
-    if url.endswith(".safetensors"):
-        objstore.stat(url)
+    if url.endswith(".safetensors"):  # its header's read says what is wrong with it
         return _assemble(url, url.rsplit("/", 1)[-1][: -len(".safetensors")], [url])
     if is_gguf_name(url):
         raise FormatError(f"{url}: a GGUF base is read from a local or mounted path, not from object storage")
-    names = [o.url[len(url) + 1 :] for o in objstore.list_objects(url)]
-    names = [n for n in names if "/" not in n]  # the folder's own objects
+    sizes = {o.url[len(url) + 1 :]: o.size for o in objstore.list_objects(url)}
+    names = [n for n in sizes if "/" not in n]  # the folder's own objects
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:
         raise FormatError(f"{url}: found {len(indexes)} index files ({', '.join(indexes)}), expected one")
     if indexes:
         index = f"{url}/{indexes[0]}"
-        raw = objstore.read_range(index, 0, objstore.stat(index).size)
+        raw = objstore.read_range(index, 0, sizes[indexes[0]])  # its size is the listing's: one GET
         return _from_index(url, index, raw=raw, exists=lambda shard: shard in names)
     files = [n for n in names if n.endswith(".safetensors") and not _VARIANT.search(n)]
     if len(files) == 1:

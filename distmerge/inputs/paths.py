@@ -15,13 +15,14 @@ import os
 import re
 
 from distmerge.errors import UsageError
+from distmerge.inputs.gguffile import GGUF_SUFFIX
 
 __all__ = ["inside", "missing", "is_file_output", "refuse_url", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 #: the names of one-file outputs: safetensors, or GGUF (a Wan model for ComfyUI-GGUF)
-FILE_SUFFIXES = (".safetensors", ".gguf")
+FILE_SUFFIXES = (".safetensors", GGUF_SUFFIX)
 #: weight-file extensions an output cannot be written as (distmerge writes safetensors or GGUF): an
 #: output named like one is refused instead of silently becoming a folder of that name
 OTHER_WEIGHT_SUFFIXES = (".sft", ".st", ".safetensor", ".bin", ".pt", ".pth", ".ckpt", ".pkl")

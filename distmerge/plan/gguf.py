@@ -91,7 +91,7 @@ def gguf_type(info: TensorInfo, want: str | None, *, from_gguf: bool) -> str:
     """The GGML type of ``info`` in a GGUF output, for ``--dtype`` ``want`` (None: keep)."""
     key, shape, src = info.key, info.shape, info.dtype
     if from_gguf and (want is None or not is_block_linear(key, shape)):
-        return src if (src in GGUF_FLOATS or src in WRITABLE or src in ITEMSIZES) else "Q8_0"
+        return src if (src in ITEMSIZES or src in WRITABLE) else "Q8_0"
     if len(shape) >= 5:
         return "F32"
     if is_block_linear(key, shape):

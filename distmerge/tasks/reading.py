@@ -109,13 +109,16 @@ def read_placed(
 def scalar_at(files: OpenFiles, path: str, offset: int, code: str) -> torch.Tensor:
     """``read_scalar`` of ``path`` (a file, or an ``s3://`` object)."""
     if is_s3(path):
-        raw = bytearray(objstore.read_range(path, offset, itemsize(code)))
-        return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
+        return _scalar(bytearray(objstore.read_range(path, offset, itemsize(code))), code)
     return read_scalar(files.fd(path), offset, code)
 
 
 def read_scalar(fd: int, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:
     """The one-element tensor of dtype ``code`` at ``offset`` (``nbytes`` long, by default one
     element) as a float32 0-d tensor."""
-    raw = read_bytes(fd, offset, itemsize(code) if nbytes is None else nbytes)
+    return _scalar(read_bytes(fd, offset, itemsize(code) if nbytes is None else nbytes), code)
+
+
+def _scalar(raw: bytearray, code: str) -> torch.Tensor:
+    """One value of dtype ``code`` (its bytes ``raw``) as a float32 0-d tensor."""
     return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
