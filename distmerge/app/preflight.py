@@ -23,7 +23,7 @@ from distmerge.errors import MatchError, OutputError, UsageError
 from distmerge.formats.normalize import Delta, Unmatched, normalize
 from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
-from distmerge.inputs.gguffile import is_gguf_name
+from distmerge.inputs.ggml import is_quant
 from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
@@ -31,7 +31,6 @@ from distmerge.inputs.objstore import is_s3
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest, load_previous
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
-from distmerge.plan.gguf import kept_types_changed
 from distmerge.plan.merge_plan import MergePlan, make_plan
 
 __all__ = [
@@ -198,10 +197,11 @@ def read_inputs(
     inputs.plan_for(workers or 1)  # fp8 refusals and the output's size, before Ray
     assert inputs.plan is not None  # just cut
     check_free_space(inputs.plan, target, keep_parts=previous is not None)
+    if out_code is None:
+        _say_block_types(inputs.plan, base_ck.path)
     if workers is None:
         inputs.plan = None  # cut again once Ray says how many tasks run at once
     inputs.companions = find_companions(base_ck) if not target.single_file else None
-    _say_block_types(base_ck, target, out_code)
     if out_code == "F8_E5M2":
         logger.warning(
             "--dtype fp8_e5m2: newer ComfyUI reads every scaled_fp8 file as float8_e4m3fn and loads e5m2 "
@@ -210,16 +210,17 @@ def read_inputs(
     return inputs
 
 
-def _say_block_types(base: BaseCheckpoint, target: OutputTarget, out_code: str | None) -> None:
-    """A GGUF base's block types that ``--dtype keep`` cannot keep, said once, before any work."""
-    if not base.is_gguf:
-        return
-    to_gguf = is_gguf_name(target.single_file or "")
-    for src, dst in kept_types_changed(base.tensors, out_code, to_gguf=to_gguf).items():
-        why = "gguf-py cannot write it" if to_gguf else "safetensors has no GGML block types"
+def _say_block_types(plan: MergePlan, base: str) -> None:
+    """The block types of a GGUF base that ``--dtype keep`` cannot keep, as the plan writes them
+    (a K-quant into a GGUF: Q8_0; any block type into safetensors: bf16), said once, before any work."""
+    changed = {t.src_dtype: t.out_dtype for u in plan.units for t in u.tensors if is_quant(t.src_dtype)}
+    for src, dst in sorted(changed.items()):
+        if src == dst:
+            continue
+        why = "gguf-py cannot write it" if is_quant(dst) else "safetensors has no GGML block types"
         logger.warning(
             "%s: its %s tensors are written as %s (%s); choose another type with --dtype",
-            base.path,
+            base,
             src,
             dst,
             why,

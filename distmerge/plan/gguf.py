@@ -47,7 +47,6 @@ __all__ = [
     "file_type",
     "gguf_type",
     "is_block_linear",
-    "kept_types_changed",
     "layout_gguf",
 ]
 
@@ -159,20 +158,3 @@ def layout_gguf(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: M
         laid.append(LaidTensor(key, code, tuple(shape), pos, n, pad))
         pos += n + pad
     return ShardLayout(header=head, entries=tuple(laid), size=pos)
-
-
-def kept_types_changed(tensors: Mapping[str, TensorInfo], want: str | None, *, to_gguf: bool) -> dict[str, str]:
-    """``{base type: written type}`` for the block types of a GGUF base that ``--dtype keep`` cannot
-    keep: a K-quant or IQ type into a GGUF (gguf-py cannot write it: Q8_0), any block type into
-    safetensors (no such dtype there: BF16). Empty when ``--dtype`` names the type.
-
-    >>> t = {"w": TensorInfo("w", "Q4_K", (8, 256), "b.gguf", 0, 1152), "b": TensorInfo("b", "F32", (8,), "", 0, 32)}
-    >>> kept_types_changed(t, None, to_gguf=True), kept_types_changed(t, None, to_gguf=False)
-    ({'Q4_K': 'Q8_0'}, {'Q4_K': 'BF16'})
-    """
-    if want is not None:
-        return {}
-    codes = {t.dtype for t in tensors.values() if is_quant(t.dtype)}
-    if to_gguf:
-        return {c: "Q8_0" for c in sorted(codes) if c not in WRITABLE}
-    return {c: "BF16" for c in sorted(codes)}
