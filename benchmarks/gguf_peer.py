@@ -40,7 +40,7 @@ for _p in (HERE, os.path.dirname(HERE)):  # seed_merge beside it; distmerge when
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from seed_merge import A_SUFFIX, B_SUFFIX, PREFIX, base_files  # noqa: E402
+from seed_merge import A_SUFFIX, B_SUFFIX, PREFIX, base_files, load_lora  # noqa: E402
 
 #: torch dtype -> the dtype code ``TensorInfo`` (and so ``gguf_type``) speaks
 CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -122,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     state = load_base(args.base)
     n = len(state)
     t1 = time.perf_counter()
-    if args.lora.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        lora = load_file(args.lora)
-    else:
-        lora = torch.load(args.lora, map_location="cpu", weights_only=True)
+    lora = load_lora(args.lora)
     pairs = lora_pairs(lora)
     skipped = sum(k not in state for k in pairs)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -58,6 +58,15 @@ def load_base(base: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_lora(path: str) -> dict[str, torch.Tensor]:
+    """The whole LoRA: ``torch.load`` of a ROLL ``.pth``, or a ``.safetensors`` file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def merge_pairs(
     state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float, math: str = "bf16"
 ) -> tuple[int, int]:
@@ -107,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     state = load_base(args.base)
     t1 = time.perf_counter()
-    if args.lora.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        lora = load_file(args.lora)
-    else:
-        lora = torch.load(args.lora, map_location="cpu", weights_only=True)
+    lora = load_lora(args.lora)
     merged, skipped = merge_pairs(state, lora, args.alpha, args.math)
     t2 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -117,23 +117,25 @@ def test_gguf_bases_merge_to_q8_0(kq_lora, kq_factors, tmp_path, linears):
             assert np.asarray(t.data).tobytes() == base_bytes[t.name], t.name
 
 
-def test_a_k_quant_base_with_dtype_keep_says_what_it_re_encodes(kq_lora, tmp_path):
-    base = str(tmp_path / "wan-Q4_K.gguf")
-    write_gguf_base(base, KQ, "Q4_K")
-    out = str(tmp_path / "merged.gguf")
-    r = run_cli("merge", "--base", base, "--lora", kq_lora, "-o", out)
+def _merge_gguf_base(tmp_path, lora: str, linears: str, out_name: str, *flags: str):
+    """A GGUF base with ``linears`` block linears merged by the command line into ``out_name``."""
+    base = str(tmp_path / f"wan-{linears}.gguf")
+    write_gguf_base(base, KQ, linears)
+    out = str(tmp_path / out_name)
+    r = run_cli("merge", "--base", base, "--lora", lora, "-o", out, *flags)
     assert r.returncode == 0, r.stderr
+    return base, out, r
+
+
+def test_a_k_quant_base_with_dtype_keep_says_what_it_re_encodes(kq_lora, tmp_path):
+    _, out, r = _merge_gguf_base(tmp_path, kq_lora, "Q4_K", "merged.gguf")
     assert "Q4_K" in r.stderr and "Q8_0" in r.stderr, r.stderr
     types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     assert types["blocks.0.ffn.0.weight"] == "Q8_0" and types["blocks.0.modulation"] == "F32"
 
 
 def test_a_gguf_base_merges_to_bf16_safetensors(kq_lora, kq_factors, tmp_path):
-    base = str(tmp_path / "wan-Q5_K.gguf")
-    write_gguf_base(base, KQ, "Q5_K")
-    out = str(tmp_path / "merged.safetensors")
-    r = run_cli("merge", "--base", base, "--lora", kq_lora, "-o", out, "--dtype", "bf16")
-    assert r.returncode == 0, r.stderr
+    base, out, _ = _merge_gguf_base(tmp_path, kq_lora, "Q5_K", "merged.safetensors", "--dtype", "bf16")
     src = read_values(base)
     want = merged({k: v for k, (_, v) in src.items()}, kq_factors)
     got = load_file(out)
@@ -144,11 +146,7 @@ def test_a_gguf_base_merges_to_bf16_safetensors(kq_lora, kq_factors, tmp_path):
 
 
 def test_a_quantized_gguf_base_with_dtype_keep_to_safetensors_is_bf16(kq_lora, tmp_path):
-    base = str(tmp_path / "wan-Q8_0.gguf")
-    write_gguf_base(base, KQ, "Q8_0")
-    out = str(tmp_path / "merged.safetensors")
-    r = run_cli("merge", "--base", base, "--lora", kq_lora, "-o", out)
-    assert r.returncode == 0, r.stderr
+    _, out, _ = _merge_gguf_base(tmp_path, kq_lora, "Q8_0", "merged.safetensors")
     got = load_file(out)
     assert got["blocks.0.ffn.0.weight"].dtype == torch.bfloat16  # Q8_0 has no safetensors dtype
     assert got["blocks.0.modulation"].dtype == torch.float32  # F32 in the GGUF stays F32
