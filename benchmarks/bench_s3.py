@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark distmerge's merge from object storage against the S3 server's own transfer speed.
+"""Benchmark distmerge's merge from and to object storage against the S3 server's own transfer speed.
 
 The generated Wan base and ROLL LoRA (``bench.py --generate-only``, cached in ``--workdir``; default
 ``--blocks 4 --dtype bf16 --shards 2``, ~3.3 GB) are uploaded (not timed) to a SeaweedFS server on
@@ -7,25 +7,31 @@ loopback (``tests/s3server.py``'s ``S3Server``, its data in a scratch folder bel
 Then, for ``--repeats`` interleaved rounds, each method runs once as a subprocess whose wall (plus a
 trailing ``sync``) and whole-process-tree peak RSS ``bench.measure`` records:
 
-* ``upload``   — context: every base file ``upload_file``-d with boto3 (32 MiB parts,
+* ``upload``   — a reference: every base file ``upload_file``-d with boto3 (32 MiB parts,
   ``--concurrency`` at once) to a fresh prefix, deleted afterwards (not timed);
 * ``download`` — the reference: every base object read with ranged GETs of 32 MiB (distmerge's
   ``CHUNK_BYTES``), ``--concurrency`` in flight (default ``READ_DEPTH`` x CPUs, what distmerge's
   tasks keep in flight), each written at its offset into a local file, fsynced;
 * ``distmerge-s3``    — ``distmerge merge --base s3://B/base --lora s3://B/LORA --output DEST -q
   --report R``, the server's admin in the ``AWS_*`` variables, a fresh ``DISTMERGE_CACHE_DIR``;
-* ``distmerge-local`` — the same merge from the local files.
+* ``distmerge-s3-s3`` — the same with ``--output s3://B/out-s3-s3-rN`` (a fresh prefix each round),
+  a fresh ``DISTMERGE_SCRATCH_DIR`` for the parts; afterwards (not timed) the output objects are
+  downloaded for the comparison, then deleted;
+* ``distmerge-local`` — the same merge from the local files to a local folder.
 
-GET bytes are counted client side: a distmerge-s3 run's ``PYTHONPATH`` starts with a
-``sitecustomize`` that, in every Python process of the run (driver and Ray workers), hooks botocore's
-``GetObject`` and appends ``pid, status, key, ContentLength`` to a file (one ``O_APPEND`` write per
-GET). The two merges' outputs are compared (not timed): every file's sha256, the index without its
-``metadata.distmerge`` recipe, and not ``distmerge.json`` (both record where the inputs were).
+Requests are counted client side: the two bucket merges' ``PYTHONPATH`` starts with a
+``sitecustomize`` (``s3_methods.SITECUSTOMIZE``) that, in every Python process of the run (driver
+and Ray workers), hooks botocore's ``GetObject``, ``UploadPart`` and ``PutObject`` and appends
+``pid, operation, status, key, bytes`` to a file (one ``O_APPEND`` write per request; GET: the
+response's length, UploadPart / PutObject: the body's). The merges' outputs are compared with
+distmerge-local's (not timed): every file's sha256, the index without its ``metadata.distmerge``
+recipe, and not ``distmerge.json`` (both record where the inputs were).
 
 Reported: medians (wall s, GB/s = base bytes / wall, peak tree RSS), paired ratios (within a round,
-median over rounds) to ``download`` and ``distmerge-local``, GET bytes / base bytes, a markdown
-table; ``--json FILE`` gets it all. The server's RSS is in no tree. The server, its data and the
-scratch files are removed at the end (the base cache stays).
+median over rounds) to ``upload``, ``download`` and ``distmerge-local``, GET bytes / base bytes,
+uploaded bytes / output bytes (distmerge-s3-s3: every part and PUT body, against the objects' sizes),
+a markdown table; ``--json FILE`` gets it all. The server's RSS is in no tree. The server, its data
+and the scratch files are removed at the end (the base cache stays).
 
 Example:
     .venv/bin/python benchmarks/bench_s3.py --blocks 4 --repeats 2 --json bench-out/s3.json
@@ -43,47 +49,15 @@ import statistics
 import subprocess
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-METHODS = ("upload", "download", "distmerge-s3", "distmerge-local")
-PIECE = 32 << 20  #: ranged GET / multipart part size (distmerge's CHUNK_BYTES)
+METHODS = ("upload", "download", "distmerge-s3", "distmerge-s3-s3", "distmerge-local")
+#: the methods that merge from the bucket (their requests counted, their output compared)
+S3_MERGES = ("distmerge-s3", "distmerge-s3-s3")
 READ_DEPTH = 3  #: reads a distmerge task keeps in flight (distmerge.plan.merge_plan.READ_DEPTH)
 GB = 1e9
-GET_LOG_ENV = "DISTMERGE_BENCH_GET_LOG"
-
-#: the ``sitecustomize`` of the distmerge-s3 runs: in every Python process (driver, Ray workers) it
-#: adds two handlers to botocore's built-in ones as ``botocore.handlers`` is imported (lazily: a
-#: process that never imports botocore pays nothing), which log every GetObject's key and bytes
-SITECUSTOMIZE = """\
-import os, sys
-def _key(params=None, context=None, **_):
-    if context is not None and params:
-        context["dmb_key"] = params.get("Key", "")
-def _count(http_response=None, parsed=None, context=None, **_):
-    row = (os.getpid(), getattr(http_response, "status_code", 0), (context or {}).get("dmb_key", ""),
-           int((parsed or {}).get("ContentLength") or 0))
-    fd = os.open(os.environ["DISTMERGE_BENCH_GET_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, ("\\t".join(map(str, row)) + "\\n").encode())
-    os.close(fd)
-class _Finder:
-    def find_spec(self, name, path=None, target=None):
-        if name != "botocore.handlers":
-            return None
-        import importlib.util
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-        def exec_module(m):
-            run(m)
-            m.BUILTIN_HANDLERS += [("before-parameter-build.s3.GetObject", _key), ("after-call.s3.GetObject", _count)]
-        spec.loader.exec_module = exec_module
-        return spec
-if os.environ.get("DISTMERGE_BENCH_GET_LOG"):
-    sys.meta_path.insert(0, _Finder())
-"""
 
 
 def _load(path: str, name: str):
@@ -95,78 +69,7 @@ def _load(path: str, name: str):
 
 
 bench = _load(os.path.join(HERE, "bench.py"), "_bench_s3_bench")
-
-
-# --------------------------------------------------------------------------- transfers (subprocess)
-
-
-def _files(local: str) -> list[tuple[str, str]]:
-    """(path, relative key) of every file below ``local``, sorted."""
-    out = []
-    for root, _, names in os.walk(local):
-        out += [(os.path.join(root, n), os.path.relpath(os.path.join(root, n), local)) for n in names]
-    return sorted(out)
-
-
-def _client(concurrency: int):
-    import boto3
-    from botocore.config import Config
-
-    session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
-    return session.client("s3", config=Config(max_pool_connections=max(10, concurrency), retries={"mode": "standard"}))
-
-
-def transfer_upload(local: str, bucket: str, prefix: str, concurrency: int) -> None:
-    from boto3.s3.transfer import TransferConfig
-
-    c = _client(concurrency)
-    cfg = TransferConfig(multipart_threshold=PIECE, multipart_chunksize=PIECE, max_concurrency=concurrency)
-    for path, rel in _files(local):
-        c.upload_file(path, bucket, f"{prefix}/{rel}", Config=cfg)
-
-
-def transfer_download(bucket: str, prefix: str, dest: str, concurrency: int) -> None:
-    """Every object below ``prefix`` by ranged GETs of ``PIECE``, ``concurrency`` in flight, each
-    written at its offset into ``dest/<key>``; every file fsynced."""
-    c = _client(concurrency)
-    objs = [o for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", [])]  # fmt: skip
-    fds: dict[str, int] = {}
-    jobs = []
-    for o in objs:
-        path = os.path.join(dest, o["Key"][len(prefix) + 1 :])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fds[o["Key"]] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fds[o["Key"]], o["Size"])
-        jobs += [(o["Key"], off, min(PIECE, o["Size"] - off)) for off in range(0, o["Size"], PIECE)]
-
-    def get(job: tuple[str, int, int]) -> None:
-        key, off, n = job
-        body = c.get_object(Bucket=bucket, Key=key, Range=f"bytes={off}-{off + n - 1}")["Body"]
-        done = 0
-        while done < n:
-            data = body.read(min(4 << 20, n - done))
-            if not data:
-                raise OSError(f"{key}: short read at {off + done}")
-            os.pwrite(fds[key], data, off + done)
-            done += len(data)
-        body.close()
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(get, jobs))
-    for fd in fds.values():
-        os.fsync(fd)
-        os.close(fd)
-
-
-def transfer_main(argv: list[str]) -> int:
-    """``_transfer upload|download BUCKET PREFIX LOCAL CONCURRENCY`` (the timed subprocess)."""
-    kind, bucket, prefix, local, concurrency = argv
-    if kind == "upload":
-        transfer_upload(local, bucket, prefix, int(concurrency))
-    else:
-        transfer_download(bucket, prefix, local, int(concurrency))
-    return 0
+s3m = _load(os.path.join(HERE, "s3_methods.py"), "_bench_s3_methods")
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -203,50 +106,53 @@ def s3_env(server, scratch: str) -> dict[str, str]:
     return env | server.env("admin")
 
 
+def out_prefix(rnd: int) -> str:
+    """The bucket prefix distmerge-s3-s3 writes to in round ``rnd``."""
+    return f"out-s3-s3-r{rnd}"
+
+
+def bucket_env(env: dict[str, str], ctx: dict, m: str, rnd: int) -> dict[str, str]:
+    """A bucket merge's environment: the server's admin, the request hook first on ``PYTHONPATH``,
+    a fresh ``DISTMERGE_CACHE_DIR`` (and for distmerge-s3-s3 a fresh ``DISTMERGE_SCRATCH_DIR``)."""
+    scratch = ctx["scratch"]
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | ctx["env"]
+    env["DISTMERGE_CACHE_DIR"] = os.path.join(scratch, f"cache-{m}-r{rnd}")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(scratch, "hook"), env.get("PYTHONPATH")) if p)
+    env[s3m.IO_LOG_ENV] = os.path.join(scratch, "logs", f"{m}-r{rnd}-requests.tsv")
+    if m == "distmerge-s3-s3":
+        env["DISTMERGE_SCRATCH_DIR"] = os.path.join(scratch, f"parts-r{rnd}")
+        os.makedirs(env["DISTMERGE_SCRATCH_DIR"], exist_ok=True)
+    return env
+
+
 def command(m: str, ctx: dict, rnd: int) -> tuple[list[str], dict[str, str], str | None, str | None]:
     """(argv, env, Ray temp dir, token) of one run of method ``m`` in round ``rnd``."""
     a, inp, scratch, bucket = ctx["a"], ctx["inp"], ctx["scratch"], ctx["bucket"]
     dest = os.path.join(scratch, f"out-{m}")
-    me, c = [sys.executable, os.path.abspath(__file__), "_transfer"], str(a.concurrency)
+    me, c = [sys.executable, os.path.join(HERE, "s3_methods.py")], str(a.concurrency)
     if m == "upload":
         return [*me, "upload", bucket, f"upload-r{rnd}", inp["base"], c], ctx["env"], None, None
     if m == "download":
         return [*me, "download", bucket, "base", dest, c], ctx["env"], None, None
     exe = os.path.join(os.path.dirname(sys.executable), "distmerge")
     argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "distmerge"]
-    s3 = m == "distmerge-s3"
+    s3 = m in S3_MERGES
     base = f"s3://{bucket}/base" if s3 else inp["base"]
     lora = f"s3://{bucket}/{os.path.basename(inp['lora'])}" if s3 else inp["lora"]
+    output = f"s3://{bucket}/{out_prefix(rnd)}" if m == "distmerge-s3-s3" else dest
     report = os.path.join(scratch, "logs", f"{m}-r{rnd}-report.json")
-    argv += ["merge", "--base", base, "--lora", lora, "--output", dest, "-q", "--report", report]
+    argv += ["merge", "--base", base, "--lora", lora, "--output", output, "-q", "--report", report]
     env, ray_tmp, token = bench.distmerge_env()
     if s3:
-        hook = os.path.join(scratch, "hook")
-        env = {**env, **ctx["env"], "DISTMERGE_CACHE_DIR": os.path.join(scratch, f"cache-r{rnd}")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (hook, env.get("PYTHONPATH")) if p)
-        env[GET_LOG_ENV] = os.path.join(scratch, "logs", f"distmerge-s3-r{rnd}-gets.tsv")
+        env = bucket_env(env, ctx, m, rnd)
     return [*argv, *a.distmerge_args.split()], env, ray_tmp, token
-
-
-def get_counts(path: str, base_keys: set[str], inp: dict) -> dict:
-    """What the GET log of a distmerge-s3 run says: requests, bytes of the base and of the rest."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [ln.rstrip("\n").split("\t") for ln in f if ln.count("\t") == 3]
-    base = [int(r[3]) for r in rows if r[2] in base_keys]
-    out = {"gets": len(rows), "gets_base": len(base), "processes": len({r[0] for r in rows})}
-    out |= {"not_2xx": sum(not r[1].startswith("2") for r in rows), "base_get_bytes": sum(base)}
-    out["other_get_bytes"] = sum(int(r[3]) for r in rows if r[2] not in base_keys)
-    out["base_get_over_base_bytes"] = round(sum(base) / inp["base_bytes"], 4) if inp["base_bytes"] else None
-    return out
 
 
 def output_digest(folder: str) -> dict[str, str]:
     """sha256 of every output file; the index without its ``metadata.distmerge`` recipe, and no
     ``distmerge.json`` (both record where the inputs were, so an s3:// merge's differ by design)."""
     out = {}
-    for path, rel in _files(folder):
+    for path, rel in s3m.files(folder):
         if rel == "distmerge.json":
             continue
         if rel.endswith(".index.json"):
@@ -259,14 +165,37 @@ def output_digest(folder: str) -> dict[str, str]:
     return out
 
 
+def fetch_output(ctx: dict, rnd: int, r, dest: str, parts: str) -> None:
+    """After a distmerge-s3-s3 run (not timed): uploads left open, the output objects downloaded to
+    ``dest`` (their bytes), then deleted; files left in the scratch folder ``parts``, removed."""
+    c, bucket, prefix = ctx["client"], ctx["bucket"], out_prefix(rnd)
+    if r.rc == 0:
+        r.extra["open_uploads"] = len(s3m.open_uploads(c, bucket, prefix))
+        r.extra["output_bytes"] = s3m.fetch_prefix(c, bucket, prefix, dest)
+    s3m.delete_prefix(c, bucket, prefix)
+    r.extra["scratch_files_left"] = sum(len(names) for _, _, names in os.walk(parts))
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def count_requests(r, env: dict[str, str], ctx: dict) -> None:
+    """A bucket merge's GETs (and for distmerge-s3-s3 its uploads, against the output's bytes)."""
+    io = s3m.io_counts(env[s3m.IO_LOG_ENV], ctx["base_keys"], ctx["inp"]["base_bytes"])
+    r.extra["gets"] = io["gets"]
+    if r.method == "distmerge-s3-s3":
+        puts, out = io["puts"], r.extra.get("output_bytes")
+        puts["output_bytes"] = out
+        puts["uploaded_over_output_bytes"] = round(puts["uploaded_bytes"] / out, 4) if out else None
+        r.extra["puts"] = puts
+
+
 def run_one(m: str, ctx: dict, rnd: int):
     """One measured run of ``m`` (its output removed before; digested and removed after)."""
-    scratch = ctx["scratch"]
+    scratch, a = ctx["scratch"], ctx["a"]
     dest = os.path.join(scratch, f"out-{m}")
     shutil.rmtree(dest, ignore_errors=True)
     argv, env, ray_tmp, token = command(m, ctx, rnd)
     bench.sync()
-    print(f"bench_s3: round {rnd}/{ctx['a'].repeats} {m:<15} ...", end=" ", flush=True)
+    print(f"bench_s3: round {rnd}/{a.repeats} {m:<15} ...", end=" ", flush=True)
     log = os.path.join(scratch, "logs", f"{m}-r{rnd}.log")
     r = bench.measure(m, rnd, argv, log, env=env, ray_tmp=ray_tmp, token=token)
     r.extra["argv"] = argv
@@ -274,30 +203,25 @@ def run_one(m: str, ctx: dict, rnd: int):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if r.rc != 0:
         print(f"FAILED rc={r.rc}; log {log}:\n{open(log).read()[-3000:]}", file=sys.stderr, flush=True)
-    elif m.startswith("distmerge"):
+    if m == "distmerge-s3-s3":
+        fetch_output(ctx, rnd, r, dest, env["DISTMERGE_SCRATCH_DIR"])
+    if r.rc == 0 and m.startswith("distmerge"):
         r.extra["outputs"] = output_digest(dest)
-        if ctx["a"].keep_outputs:
-            shutil.copytree(dest, os.path.join(ctx["a"].keep_outputs, f"{m}-r{rnd}"))
-    if m == "distmerge-s3":
-        r.extra["gets"] = get_counts(env[GET_LOG_ENV], ctx["base_keys"], ctx["inp"])
-        shutil.rmtree(os.path.join(scratch, f"cache-r{rnd}"), ignore_errors=True)
+        if a.keep_outputs:
+            shutil.copytree(dest, os.path.join(a.keep_outputs, f"{m}-r{rnd}"))
+    if m in S3_MERGES:
+        count_requests(r, env, ctx)
+        shutil.rmtree(env["DISTMERGE_CACHE_DIR"], ignore_errors=True)
     if m == "upload":
-        delete_prefix(ctx["server"].client(), ctx["bucket"], f"upload-r{rnd}/")
+        s3m.delete_prefix(ctx["client"], ctx["bucket"], f"upload-r{rnd}")
     shutil.rmtree(dest, ignore_errors=True)
     bench.sync()
     print(f"rc={r.rc} wall {r.wall_s:.2f}s peak RSS {r.peak_rss_bytes / GB:.2f} GB", flush=True)
     return r
 
 
-def delete_prefix(c, bucket: str, prefix: str) -> None:
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            c.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-
-
 #: the methods every other method's wall is divided by, within each round
-REFERENCES = ("download", "distmerge-local")
+REFERENCES = ("upload", "download", "distmerge-local")
 
 
 def ratio_key(m: str, ref: str) -> str:
@@ -308,7 +232,15 @@ def ratio_key(m: str, ref: str) -> str:
 #: the ratios printed by name: (numerator, denominator)
 PAIRS = {
     ratio_key(x, y): (x, y)
-    for x, y in (("distmerge-s3", "download"), ("distmerge-s3", "distmerge-local"), ("upload", "download"))
+    for x, y in (
+        ("distmerge-s3", "download"),
+        ("distmerge-s3", "distmerge-local"),
+        ("distmerge-s3-s3", "upload"),
+        ("distmerge-s3-s3", "download"),
+        ("distmerge-s3-s3", "distmerge-s3"),
+        ("distmerge-s3-s3", "distmerge-local"),
+        ("upload", "download"),
+    )
 }
 
 
@@ -318,28 +250,46 @@ def _median(values) -> float | None:
 
 
 def _round_row(n: int, by: dict) -> dict:
-    """One round's paired ratios (every method over each reference), outputs match and GET counts."""
+    """One round's paired ratios (every method over each reference, and ``PAIRS``), whether each
+    bucket merge's output matched distmerge-local's, and the request counts."""
     row: dict = {"round": n}
-    for ref in REFERENCES:
-        for m in METHODS:
-            rx, ry = by.get((n, m)), by.get((n, ref))
-            row[ratio_key(m, ref)] = round(rx.wall_s / ry.wall_s, 3) if rx and ry and ry.wall_s else None
-    s3, local = by.get((n, "distmerge-s3")), by.get((n, "distmerge-local"))
-    row["outputs_identical"] = s3.extra["outputs"] == local.extra["outputs"] if s3 and local else None
-    row["gets"] = s3.extra.get("gets") if s3 else None
+    pairs = {ratio_key(m, ref): (m, ref) for ref in REFERENCES for m in METHODS} | PAIRS
+    for key, (x, y) in pairs.items():
+        rx, ry = by.get((n, x)), by.get((n, y))
+        row[key] = round(rx.wall_s / ry.wall_s, 3) if rx and ry and ry.wall_s else None
+    local = by.get((n, "distmerge-local"))
+    ran = {m: by[(n, m)] for m in S3_MERGES if (n, m) in by}
+    row["outputs_identical"] = {m: local and r.extra["outputs"] == local.extra["outputs"] for m, r in ran.items()}
+    row["gets"] = {m: r.extra.get("gets") for m, r in ran.items()}
+    row["puts"] = ran["distmerge-s3-s3"].extra.get("puts") if "distmerge-s3-s3" in ran else None
     return row
 
 
-def summarize(runs: list, base_bytes: int) -> tuple[dict, dict]:
-    """(per-method medians with paired ``over_<ref>_time``, ratios with GET counts and whether the
-    two merges' outputs matched). Ratios are computed within a round, then the median over rounds."""
-    by = {(r.round, r.method): r for r in runs if r.rc == 0}
-    per_round = [_round_row(n, by) for n in sorted({r.round for r in runs})]
+def _ratios(per_round: list[dict]) -> dict:
+    """The medians over rounds of the paired ratios and of the byte counts; whether outputs matched."""
     ratios: dict = {k: _median(r[k] for r in per_round) for k in per_round[0] if k.endswith("_time")}
-    same = [r["outputs_identical"] for r in per_round if r["outputs_identical"] is not None]
-    ratios["outputs_identical"] = all(same) if same else None
-    ratios["base_get_over_base_bytes"] = _median((r["gets"] or {}).get("base_get_over_base_bytes") for r in per_round)
+    by_method = {}
+    for m in S3_MERGES:  # rounds where the method or distmerge-local failed compare nothing
+        same = [r["outputs_identical"].get(m) for r in per_round if r["outputs_identical"].get(m) is not None]
+        by_method[m] = all(same) if same else None
+    seen = set(by_method.values())
+    ratios["outputs_identical"] = False if False in seen else None if None in seen else True
+    ratios["outputs_identical_by_method"] = by_method
+    gets = lambda m: [(r["gets"].get(m) or {}).get("base_get_over_base_bytes") for r in per_round]  # noqa: E731
+    ratios["base_get_over_base_bytes"] = _median(gets("distmerge-s3"))
+    ratios["s3_s3_base_get_over_base_bytes"] = _median(gets("distmerge-s3-s3"))
+    ratios["uploaded_over_output_bytes"] = _median(
+        (r["puts"] or {}).get("uploaded_over_output_bytes") for r in per_round
+    )
     ratios["per_round"] = per_round
+    return ratios
+
+
+def summarize(runs: list, base_bytes: int) -> tuple[dict, dict]:
+    """(per-method medians with paired ``over_<ref>_time``, ratios with request counts and whether
+    the merges' outputs matched). Ratios are computed within a round, then the median over rounds."""
+    by = {(r.round, r.method): r for r in runs if r.rc == 0}
+    ratios = _ratios([_round_row(n, by) for n in sorted({r.round for r in runs})])
     summary = {}
     for m in METHODS:
         ok = [r for r in runs if r.method == m and r.rc == 0]
@@ -357,8 +307,8 @@ def summarize(runs: list, base_bytes: int) -> tuple[dict, dict]:
 
 
 def markdown_table(summary: dict) -> str:
-    """method | median wall s | GB/s (base bytes / median wall) | × download | × distmerge-local
-    (paired: within a round, median over rounds) | peak tree RSS GB (median)."""
+    """method | median wall s | GB/s (base bytes / median wall) | × upload | × download |
+    × distmerge-local (paired: within a round, median over rounds) | peak tree RSS GB (median)."""
     cols = ["method", "median wall s", "GB/s", *(f"× {b}" for b in REFERENCES), "peak tree RSS GB"]
     lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
     for m, s in summary.items():
@@ -371,19 +321,36 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _round_lines(r: dict) -> list[str]:
+    """A round's request counts and output comparisons, one line each."""
+    out = []
+    for m, g in r["gets"].items():
+        g = g or {}
+        out.append(
+            f"  round {r['round']} {m}: GETs {g.get('gets')} ({g.get('gets_base')} of the base, from "
+            f"{g.get('processes')} processes); base GET bytes / base bytes {g.get('base_get_over_base_bytes')}; "
+            f"other GET bytes {g.get('other_get_bytes')}; output identical {r['outputs_identical'].get(m)}"
+        )
+    if r["puts"]:
+        p = r["puts"]
+        out.append(
+            f"  round {r['round']} distmerge-s3-s3: {p['parts']} UploadParts from {p['part_processes']} processes, "
+            f"{p['puts']} PutObjects; uploaded {p['uploaded_bytes']} bytes / output {p['output_bytes']} bytes = "
+            f"{p['uploaded_over_output_bytes']}"
+        )
+    return out
+
+
 def print_report(summary: dict, ratios: dict, inp: dict, machine: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     print(f"\nbase {inp['base']} ({inp['base_bytes'] / GB:.2f} GB); LoRA {inp['lora']}")
     print("ratios, each within one round, median over rounds:")
     for key, (x, y) in PAIRS.items():
         print(f"  {x + ' / ' + y + ' (time):':<44}{fmt(ratios[key])}")
+    up = ratios["uploaded_over_output_bytes"]
+    print(f"  {'distmerge-s3-s3 uploaded / output bytes:':<44}{'n/a' if up is None else f'{up:.4f}'}")
     for r in ratios["per_round"]:
-        g = r["gets"] or {}
-        print(
-            f"  round {r['round']}: GETs {g.get('gets')} ({g.get('gets_base')} of the base, from "
-            f"{g.get('processes')} processes); base GET bytes / base bytes {g.get('base_get_over_base_bytes')}; "
-            f"other GET bytes {g.get('other_get_bytes')}; outputs identical {r['outputs_identical']}"
-        )
+        print("\n".join(_round_lines(r)))
     print(
         f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_total_gb']} GB RAM, "
         f"{machine['workdir_fs']}; ray {machine['ray']}, python {machine['python']}\n"
@@ -394,7 +361,7 @@ def print_report(summary: dict, ratios: dict, inp: dict, machine: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="distmerge from S3 (SeaweedFS on loopback) against the server's own speed",
+        description="distmerge from and to S3 (SeaweedFS on loopback) against the server's own speed",
         epilog="Other options (--dtype, --shards, --rank) go to bench.py --generate-only (default: bf16, 2 shards).",
     )
     p.add_argument("--workdir", default="bench-out", help="base cache + scratch (default ./bench-out)")
@@ -411,22 +378,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_transfer"]:
-        return transfer_main(argv[1:])
-    a = parse_args(argv)
+    a = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(a.workdir, exist_ok=True)
     inp = generate(a)
     scratch = os.path.join(a.workdir, f"s3-scratch-{uuid.uuid4().hex[:8]}")
     for sub in ("logs", "hook"):
         os.makedirs(os.path.join(scratch, sub))
     with open(os.path.join(scratch, "hook", "sitecustomize.py"), "w") as f:
-        f.write(SITECUSTOMIZE)
+        f.write(s3m.SITECUSTOMIZE)
     server = None
     try:
         server, bucket = start_server(scratch, inp)
-        keys = {f"base/{rel}" for _, rel in _files(inp["base"])}
-        ctx = {"a": a, "inp": inp, "scratch": scratch, "bucket": bucket, "server": server, "base_keys": keys}
+        keys = {f"base/{rel}" for _, rel in s3m.files(inp["base"])}
+        ctx = {"a": a, "inp": inp, "scratch": scratch, "bucket": bucket, "client": server.client(), "base_keys": keys}
         ctx["env"] = s3_env(server, scratch)
         runs = [run_one(m, ctx, rnd) for rnd in range(1, a.repeats + 1) for m in METHODS]
         machine = bench.machine_facts(a.workdir)

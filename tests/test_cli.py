@@ -176,7 +176,7 @@ def test_a_small_merge_is_done_by_the_driver_without_starting_ray(tiny_base, tin
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("which, url", [("--base", "gs"), ("--lora", "gs"), ("--output", "s3"), ("--report", "s3")])
+@pytest.mark.parametrize("which, url", [("--base", "gs"), ("--lora", "gs"), ("--output", "gs"), ("--report", "gs")])
 def test_a_url_that_cannot_be_used_is_refused_and_never_becomes_a_local_folder(tiny_base, lora, tmp_path, which, url):
     args = {"--base": tiny_base, "--lora": lora, "--output": "merged", "--report": "r.json"}
     args[which] = f"{url}://bucket/wan/x"

@@ -154,3 +154,30 @@ def test_example_job_file_loads():
         assert m.name in m.base and m.name in m.output
         assert m.dtype == "bf16"  # from defaults
     assert len({m.output for m in job.merges}) == 2
+
+
+def test_s3_rayjob_merges_bucket_to_bucket_with_no_shared_volume():
+    """``kuberay-s3.yaml``: the entrypoint is a merge the CLI parses, from and to ``s3://``, joining
+    the RayJob's cluster; no pod mounts a persistent volume (only pod-local emptyDirs); every pod has
+    the credentials from the Secret and the same store settings, and a scratch folder of its own."""
+    from distmerge.app.flags import build_parser
+
+    with open(os.path.join(ROOT, "kuberay-s3.yaml"), encoding="utf-8") as f:
+        (job,) = [d for d in yaml.safe_load_all(f) if d]
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[0] == "distmerge"
+    args = build_parser().parse_args(argv[1:])
+    assert args.address == "auto"
+    assert all(p.startswith("s3://") for p in [args.base, *args.lora, args.output])
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert len(templates) >= 2
+    for t in templates:
+        assert all(set(v) == {"name", "emptyDir"} for v in _volumes(t).values()), _volumes(t)
+        for c in _containers(t):
+            env = {e["name"]: e for e in c["env"]}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert env["DISTMERGE_SCRATCH_DIR"]["value"] in mounts

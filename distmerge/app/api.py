@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from distmerge import __version__
@@ -25,6 +26,7 @@ from distmerge.app.report import MergeReport, UnitReport
 from distmerge.app.validate import check_output_name
 from distmerge.formats.naming import detect_naming
 from distmerge.inputs.objstore import is_s3
+from distmerge.output.bucket import BucketStaging
 from distmerge.output.companions import HIDDEN, RECIPE_NAME, config_for_dtype, make_recipe
 from distmerge.output.ledger import ProgressFn, UnitLedger
 from distmerge.output.lock import OutputLock
@@ -96,7 +98,7 @@ def check(
     (opts,) = with_keywords("merge", kwargs, options or MergeOptions())
     specs = lora_specs(loras)
     out_code = check_options(opts, specs)
-    check_output_name(output, out_code=out_code)
+    check_output_name(output, out_code=out_code, checksum=opts.checksum)
     return read_inputs(locate(base, specs, output), output, opts, out_code)
 
 
@@ -133,18 +135,26 @@ class MergeJob(Job[MergeReport]):
         self.inputs: Inputs | None = None
         self.lora_hashes: list[dict[str, str]] = []
         self.shards: ShardStaging | None = None
+        self.bucket: BucketStaging | None = None
         self.shard_order: dict[str, int] = {}
         self.naming = ""  #: how the base names its tensors (``naming.NAMINGS``), found once the plan is staged
 
     def check(self) -> None:
         """A usage error answers before Ray is even started."""
         self.out_code = check_options(self.opts, self.specs)
-        check_output_name(self.output_arg, out_code=self.out_code)
+        check_output_name(self.output_arg, out_code=self.out_code, checksum=self.opts.checksum)
 
     def open(self) -> None:
         self.found = locate(self.base_arg, self.specs, self.output_arg)
 
-    def lock(self) -> OutputLock:
+    @property
+    def to_bucket(self) -> bool:
+        """The output is an ``s3://`` URL: written by multipart uploads (``output.bucket``)."""
+        return is_s3(self.output_arg)
+
+    def lock(self) -> AbstractContextManager[object]:
+        if self.to_bucket:
+            return nullcontext()  # a bucket has no lock files: one run per output prefix is the user's to keep
         # the output's parent folders are created, as `mkdir -p` would (a file's as a folder's)
         return OutputLock(self.output_arg, create_parent=True)
 
@@ -168,10 +178,13 @@ class MergeJob(Job[MergeReport]):
     def plan(self, workers: int) -> MergePlan:
         return self.i.plan_for(workers)
 
-    def fingerprint(self, plan: MergePlan) -> dict[str, Any]:
-        """What decides the output bytes; a resumed run must find the same."""
+    def fingerprint(self, plan: MergePlan) -> dict[str, Any] | None:
+        """What decides the output bytes; a resumed run must find the same (None for a bucket:
+        its uploads are not resumed)."""
         i = self.i
         self.lora_hashes = [{"path": os.path.abspath(p), "sha256": lora_sha256(p)} for p, _ in i.specs]
+        if self.to_bucket:
+            return None
         shards = [[s.name, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
         units = [[u.index, u.shard, u.tensors[0].key, u.tensors[-1].key] for u in plan.units]
         return fingerprint(
@@ -183,7 +196,7 @@ class MergeJob(Job[MergeReport]):
             plan=[shards, units],
         )
 
-    def staging(self, plan: MergePlan, fingerprint: dict[str, Any] | None) -> ShardStaging:
+    def staging(self, plan: MergePlan, fingerprint: dict[str, Any] | None) -> ShardStaging | BucketStaging:
         """Part files (kept when resuming), the recipe and the base folder's files, staged."""
         i = self.i
         logger.info("plan: %s", describe(plan))
@@ -210,13 +223,19 @@ class MergeJob(Job[MergeReport]):
             log = logger.info if why == HIDDEN else logger.warning  # listed in the report either way
             log("%s: not copied into the output: %s", os.path.join(i.base.path, skipped), why)
         meta = {"version": __version__, "recipe": recipe}
+        if self.to_bucket:
+            self.bucket = BucketStaging(i.target, files=files, texts=texts, metadata=meta)
+            return self.bucket
         self.shards = ShardStaging(i.target, files=files, texts=texts, metadata=meta, checksum=self.opts.checksum)
         return self.shards
 
-    def shared_paths(self) -> tuple[list[str], str]:
-        """What every node must see at the same path (objects in a bucket are read by URL)."""
+    def shared_paths(self) -> tuple[list[str], str] | None:
+        """What every node must see at the same path (objects in a bucket are read and written by
+        URL, LoRAs from a bucket fetched by each node)."""
         files = [f for f in self.i.base.files if not is_s3(f)]
-        return files + [p for p, _ in self.i.specs], self.i.target.directory
+        files += [p for (p, _), (r, _) in zip(self.i.specs, self.i.lora_refs) if not is_s3(r.reference or "")]
+        out = "" if self.to_bucket else self.i.target.directory
+        return (files, out) if files or out else None
 
     @property
     def direct_io(self) -> bool:
@@ -226,6 +245,10 @@ class MergeJob(Job[MergeReport]):
         return self.shards is not None and self.shards.direct_io and self.previous is None
 
     def task(self) -> Callable[..., UnitResult]:
+        if self.to_bucket:
+            from distmerge.tasks.upload import upload_unit_task
+
+            return upload_unit_task
         from distmerge.tasks.unit import run_unit_task  # torch: where there is work (a worker imports only it)
 
         return run_unit_task
@@ -238,16 +261,23 @@ class MergeJob(Job[MergeReport]):
     def call(self, unit: WorkUnit, dest: str, settings: DispatchSettings) -> Call:
         from distmerge.cluster import Call
 
-        args = (unit, dest, settings.device, self.direct_io)
+        args = (
+            (unit, self.bucket.part(unit), settings.device)
+            if self.bucket
+            else (unit, dest, settings.device, self.direct_io)
+        )
         where = (self.shard_order[unit.shard], unit.index)
         return Call(args, f"unit-{unit.index} ({unit.shard})", unit.memory, unit.nbytes, order=where)
 
     def inline(
         self, todo: Sequence[WorkUnit], staging: Any, claim: Callable[[int], bool], ledger: UnitLedger, threads: int = 1
-    ) -> InlineRunner:
-        """Merge units on the driver while Ray starts: the bytes are the same."""
+    ) -> InlineRunner | None:
+        """Merge units on the driver while Ray starts: the bytes are the same (not into a bucket:
+        each unit is a part its task uploads)."""
         from distmerge.tasks.inline import InlineRunner
 
+        if self.to_bucket:
+            return None
         of = {u.index: u for u in todo}
         on_done = lambda r: ledger.unit_done(of[r.index], r)  # noqa: E731
         runner = InlineRunner(todo, staging.dests, claim, on_done=on_done, direct_io=self.direct_io, threads=threads)

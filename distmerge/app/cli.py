@@ -37,10 +37,12 @@ def _cmd_merge(args: argparse.Namespace, progress) -> int:
     opts = from_args(args)
     loras = pair_weights(args.lora, args.weight)
     out_code = check_options(opts, loras)  # a usage error answers before Ray (or torch) is even imported
-    check_output_name(args.output, out_code=out_code)
+    check_output_name(args.output, out_code=out_code, checksum=opts.checksum)
+    from distmerge.inputs.s3client import is_s3
     from distmerge.output.lock import refuse_if_locked
 
-    refuse_if_locked(args.output)  # so does a run into an output another run is writing
+    if not is_s3(args.output):  # a bucket prefix has no lock file
+        refuse_if_locked(args.output)  # so does a run into an output another run is writing
     from distmerge.cluster import RaySession
 
     lazy = _driver_alone(args.base, opts)

@@ -35,6 +35,7 @@ from distmerge.errors import PlanError
 from distmerge.formats.layouts import not_loaded
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.paths import refuse_url
 from distmerge.output.ledger import ProgressFn
 from distmerge.output.lock import OutputLock
 from distmerge.output.manifest import checkpoint_headers, fingerprint, load_previous
@@ -128,6 +129,7 @@ class ExtractJob(Job[ExtractReport]):
         self.options = self.options.checked()
         self.run.check()
         check_report_path(self.run.report)
+        refuse_url(self.args[2], "--output")
 
     def open(self) -> None:
         """Both checkpoints, header-only, checked against each other and planned once (every plan

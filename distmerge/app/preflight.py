@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from distmerge.app.options import MergeOptions
 from distmerge.app.validate import F32_MAX, check_options, lora_specs, resolve_dtype, validate_options
 from distmerge.errors import MatchError, OutputError, UsageError
+from distmerge.formats.deltas import moved
 from distmerge.formats.normalize import Delta, Unmatched, normalize
 from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
@@ -28,10 +29,12 @@ from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
 from distmerge.inputs.objstore import is_s3
+from distmerge.output.bucket import resolve_bucket_output
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest, load_previous
 from distmerge.output.publish import OutputTarget, manifest_path, part_path, refuse_inputs_as_output, resolve_output
 from distmerge.plan.merge_plan import MergePlan, make_plan
+from distmerge.plan.parts import as_parts
 
 __all__ = [
     "Gathered",
@@ -143,6 +146,8 @@ class Inputs(Located):
                 workers=workers,
                 unit_size=self.previous.unit_size if self.previous else self.opts.unit_size,
             )
+            if is_s3(self.target.directory):  # each unit one part of its shard's upload
+                self.plan = as_parts(self.plan)
             self.workers = workers
         return self.plan
 
@@ -159,7 +164,8 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
     base_ck = open_base(base_ref.local if is_s3(base_ref.local) else os.path.abspath(base_ref.local))
     lora_refs = [(_lora_reference(p), w) for p, w in specs]
     local = [(os.path.abspath(r.local), w) for r, w in lora_refs]
-    refuse_inputs_as_output(output, base_ck, [p for p, _ in local])
+    where = [str(r.reference) if _fetched(r) else p for (p, _), (r, _) in zip(local, lora_refs)]
+    refuse_inputs_as_output(output, base_ck, where)
     return Located(base_ref, base_ck, lora_refs, local)
 
 
@@ -187,16 +193,22 @@ def read_inputs(
         DistmergeError: the first problem found; nothing has been written.
     """
     base_ck, local = found.base, found.specs
-    target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=opts.overwrite, resume=opts.resume)
+    bucket = is_s3(output)
+    if bucket:
+        target = resolve_bucket_output(os.fspath(output), overwrite=opts.overwrite, resume=opts.resume)
+    else:
+        target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=opts.overwrite, resume=opts.resume)
     gathered = collect_deltas(base_ck, local, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
     _check_coefficients(gathered.deltas)
-    previous = load_previous(manifest_path(target), opts.resume, target.directory)
+    gathered.deltas = moved(gathered.deltas, _fetched_roots(found))
+    previous = None if bucket else load_previous(manifest_path(target), opts.resume, target.directory)
     inputs = Inputs(
         found.base_ref, base_ck, found.lora_refs, local, gathered, target, previous, None, opts, out_code, None
     )
     inputs.plan_for(workers or 1)  # fp8 refusals and the output's size, before Ray
     assert inputs.plan is not None  # just cut
-    check_free_space(inputs.plan, target, keep_parts=previous is not None)
+    if not bucket:
+        check_free_space(inputs.plan, target, keep_parts=previous is not None)
     if out_code is None:
         _say_block_types(inputs.plan, base_ck.path)
     if workers is None:
@@ -208,6 +220,17 @@ def read_inputs(
             "weights above 448 wrong; use --dtype fp8_e4m3fn for ComfyUI"
         )
     return inputs
+
+
+def _fetched_roots(found: Located) -> dict[str, str]:
+    """The local copy of each ``s3://`` LoRA -> its URL: tasks read the LoRA by URL (each node
+    fetches its own copy), so no node needs the driver's."""
+    return {path: str(r.reference) for (path, _), (r, _) in zip(found.specs, found.lora_refs) if _fetched(r)}
+
+
+def _fetched(ref: Resolved) -> bool:
+    """A LoRA read from this node's copy of an ``s3://`` object (its URL is ``ref.reference``)."""
+    return bool(ref.reference) and is_s3(str(ref.reference))
 
 
 def _say_block_types(plan: MergePlan, base: str) -> None:

@@ -16,6 +16,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from distmerge.errors import DistmergeError
+from distmerge.inputs.objstore import is_s3
+
 if TYPE_CHECKING:
     from distmerge.tasks.checks import ValueStats
 
@@ -29,6 +32,8 @@ def save_report(data: dict[str, Any], path: str | os.PathLike[str]) -> bool:
     published: a failure then is a warning, never a failed run. Its place was checked before any
     work (``validate.check_report_path``). Returns whether it was written.
     """
+    if is_s3(path):
+        return _put_report(data, os.fspath(path))
     try:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -39,6 +44,17 @@ def save_report(data: dict[str, Any], path: str | os.PathLike[str]) -> bool:
         logger.warning(
             "%s: the report could not be written (%s); the output itself is published", path, e.strerror or e
         )
+        return False
+    return True
+
+
+def _put_report(data: dict[str, Any], url: str) -> bool:
+    from distmerge.inputs.objwrite import put_bytes
+
+    try:
+        put_bytes(url, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    except DistmergeError as e:
+        logger.warning("the report could not be written (%s); the output itself is published", e)
         return False
     return True
 

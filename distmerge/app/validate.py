@@ -122,7 +122,9 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
     """
     if not path:
         return
-    refuse_url(path, flag)
+    refuse_url(path, flag, s3=True)
+    if is_s3(path):
+        return  # written once the output is published, with one PUT
     p = os.path.abspath(os.fspath(path))
     if os.path.isdir(p):
         raise UsageError(
@@ -152,7 +154,9 @@ def local_only(paths: Sequence[str | os.PathLike[str]], command: str) -> None:
             )
 
 
-def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *, out_code: str | None = None) -> None:
+def check_output_name(
+    output: str | os.PathLike[str], flag: str = "--output", *, out_code: str | None = None, checksum: str = "crc32"
+) -> None:
     """Refuse an output named like a weight file distmerge does not write (``merged.sft``,
     ``model.bin``), which would otherwise become a folder of that name, and a ``--dtype`` (code
     ``out_code``) the output's format cannot hold: GGML block types need a ``.gguf`` output, fp8 a
@@ -169,7 +173,12 @@ def check_output_name(output: str | os.PathLike[str], flag: str = "--output", *,
     ...     print(str(e)[:70])
     --dtype q8_0 is a GGUF block type: name a .gguf output (e.g. wan.gguf)
     """
-    refuse_url(output, flag)
+    refuse_url(output, flag, s3=True)
+    if is_s3(output) and checksum != "crc32":
+        raise UsageError(
+            f"--checksum {checksum}: an s3:// output records crc32 (joined from the tasks' CRCs; a SHA-256 "
+            "would read every shard back from the bucket); drop --checksum"
+        )
     name = os.fspath(output).rstrip(os.sep)
     stem, ext = os.path.splitext(os.path.basename(name))
     if ext.lower() in OTHER_WEIGHT_SUFFIXES:

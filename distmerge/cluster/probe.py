@@ -334,9 +334,13 @@ def _probe(paths: list[str], out_dir: str) -> dict[str, object]:
     """
     node = ray.get_runtime_context().get_node_id()
     hidden = [h for h in os.environ.get("DISTMERGE_PROBE_UNSHARED", "").split(os.pathsep) if h]
-    missing = [p for p in [*paths, out_dir] if any(p.startswith(h) for h in hidden) or not os.path.exists(p)]
+    missing = [
+        p
+        for p in [*paths, *([out_dir] if out_dir else [])]
+        if any(p.startswith(h) for h in hidden) or not os.path.exists(p)
+    ]
     sentinel = os.path.join(out_dir, f".distmerge-probe-{node}")
-    if out_dir not in missing:
+    if out_dir and out_dir not in missing:
         try:
             with open(sentinel, "w") as f:
                 f.write(node)
@@ -383,7 +387,7 @@ def check_shared_storage(paths: Sequence[str], out_dir: str) -> int:
                     "base, the LoRA files and the output folder must be on storage shared "
                     "by every node, mounted at the same path"
                 )
-            if not os.path.exists(r["sentinel"]):
+            if out_dir and not os.path.exists(r["sentinel"]):
                 raise ClusterError(
                     f"node {r['node'][:12]} ({r['ip']}) wrote into {out_dir} but the driver "
                     "cannot see it: the output folder must be on shared storage"

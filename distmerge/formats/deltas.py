@@ -14,15 +14,15 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from distmerge.errors import MatchError
 from distmerge.formats.kinds import FULL_KINDS, DeltaKind, Role
 from distmerge.formats.shapes import TensorLike, delta_shape_error
 from distmerge.inputs.dtypes import is_float, itemsize
 
-__all__ = ["Piece", "FactorRef", "Delta", "Unmatched", "NormalizedLora", "check_delta"]
+__all__ = ["Piece", "FactorRef", "Delta", "Unmatched", "NormalizedLora", "check_delta", "moved"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,30 @@ def check_delta(path: str, base: Mapping[str, TensorLike] | None, d: Delta) -> N
     if why:
         names = " and ".join(f"'{f.key}' {f.shape}" for f in d.factors)
         raise MatchError(f"{path}: {names} cannot merge into base '{d.target}' {tuple(w.shape)}: {why}")
+
+
+def moved(deltas: Sequence[Delta], roots: Mapping[str, str]) -> list[Delta]:
+    """``deltas`` with every file below a ``roots`` key (a local copy) named below its value instead
+    (where it came from: an ``s3://`` URL that each node's tasks fetch for themselves).
+
+    >>> f = FactorRef("/cache/x/lora.safetensors", "a", "F32", (1, 1), "down")
+    >>> d = Delta("w", DeltaKind.LORA, (f,), 1.0, 1.0, "/cache/x/lora.safetensors")
+    >>> moved([d], {"/cache/x": "s3://b/lora"})[0].factors[0].path
+    's3://b/lora/lora.safetensors'
+    """
+
+    def where(path: str) -> str:
+        for local, url in roots.items():
+            if path == local:
+                return url
+            if path.startswith(local.rstrip("/") + "/"):
+                return url.rstrip("/") + "/" + path[len(local.rstrip("/")) + 1 :]
+        return path
+
+    def factor(f: FactorRef) -> FactorRef:
+        pieces = tuple(replace(p, path=where(p.path)) for p in f.pieces)
+        return replace(f, path=where(f.path), pieces=pieces)
+
+    if not roots:
+        return list(deltas)
+    return [replace(d, factors=tuple(factor(f) for f in d.factors), source=where(d.source)) for d in deltas]

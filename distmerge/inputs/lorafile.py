@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from safetensors import safe_open
 
 from distmerge.errors import FormatError
+from distmerge.inputs import objstore
 from distmerge.inputs.header import read_header
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import missing
 from distmerge.inputs.rawio import read_bytes
 
@@ -258,8 +260,19 @@ class LoraReader:
         self._st: dict[str, Any] = {}
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._cached = 0
+        self._fetched: dict[str, str] = {}
+
+    def _local(self, path: str) -> str:
+        """The file to read: an ``s3://`` LoRA is this node's copy (``objstore.cached``: fetched
+        once per node and version; looked up once per reader, i.e. per unit)."""
+        if not is_s3(path):
+            return path
+        if path not in self._fetched:
+            self._fetched[path] = objstore.cached(path)
+        return self._fetched[path]
 
     def read(self, path: str, key: str) -> torch.Tensor:
+        path = self._local(path)
         if path.endswith(".safetensors"):
             hit = self._cache.get((path, key))
             if hit is not None:
@@ -302,6 +315,7 @@ class LoraReader:
 
     def read_rows(self, path: str, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor; from a safetensors file only their bytes are read."""
+        path = self._local(path)
         if not path.endswith(".safetensors") or (path, key) in self._cache:
             return self.read(path, key)[start:stop]
         handle = self._st.get(path)

@@ -28,21 +28,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from distmerge.errors import FormatError, UsageError
+from distmerge.errors import FormatError
+from distmerge.inputs.s3client import (
+    SCHEME,
+    call,
+    client,
+    endpoint,
+    errors,
+    folder_prefix,
+    is_s3,
+    object_key,
+    refusal,
+    reset,
+    split,
+)
 
 __all__ = [
     "ObjectInfo",
     "cached",
     "cache_dir",
     "client",
+    "exists",
     "is_s3",
     "list_objects",
     "read_into",
@@ -52,21 +64,10 @@ __all__ = [
     "stat",
 ]
 
-SCHEME = "s3://"
 #: bytes read from a response body at a time (bounds the HTTP library's temporary copies)
 CHUNK = 4 << 20
-#: connections the process's client keeps open (threads reading ranges at once)
-POOL = max(16, 2 * (os.cpu_count() or 8))
 #: how often a response body that broke off is asked for again (the rest of it) before giving up
 STREAM_TRIES = 3
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
-#: error codes meaning the key or its signature was refused (not a permission: the identity itself)
-_REFUSED = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "TokenRefreshRequired"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
-_MISSING = {"NoSuchKey", "404", "NotFound"}
-
-_lock = threading.Lock()
-_state: tuple[int, Any, Any] | None = None  # (pid, session, client)
 
 
 @dataclass(frozen=True)
@@ -78,147 +79,27 @@ class ObjectInfo:
     etag: str
 
 
-def is_s3(path: str | os.PathLike[str]) -> bool:
-    """``path`` is an ``s3://`` URL (the scheme in any case)."""
-    p = os.fspath(path)
-    return isinstance(p, str) and p[:5].lower() == SCHEME
-
-
-def split(url: str) -> tuple[str, str]:
-    """``(bucket, key)`` of an ``s3://bucket/key`` URL (the key may be empty or end in ``/``); a
-    ``UsageError`` for another URL, no bucket (``s3:///key``) or a bucket name no store allows."""
-    if not is_s3(url):
-        raise UsageError(f"{url}: not an s3:// URL (expected s3://bucket/key)")
-    bucket, _, key = url[len(SCHEME) :].partition("/")
-    if not bucket:
-        raise UsageError(f"{url}: no bucket in this URL (expected s3://bucket/key)")
-    if not _BUCKET.fullmatch(bucket):
-        raise UsageError(f"{url}: '{bucket}' is not a bucket name (letters, digits, '.', '-', '_')")
-    return bucket, key
-
-
-def client() -> Any:
-    """The process's boto3 S3 client, made on first use from the environment (thread-safe; a forked
-    child makes its own). ``reset()`` forgets it."""
-    global _state
-    with _lock:
-        if _state is None or _state[0] != os.getpid():
-            session, c = _make_client()
-            _state = (os.getpid(), session, c)
-        return _state[2]
-
-
-def reset() -> None:
-    """Forget the process's client: the next call makes one from the environment as it is then."""
-    global _state
-    with _lock:
-        _state = None
-
-
-def _make_client() -> tuple[Any, Any]:
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise UsageError("s3:// paths need boto3: pip install 'distmerge[s3]'") from None
-    session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
-    config = Config(max_pool_connections=POOL, retries={"mode": "standard"}, connect_timeout=10, read_timeout=60)
-    return session, session.client("s3", config=config)
-
-
-def _errors() -> tuple[type[Exception], ...]:  # the store's answers, and transport failures
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (BotoCoreError, ClientError)
-
-
-def _endpoint() -> str:
-    return str(client().meta.endpoint_url)
-
-
-def _access_key() -> str:
-    try:
-        creds = _state[1].get_credentials() if _state else None
-        return f"'{creds.access_key}'" if creds else "(none)"
-    except Exception:  # naming the key is a courtesy; the message stands without it
-        return "(unknown)"
-
-
-def _why(e: Exception, bucket: str) -> str:
-    """What the store (or the way to it) refused, in words that say what to change."""
-    from botocore import exceptions as bx
-
-    if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-        return "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile (AWS_PROFILE, ~/.aws)"
-    if isinstance(e, bx.ConnectionError):
-        return f"cannot reach the endpoint {_endpoint()} ({e}); check AWS_ENDPOINT_URL and that the store is up"
-    if not isinstance(e, bx.ClientError):
-        return f"{type(e).__name__}: {e}"
-    code, meta = str(e.response.get("Error", {}).get("Code", "")), e.response.get("ResponseMetadata", {})
-    if code == "NoSuchBucket":
-        return f"bucket '{bucket}' does not exist at {_endpoint()}"
-    if code in _MISSING:
-        return "no such object"
-    if code in _REFUSED:
-        return (
-            f"the credentials were refused ({code}: the access key {_access_key()} or its secret is wrong "
-            "or expired); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / the profile"
-        )
-    if code in _DENIED:
-        return (
-            f"access denied with these credentials (access key {_access_key()}); "
-            "check AWS_ACCESS_KEY_ID / the bucket policy"
-        )
-    if code == "InvalidRange":
-        total = meta.get("HTTPHeaders", {}).get("content-range", "").rpartition("/")[2]
-        return f"the range lies past the end of the object{f' ({total} bytes)' if total.isdigit() else ''}"
-    if code == "PreconditionFailed":
-        return "the object changed while it was being read; try again"
-    message = e.response.get("Error", {}).get("Message", "")
-    return f"the store answered {meta.get('HTTPStatusCode', '?')} {code}: {message}"
-
-
-def _refusal(e: Exception, url: str, doing: str) -> FormatError:
-    return FormatError(" ".join(f"{url}: cannot {doing}: {_why(e, split(url)[0])}".split()))
-
-
-def _call(url: str, doing: str, op: str, **kwargs: Any) -> Any:
-    """``client().<op>(**kwargs)``, every failure a one-line ``FormatError``."""
-    c = client()
-    try:
-        return getattr(c, op)(**kwargs)
-    except _errors() as e:
-        raise _refusal(e, url, doing) from None
-
-
-def _object(url: str) -> tuple[str, str]:
-    bucket, key = split(url)
-    if not key or key.endswith("/"):
-        raise FormatError(f"{url}: names a bucket or a folder, not an object")
-    return bucket, key
-
-
 def _head(url: str, missing_ok: bool = False) -> dict[str, Any] | None:
     """HEAD of an object (None for a 404 when ``missing_ok``). A HEAD answer has no body, so a
     bare 403/404 is asked again as a one-byte GET, whose answer says which (bucket, key, secret)."""
-    bucket, key = _object(url)
+    bucket, key = object_key(url)
     c = client()
     try:
         return dict(c.head_object(Bucket=bucket, Key=key))
-    except _errors() as e:
+    except errors() as e:
         status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
         if missing_ok and status == 404:
             return None
         cause: Exception = e
         if status in (400, 403, 404):
             cause = _diagnose(bucket, key) or e
-        raise _refusal(cause, url, "look up the object") from None
+        raise refusal(cause, url, "look up the object") from None
 
 
 def _diagnose(bucket: str, key: str) -> Exception | None:
     try:
         client().get_object(Bucket=bucket, Key=key, Range="bytes=0-0")["Body"].close()
-    except _errors() as e:
+    except errors() as e:
         return e
     return None
 
@@ -236,8 +117,10 @@ def stat(url: str) -> ObjectInfo:
     return _info(url, head)
 
 
-def _folder_prefix(key: str) -> str:
-    return key if not key or key.endswith("/") else key + "/"
+def exists(url: str) -> bool:
+    """Whether an object is at ``url`` (one HEAD); a ``FormatError`` as ``stat`` for anything but
+    a missing object."""
+    return _head(url, missing_ok=True) is not None
 
 
 def list_objects(prefix_url: str) -> list[ObjectInfo]:
@@ -247,13 +130,13 @@ def list_objects(prefix_url: str) -> list[ObjectInfo]:
     bucket, key = split(prefix_url)
     out = []
     try:
-        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_folder_prefix(key))
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder_prefix(key))
         for page in pages:
             for o in page.get("Contents", []):
                 if not o["Key"].endswith("/"):
                     out.append(ObjectInfo(f"{SCHEME}{bucket}/{o['Key']}", int(o["Size"]), o.get("ETag", "").strip('"')))
-    except _errors() as e:
-        raise _refusal(e, prefix_url, "list the objects below it") from None
+    except errors() as e:
+        raise refusal(e, prefix_url, "list the objects below it") from None
     return sorted(out, key=lambda o: o.url)
 
 
@@ -291,12 +174,12 @@ def _transfer(url: str, offset: int, n: int, sink: Callable[[Any, int], int], et
     from where it stopped (``etag``: only while the object still has it)."""
     from botocore.exceptions import HTTPClientError, IncompleteReadError
 
-    bucket, key = _object(url)
+    bucket, key = object_key(url)
     doing, done, failures = f"read bytes [{offset}, {offset + n})", 0, 0
     while done < n:
         start = offset + done
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
-        resp = _call(url, doing, "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{offset + n - 1}", **extra)
+        resp = call(url, doing, "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{offset + n - 1}", **extra)
         body = resp["Body"]
         try:
             _check_range(url, doing, resp, start, n - done)
@@ -345,7 +228,7 @@ def cached(url: str) -> str:
             return _cached_file(_info(url, head))
         objects = list_objects(url)
         if not objects:
-            raise FormatError(f"{url}: no such object, and no objects below {SCHEME}{bucket}/{_folder_prefix(key)}")
+            raise FormatError(f"{url}: no such object, and no objects below {SCHEME}{bucket}/{folder_prefix(key)}")
         return _cached_folder(url, objects)
     except OSError as e:
         raise FormatError(f"{url}: cannot keep a local copy under {cache_dir()}: {e}") from None
@@ -377,7 +260,7 @@ def _locked(path: str) -> Iterator[None]:
 
 def _cached_file(info: ObjectInfo) -> str:
     bucket, key = split(info.url)
-    tag = _digest(_endpoint(), info.url, info.etag, str(info.size))
+    tag = _digest(endpoint(), info.url, info.etag, str(info.size))
     final = os.path.join(cache_dir(), bucket, "objects", tag, _safe(key.rsplit("/", 1)[-1]))
     if os.path.isfile(final) and os.path.getsize(final) == info.size:
         return final
@@ -419,9 +302,9 @@ def _relative(url: str, prefix: str, info: ObjectInfo) -> list[str]:
 
 def _cached_folder(url: str, objects: list[ObjectInfo]) -> str:
     bucket, key = split(url)
-    prefix = _folder_prefix(key)
+    prefix = folder_prefix(key)
     rels = [(o, _relative(url, prefix, o)) for o in objects]
-    tag = _digest(_endpoint(), f"{SCHEME}{bucket}/{prefix}", *(f"{'/'.join(r)}\0{o.etag}\0{o.size}" for o, r in rels))
+    tag = _digest(endpoint(), f"{SCHEME}{bucket}/{prefix}", *(f"{'/'.join(r)}\0{o.etag}\0{o.size}" for o, r in rels))
     name = _safe(prefix.rstrip("/").rsplit("/", 1)[-1] or bucket)
     top = os.path.join(cache_dir(), bucket, "folders", tag)
     if os.path.isdir(top):  # it only ever appears whole (the rename below)

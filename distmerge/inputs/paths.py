@@ -52,28 +52,29 @@ def missing(path: str) -> str:
     return f"no such file or folder (nothing of it exists below {parent})"
 
 
-def refuse_url(path: str | os.PathLike[str], flag: str = "") -> None:
-    """Refuse a URL where distmerge takes a local path (an output, a report; any scheme but
-    ``s3://`` for an input): it would otherwise become a local folder named ``s3:``.
+def refuse_url(path: str | os.PathLike[str], flag: str = "", *, s3: bool = False) -> None:
+    """Refuse a URL where distmerge takes a local path (any scheme but ``s3://`` for an input; with
+    ``s3``, an ``s3://`` output or report is taken too): it would otherwise become a local folder
+    named ``s3:``.
 
-    >>> refuse_url("out/merged", "--output")
+    >>> refuse_url("s3://bucket/wan/out", "--output", s3=True)
     >>> try:
-    ...     refuse_url("s3://bucket/wan/out", "--output")
+    ...     refuse_url("s3://bucket/wan/lora.safetensors", "--output")
     ... except UsageError as e:
-    ...     print(str(e)[:86])
-    --output s3://bucket/wan/out: distmerge reads s3:// inputs but writes local or mounted
+    ...     print(str(e)[:81])
+    --output s3://bucket/wan/lora.safetensors: this command writes local or mounted p
     """
     m = _URL.match(os.fspath(path))
-    if not m or m.group(1).lower() == "hf":
+    if not m or m.group(1).lower() == "hf" or (s3 and m.group(1).lower() == "s3"):
         return
     where = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
     if m.group(1).lower() == "s3":
         raise UsageError(
-            f"{where}: distmerge reads s3:// inputs but writes local or mounted paths only (so far); "
+            f"{where}: this command writes local or mounted paths only (merge writes s3:// outputs); "
             "write locally and upload, or mount the bucket (e.g. mountpoint-s3, s3fs)"
         )
     raise UsageError(
-        f"{where}: distmerge reads local or mounted paths and s3:// URLs, not {m.group(1)}:// ones; "
+        f"{where}: distmerge takes local or mounted paths and s3:// URLs, not {m.group(1)}:// ones; "
         "mount the bucket (e.g. gcsfuse) or use its S3 API"
     )
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from distmerge.errors import OutputError
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
+from distmerge.inputs.objstore import is_s3
 from distmerge.inputs.paths import inside, is_file_output, refuse_url
 
 __all__ = ["OutputTarget", "manifest_path", "part_path", "refuse_inputs_as_output", "resolve_output"]
@@ -51,7 +52,9 @@ def refuse_inputs_as_output(output: str | os.PathLike[str], base: BaseCheckpoint
     Raises:
         OutputError: output is the base or inside its folder, or is a LoRA input or inside one.
     """
-    refuse_url(output, "--output")
+    refuse_url(output, "--output", s3=True)
+    if is_s3(output):
+        return _refuse_bucket_inputs(os.fspath(output).rstrip("/"), base, loras)
     out = os.path.abspath(os.fspath(output))
     real = os.path.realpath(out)
     base_real = os.path.realpath(base.path)
@@ -65,6 +68,14 @@ def refuse_inputs_as_output(output: str | os.PathLike[str], base: BaseCheckpoint
         lr = os.path.realpath(lora)
         if real == lr or (os.path.isdir(lr) and inside(real, lr)):
             raise OutputError(f"{out}: output must not be a LoRA input or inside one ({lora})")
+    return out
+
+
+def _refuse_bucket_inputs(out: str, base: BaseCheckpoint, loras: list[str]) -> str:
+    """An ``s3://`` output must not be the base, a LoRA, or inside either (URLs compared as given)."""
+    for name, where in [("the base checkpoint", base.path), *(("a LoRA input", lora) for lora in loras)]:
+        if is_s3(where) and inside(out, where.rstrip("/")):
+            raise OutputError(f"{out}: output must not be {name} or inside it ({where}); choose another --output")
     return out
 
 

@@ -30,7 +30,7 @@ from distmerge.output.publish import OutputTarget, manifest_path, part_path
 from distmerge.plan.merge_plan import MergePlan, WorkUnit
 from distmerge.tasks.checksum import ALGORITHMS
 
-__all__ = ["NoStaging", "RunChecks", "ShardStaging", "Staging"]
+__all__ = ["ModelOutput", "NoStaging", "RunChecks", "ShardStaging", "Staging"]
 
 #: how a staging runs its resume checks as tasks: ``run(fn, [(args, label, nbytes), …])`` -> results
 RunChecks = Callable[[Callable, Sequence[tuple[tuple, str, int]]], list]
@@ -86,14 +86,10 @@ class _Undo:
     extras: tuple[str, ...] = ()  #: names of the non-weight files staged as parts (config, recipe, …)
 
 
-class ShardStaging:
-    """A merge's sharded (or single-file) checkpoint, staged as part files in its output folder.
-
-    ``files`` (output name -> source path, copied) and ``texts`` (output name -> contents) are staged
-    with the shards; ``metadata`` goes into the index's ``metadata.distmerge``; ``checksum`` is the
-    algorithm recorded for every shard (``crc32``: joined from the tasks' CRCs; ``sha256``: read by a
-    background hasher as units finish).
-    """
+class ModelOutput:
+    """What a merge writes besides its shards, wherever it writes them: ``files`` (output name ->
+    source path, copied) and ``texts`` (output name -> contents) go with the shards; ``metadata`` into
+    the index's ``metadata.distmerge``; ``checksum`` is the algorithm recorded for every shard."""
 
     def __init__(
         self,
@@ -106,6 +102,15 @@ class ShardStaging:
     ) -> None:
         self.target, self.files, self.texts = target, dict(files or {}), dict(texts or {})
         self.metadata, self.checksum = dict(metadata or {}), checksum
+
+
+class ShardStaging(ModelOutput):
+    """A merge's sharded (or single-file) checkpoint, staged as part files in its output folder
+    (``checksum``: ``crc32`` joined from the tasks' CRCs, or ``sha256`` read by a background hasher as
+    units finish)."""
+
+    def __init__(self, target: OutputTarget, **model: Any) -> None:
+        super().__init__(target, **model)
         self.manifest_path = manifest_path(target)
         self.undo = _Undo()
         self.plan: MergePlan | None = None

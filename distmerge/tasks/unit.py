@@ -85,6 +85,7 @@ class UnitResult:
     direct_read_bytes: int = 0  #: base bytes read with O_DIRECT (the rest from the page cache)
     #: seconds the task's main thread waited for reads, computed, and waited for writes
     waits: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    etag: str = ""  #: an ``s3://`` output's part: the ETag its upload answered (``tasks.upload``)
 
 
 def _compute(job: Piece, raw: Slot, device: torch.device, acc_ring: Ring, out_ring: Ring) -> torch.Tensor:
