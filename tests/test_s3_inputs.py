@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from distmerge.app.synth import write_lora
 
@@ -34,12 +38,13 @@ def _files(folder: str) -> dict[str, object]:
     return out
 
 
-def _merge(base: str, lora: str, out: str, env: dict[str, str], *extra: str):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    full.update(env)
-    import subprocess
-    import sys
+def _env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its ``AWS_*`` variables, with ``env``'s."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | env
 
+
+def _merge(base: str, lora: str, out: str, env: dict[str, str], *extra: str):
+    full = _env(env)
     return subprocess.run(
         [sys.executable, "-m", "distmerge", "merge", "--base", base, "--lora", lora, "-o", out, *extra],
         capture_output=True,
@@ -122,14 +127,35 @@ def test_bad_buckets_and_credentials_are_one_line_before_any_work(s3, bucket, tm
     assert not os.path.exists(out)
 
 
-def test_verify_and_extract_say_they_read_local_checkpoints(s3, bucket, tmp_path):
+def test_extract_from_a_bucket_writes_the_local_extraction_s_bytes(s3, bucket, tiny_base, tmp_path):
+    """``--base`` and ``--tuned`` in a bucket: the same LoRA file as from the local checkpoints."""
+    name, st, _ = bucket
+    tuned = str(tmp_path / "tuned")
+    r = run_cli("merge", "--base", tiny_base, "--lora", st, "-o", tuned)
+    assert r.returncode == 0, r.stderr
+    s3.upload_folder(tuned, f"s3://{name}/extract/tuned")
+    env = {**s3.env("reader"), "DISTMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    outs = {}
+    for where, base, tuned_in in [
+        ("local", tiny_base, tuned),
+        ("s3", f"s3://{name}/wan/low_noise_model", f"s3://{name}/extract/tuned"),
+    ]:
+        outs[where] = str(tmp_path / f"{where}.safetensors")
+        args = ["extract", "--base", base, "--tuned", tuned_in, "-o", outs[where], "--rank", "4", "-q"]
+        r = subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=_env(env))
+        assert r.returncode == 0, r.stderr
+    local, remote = (safe_open(outs[w], "pt") for w in ("local", "s3"))
+    assert (
+        sorted(local.keys()) == sorted(remote.keys()) and len(local.keys()) == 3 * 20
+    )  # down, up, alpha of each module
+    for k in local.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+        assert torch.equal(local.get_tensor(k), remote.get_tensor(k)), k
+
+
+def test_verify_says_it_reads_local_checkpoints(s3, bucket, tmp_path):
     name, st, _ = bucket
     base = f"s3://{name}/wan/low_noise_model"
-    for args in (
-        ["verify", str(tmp_path / "out"), "--base", base, "--lora", st],
-        ["extract", "--base", base, "--tuned", base, "-o", str(tmp_path / "l.safetensors")],
-    ):
-        r = run_cli(*args)
-        assert r.returncode == 2 and "reads local or mounted checkpoints" in r.stderr and "Traceback" not in r.stderr, (
-            r.stderr
-        )
+    r = run_cli("verify", str(tmp_path / "out"), "--base", base, "--lora", st)
+    assert r.returncode == 2 and "reads local or mounted checkpoints" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )

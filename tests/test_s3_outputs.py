@@ -30,8 +30,13 @@ MEDIUM = WanConfig(dim=256, ffn=512, blocks=8, in_dim=16, text_dim=256, freq_dim
 UNITS = ["--unit-size", "1MB", "--max-shard-size", "16MB", "-q"]
 
 
+def _env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without ``AWS_*`` and ``RAY_ADDRESS``, with ``env``'s variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
+
+
 def _merge(env: dict[str, str], *args: str, popen: bool = False):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
+    full = _env(env)
     argv = [sys.executable, "-m", "distmerge", "merge", *args]
     if popen:
         return subprocess.Popen(argv, env=full, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -288,3 +293,24 @@ def test_extract_says_it_writes_local_files(s3, medium, tmp_path):
 def test_sha256_is_refused_for_a_bucket_output_before_anything_runs(tmp_path):
     r = _merge({}, "--base", "b", "--lora", "l.pth", "-o", "s3://bucket/out", "--checksum", "sha256")
     assert r.returncode == 2 and "records crc32" in _one_line(r)
+
+
+def test_a_job_file_merges_from_and_into_a_bucket(s3, medium, tmp_path):
+    b = medium["bucket"]
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "merges:\n"
+        f"  - {{name: low, base: 's3://{b}/base', loras: ['s3://{b}/lora.safetensors'], output: 's3://{b}/job/low',\n"
+        f"     unit_size: 1MB, max_shard_size: 16MB, report: 's3://{b}/job/low-report.json'}}\n"
+    )
+    env = {**s3.env("admin"), "DISTMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
+    r = subprocess.run(
+        [sys.executable, "-m", "distmerge", "run", str(job), "-q"], capture_output=True, text=True, env=full
+    )
+    assert r.returncode == 0, r.stderr
+    got = _objects(s3, f"s3://{b}/job/low")
+    got.pop("distmerge.json")
+    assert {n: _comparable(n, v) for n, v in got.items()} == medium["local"]
+    assert json.loads(_objects(s3, f"s3://{b}/job")["low-report.json"])["output"] == f"s3://{b}/job/low"
+    assert not os.path.exists(tmp_path / "s3:")

@@ -30,12 +30,13 @@ from distmerge import __version__
 from distmerge.app.driver import Job, JobOutcome, RunOptions, run_job, with_keywords
 from distmerge.app.flags import add_extract_parser  # the grammar lives with the other subcommands
 from distmerge.app.report import ExtractReport
-from distmerge.app.validate import check_report_path, local_only
+from distmerge.app.validate import check_report_path
 from distmerge.errors import PlanError
 from distmerge.formats.layouts import not_loaded
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.hub import local_path
 from distmerge.inputs.paths import refuse_url
+from distmerge.inputs.s3client import is_s3
 from distmerge.output.ledger import ProgressFn
 from distmerge.output.lock import OutputLock
 from distmerge.output.manifest import checkpoint_headers, fingerprint, load_previous
@@ -134,9 +135,9 @@ class ExtractJob(Job[ExtractReport]):
     def open(self) -> None:
         """Both checkpoints, header-only, checked against each other and planned once (every plan
         error comes before Ray starts); the output's form, and that it is no input."""
-        local_only(self.args[:2], "extract")
-        base, tuned = (  # absolute: the workers' working folder differs
-            open_base(os.path.abspath(local_path(p))).require_safetensors("extract") for p in self.args[:2]
+        base, tuned = (  # absolute: the workers' working folder differs (an s3:// URL as it is)
+            open_base(p if is_s3(p) else os.path.abspath(local_path(p))).require_safetensors("extract")
+            for p in self.args[:2]
         )
         check_pair(base, tuned)
         make_extract_plan(base, tuned, self.options, unit_size=self.run.unit_size)
@@ -180,8 +181,9 @@ class ExtractJob(Job[ExtractReport]):
         return self.parts
 
     def shared_paths(self) -> tuple[list[str], str]:
+        """What every node must see at the same path (objects in a bucket are read by URL)."""
         base, tuned = self.pair()
-        return list(base.files) + list(tuned.files), self.parts.staging
+        return [f for f in [*base.files, *tuned.files] if not is_s3(f)], self.parts.staging
 
     def task(self) -> Callable[..., UnitOutcome]:
         from distmerge.tasks import extract_unit  # torch: only when there is work
@@ -232,7 +234,9 @@ class ExtractJob(Job[ExtractReport]):
 def _adapter_config(plan: ExtractPlan, outcomes: Sequence[UnitOutcome]) -> str:
     """The PEFT folder's ``adapter_config.json``, from what the units made of each module."""
     entries = [(s.module, s.role, s.rank) for o in outcomes for s in o.tensors if s.role]
-    config = peft_adapter_config(entries, base_path=os.path.abspath(plan.base), rank=plan.options.rank)
+    config = peft_adapter_config(
+        entries, base_path=plan.base if is_s3(plan.base) else os.path.abspath(plan.base), rank=plan.options.rank
+    )
     return json.dumps(config, indent=2) + "\n"
 
 

@@ -140,17 +140,17 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
 
 
 def local_only(paths: Sequence[str | os.PathLike[str]], command: str) -> None:
-    """Refuse an ``s3://`` input to a command that reads local or mounted files only (merge reads
-    object storage; verify and extract do not yet).
+    """Refuse an ``s3://`` input to a command that reads local or mounted files only (merge and
+    extract read object storage; verify does not yet).
 
     >>> local_only(["s3://b/base"], "verify")
     Traceback (most recent call last):
-    distmerge.errors.UsageError: s3://b/base: verify reads local or mounted checkpoints; s3:// inputs are read by merge
+    distmerge.errors.UsageError: s3://b/base: verify reads local or mounted checkpoints (merge and extract read s3://)
     """
     for p in paths:
         if is_s3(p):
             raise UsageError(
-                f"{os.fspath(p)}: {command} reads local or mounted checkpoints; s3:// inputs are read by merge"
+                f"{os.fspath(p)}: {command} reads local or mounted checkpoints (merge and extract read s3://)"
             )
 
 

@@ -40,7 +40,7 @@ from distmerge.inputs.header import read_header
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.plan.extract_plan import READ_CHUNK_BYTES, ExtractOptions, ExtractTensor, ExtractUnit
 from distmerge.tasks.lowrank import low_rank, relative_error, squared_norm
-from distmerge.tasks.reading import OpenFiles, read_into
+from distmerge.tasks.reading import OpenFiles, read_placed
 from distmerge.tasks.runtime import io_errors, task_device
 from distmerge.tasks.writer import write_safetensors
 
@@ -117,8 +117,8 @@ class _State:
 
 def _read(state: _State, path: str, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
-    if nbytes:
-        read_into(state.files.fd(path), offset, buf)
+    if nbytes:  # a file, or an s3:// object (one ranged GET)
+        read_placed(state.files, path, offset, buf, 0, nbytes, direct=False)
     return buf.view(to_torch(dtype)).reshape(shape)
 
 
