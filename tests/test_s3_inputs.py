@@ -152,10 +152,30 @@ def test_extract_from_a_bucket_writes_the_local_extraction_s_bytes(s3, bucket, t
         assert torch.equal(local.get_tensor(k), remote.get_tensor(k)), k
 
 
-def test_verify_says_it_reads_local_checkpoints(s3, bucket, tmp_path):
+def test_verify_reads_a_merged_model_in_a_bucket_and_finds_a_damaged_shard(s3, bucket, tmp_path):
+    """A merge into the bucket verifies from the bucket (base, LoRA and output by URL; every shard's
+    recorded CRC checked by reading it back); one flipped byte in a shard is found."""
     name, st, _ = bucket
-    base = f"s3://{name}/wan/low_noise_model"
-    r = run_cli("verify", str(tmp_path / "out"), "--base", base, "--lora", st)
-    assert r.returncode == 2 and "reads local or mounted checkpoints" in r.stderr and "Traceback" not in r.stderr, (
-        r.stderr
+    base, lora, out = (
+        f"s3://{name}/wan/low_noise_model",
+        f"s3://{name}/loras/lora.safetensors",
+        f"s3://{name}/verify/out",
     )
+    env = {**s3.env("admin"), "DISTMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    assert _merge(base, lora, out, env, "-q").returncode == 0
+
+    def verify():
+        args = ["verify", out, "--base", base, "--lora", lora, "-q"]
+        return subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=_env(env))
+
+    r = verify()
+    assert r.returncode == 0 and r.stdout.startswith("verify: OK"), r.stdout + r.stderr
+    assert "20 merged" in r.stdout and "1 shard checksum matches" in r.stdout, r.stdout
+    c = s3.client()
+    key = "verify/out/diffusion_pytorch_model-00001-of-00001.safetensors"
+    data = bytearray(c.get_object(Bucket=name, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    c.put_object(Bucket=name, Key=key, Body=bytes(data))
+    r = verify()
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "FAILED" in r.stdout and "does not match the recorded" in r.stdout, r.stdout

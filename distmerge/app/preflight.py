@@ -42,7 +42,9 @@ __all__ = [
     "Located",
     "check_options",
     "collect_deltas",
+    "fetched_roots",
     "locate",
+    "lora_reference",
     "lora_specs",
     "read_inputs",
     "resolve_dtype",
@@ -162,14 +164,14 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
     base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
     # absolute: Ray's workers (and a caller's later os.chdir) must read the same files
     base_ck = open_base(base_ref.local if is_s3(base_ref.local) else os.path.abspath(base_ref.local))
-    lora_refs = [(_lora_reference(p), w) for p, w in specs]
+    lora_refs = [(lora_reference(p), w) for p, w in specs]
     local = [(os.path.abspath(r.local), w) for r, w in lora_refs]
     where = [str(r.reference) if _fetched(r) else p for (p, _), (r, _) in zip(local, lora_refs)]
     refuse_inputs_as_output(output, base_ck, where)
     return Located(base_ref, base_ck, lora_refs, local)
 
 
-def _lora_reference(path: str) -> Resolved:
+def lora_reference(path: str) -> Resolved:
     """Where a LoRA is read: an ``s3://`` LoRA (file or adapter folder) from this node's copy
     (``objstore.cached``: downloaded once, whole; LoRAs are small)."""
     if is_s3(path):
@@ -200,7 +202,7 @@ def read_inputs(
         target = resolve_output(output, base_ck, [p for p, _ in local], overwrite=opts.overwrite, resume=opts.resume)
     gathered = collect_deltas(base_ck, local, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
     _check_coefficients(gathered.deltas)
-    gathered.deltas = moved(gathered.deltas, _fetched_roots(found))
+    gathered.deltas = moved(gathered.deltas, fetched_roots(found.specs, [r for r, _ in found.lora_refs]))
     previous = None if bucket else load_previous(manifest_path(target), opts.resume, target.directory)
     inputs = Inputs(
         found.base_ref, base_ck, found.lora_refs, local, gathered, target, previous, None, opts, out_code, None
@@ -222,10 +224,10 @@ def read_inputs(
     return inputs
 
 
-def _fetched_roots(found: Located) -> dict[str, str]:
-    """The local copy of each ``s3://`` LoRA -> its URL: tasks read the LoRA by URL (each node
-    fetches its own copy), so no node needs the driver's."""
-    return {path: str(r.reference) for (path, _), (r, _) in zip(found.specs, found.lora_refs) if _fetched(r)}
+def fetched_roots(specs: Sequence[tuple[str, float]], refs: Sequence[Resolved]) -> dict[str, str]:
+    """The local copy of each ``s3://`` LoRA (``specs``' paths) -> its URL: tasks read the LoRA by
+    URL (each node fetches its own copy), so no node needs the driver's."""
+    return {path: str(r.reference) for (path, _), r in zip(specs, refs) if _fetched(r)}
 
 
 def _fetched(ref: Resolved) -> bool:

@@ -20,6 +20,7 @@ from distmerge.app.options import pair_weights
 from distmerge.errors import DistmergeError, FormatError, UsageError
 from distmerge.inputs.checkpoint import INDEX_SUFFIX
 from distmerge.inputs.dtypes import CLI_DTYPES
+from distmerge.inputs.s3client import is_s3
 from distmerge.output.companions import RECIPE_NAME
 
 __all__ = [
@@ -105,6 +106,8 @@ def _load_json(path: str, what: str) -> Any:
 
 def _raw_recipe(merged: str) -> tuple[Any, str]:
     """The recipe's JSON value and the file it came from."""
+    if is_s3(merged):
+        raise FormatError(f"{merged}: verify reads the recipe of a local output only; {_PASS_FLAGS}")
     if not os.path.exists(merged):
         raise FormatError(f"{merged}: no such file or folder; nothing to verify")
     path, index = _recipe_locations(merged)

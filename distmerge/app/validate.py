@@ -139,21 +139,6 @@ def check_report_path(path: str | os.PathLike[str] | None, flag: str = "--report
         raise UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")
 
 
-def local_only(paths: Sequence[str | os.PathLike[str]], command: str) -> None:
-    """Refuse an ``s3://`` input to a command that reads local or mounted files only (merge and
-    extract read object storage; verify does not yet).
-
-    >>> local_only(["s3://b/base"], "verify")
-    Traceback (most recent call last):
-    distmerge.errors.UsageError: s3://b/base: verify reads local or mounted checkpoints (merge and extract read s3://)
-    """
-    for p in paths:
-        if is_s3(p):
-            raise UsageError(
-                f"{os.fspath(p)}: {command} reads local or mounted checkpoints (merge and extract read s3://)"
-            )
-
-
 def check_output_name(
     output: str | os.PathLike[str], flag: str = "--output", *, out_code: str | None = None, checksum: str = "crc32"
 ) -> None:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from distmerge.app.driver import Job, JobOutcome, RunOptions, run_job, with_keywords
 from distmerge.app.flags import add_verify_parser
-from distmerge.app.preflight import collect_deltas, lora_specs, resolve_dtype
+from distmerge.app.preflight import collect_deltas, fetched_roots, lora_reference, lora_specs, resolve_dtype
 from distmerge.app.recipe import (
     Recipe,
     RecordedLora,
@@ -67,12 +67,14 @@ from distmerge.app.recipe import (
 )
 from distmerge.app.recipe import read_recipe as read_recipe  # public here too, as before
 from distmerge.app.report import VerifyReport
-from distmerge.app.validate import local_only
 from distmerge.errors import FormatError, PlanError
+from distmerge.formats.deltas import moved
 from distmerge.formats.normalize import Delta
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.gguffile import is_gguf_name
+from distmerge.inputs.header import Header
 from distmerge.inputs.hub import local_path
+from distmerge.inputs.s3client import is_s3
 from distmerge.output.recorded import Recorded, recorded_checksums
 from distmerge.output.staging import NoStaging
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
@@ -273,15 +275,16 @@ def verify(
     if opts.rows < 0:
         raise PlanError(f"--rows must be >= 0, got {opts.rows}")
     # absolute paths: the check tasks run in Ray workers, whose working folder may differ
-    local_only([base, *(p for p, _ in lora_specs(loras))], "verify")
-    base_ck = open_base(os.path.abspath(local_path(base))).require_safetensors("verify")
+    base_ck = open_base(_where(base)).require_safetensors("verify")
     if is_gguf_name(merged):
         raise FormatError(f"{os.fspath(merged)}: verify reads safetensors outputs, not GGUF")
-    specs = [(os.path.abspath(local_path(p)), w) for p, w in lora_specs(loras)]
+    refs = [(lora_reference(p), w) for p, w in lora_specs(loras)]
+    specs = [(os.path.abspath(r.local), w) for r, w in refs]
     gathered = collect_deltas(base_ck, specs, alpha=opts.alpha, skip_unmatched=opts.skip_unmatched)
+    gathered.deltas = moved(gathered.deltas, fetched_roots(specs, [r for r, _ in refs]))
     out_code, report = resolve_dtype(opts.dtype), VerifyReport(output=os.fspath(merged), tensors=len(base_ck.tensors))
     try:
-        out_ck = open_base(os.path.abspath(os.fspath(merged)))
+        out_ck = open_base(_where(merged, hub=False))
     except FormatError as e:
         return report.finish([(STRUCTURE, 0, str(e))], full=opts.full, rows=opts.rows, near=NEAR)
     report.shards = len(out_ck.files)
@@ -291,7 +294,7 @@ def verify(
     found += [(CHECKSUM, 0, problem)] if problem else []
     checks = _tensor_checks(base_ck, out_ck, fp8, deltas_by_target(base_ck, gathered.deltas))
     report.merged = sum(1 for c in checks if c.deltas)
-    results = run_job(VerifyJob(checks, out_ck.files, recorded, opts, replace(how, device="cpu")))
+    results = run_job(VerifyJob(checks, out_ck.headers, recorded, opts, replace(how, device="cpu")))
     found, extra = found + _tally(report, results), sum(max(0, r.n_failures - len(r.failures)) for r in results)
     if recorded is not None:
         sum_fails = _compare_checksums(out_ck, recorded, results)
@@ -318,7 +321,7 @@ class VerifyJob(Job[list[GroupResult]]):
     def __init__(
         self,
         checks: list[TensorCheck],
-        files: Sequence[str],
+        files: Sequence[Header],
         recorded: Recorded | None,
         options: VerifyOptions,
         run: RunOptions,
@@ -331,7 +334,10 @@ class VerifyJob(Job[list[GroupResult]]):
         o, sizes = self.options, [c.out.nbytes + c.base.nbytes for c in self.checks]
         target = target_unit_bytes(sum(sizes), workers=workers, unit_size=o.group_size)
         algo = self.recorded[0] if self.recorded is not None else ""
-        groups = [CheckGroup(i, hash_path=f, hash_algo=algo) for i, f in enumerate(self.files)] if algo else []
+        groups = [
+            CheckGroup(i, hash_path=h.path, hash_algo=algo, hash_size=h.file_size) for i, h in enumerate(self.files)
+        ]
+        groups = groups if algo else []
         for start, end in partition_units(sizes, target):
             part = tuple(self.checks[start:end])
             groups.append(CheckGroup(len(groups), part, rows=o.rows, full=o.full, seed=o.seed))
@@ -358,6 +364,13 @@ class VerifyJob(Job[list[GroupResult]]):
 
     def report(self, outcome: JobOutcome) -> list[GroupResult]:
         return [outcome.results[g.index] for g in outcome.plan.units]
+
+
+def _where(path: str | os.PathLike[str], hub: bool = True) -> str:
+    """Where a checkpoint is read: an ``s3://`` URL as it is, a path absolute (the check tasks run
+    in Ray workers, whose working folder may differ), a cache reference (``hub``) as its snapshot."""
+    p = os.fspath(path)
+    return p if is_s3(p) else os.path.abspath(local_path(p) if hub else p)
 
 
 def _compare_checksums(out_ck: BaseCheckpoint, recorded_by: Recorded, results: Sequence[Any]) -> list[Finding]:

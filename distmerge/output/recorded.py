@@ -18,7 +18,10 @@ import json
 import os
 import re
 
+from distmerge.errors import FormatError
+from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
+from distmerge.inputs.s3client import is_s3
 from distmerge.tasks.checksum import ALGORITHMS
 
 __all__ = ["Recorded", "recorded_checksums"]
@@ -33,6 +36,8 @@ _HEX_LEN = {"crc32": 8, "sha256": 64}
 def recorded_checksums(out: BaseCheckpoint) -> tuple[Recorded | None, str]:
     """What ``out`` records (None when nothing is), and what is wrong with the record ("" when
     nothing): an unreadable index or sidecar, values that are not hex checksums."""
+    if is_s3(out.path):
+        return _in_bucket(out)
     index = [n for n in sorted(os.listdir(out.path)) if n.endswith(INDEX_SUFFIX)] if os.path.isdir(out.path) else []
     if index:
         return _from_index(os.path.join(out.path, index[0]))
@@ -42,11 +47,30 @@ def recorded_checksums(out: BaseCheckpoint) -> tuple[Recorded | None, str]:
     return _from_sidecar(*sides[0])
 
 
+def _in_bucket(out: BaseCheckpoint) -> tuple[Recorded | None, str]:
+    """``recorded_checksums`` of a checkpoint in a bucket: its index, or its one object's sidecar."""
+    index = sorted(o.url for o in objstore.list_objects(out.path) if o.url.endswith(INDEX_SUFFIX))
+    if index:
+        return _from_index(index[0])
+    if len(out.files) != 1:
+        return None, ""
+    names = {o.url for o in objstore.list_objects(out.files[0].rsplit("/", 1)[0])}
+    sides = [(a, f"{out.files[0]}.{a}") for a in ALGORITHMS if f"{out.files[0]}.{a}" in names]
+    return _from_sidecar(*sides[0]) if sides else (None, "")
+
+
+def _text(path: str) -> str:
+    """A small file's or object's text."""
+    if is_s3(path):
+        return objstore.read_range(path, 0, objstore.stat(path).size).decode("utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _from_index(path: str) -> tuple[Recorded | None, str]:
     try:
-        with open(path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8")).get("metadata") or {}
-    except (OSError, ValueError, AttributeError) as e:
+        meta = json.loads(_text(path)).get("metadata") or {}
+    except (OSError, ValueError, AttributeError, FormatError) as e:
         return None, f"{path}: cannot read the index ({type(e).__name__})"
     ours = meta.get("distmerge") if isinstance(meta, dict) else None
     ours = ours if isinstance(ours, dict) else {}
@@ -62,9 +86,8 @@ def _from_index(path: str) -> tuple[Recorded | None, str]:
 
 def _from_sidecar(algo: str, side: str) -> tuple[Recorded | None, str]:
     try:
-        with open(side, encoding="utf-8") as text:
-            lines = [ln.strip() for ln in text if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
+        lines = [ln.strip() for ln in _text(side).splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError, FormatError) as e:
         return (algo, {}), f"{side}: cannot read ({type(e).__name__})"
     sums = {}
     for ln in lines:

@@ -79,6 +79,7 @@ class CheckGroup:
     checks: tuple[TensorCheck, ...] = ()
     hash_path: str = ""
     hash_algo: str = "sha256"  #: ``crc32`` or ``sha256``
+    hash_size: int = 0  #: bytes of ``hash_path`` (an ``s3://`` object's from its listing)
     rows: int = 32  #: sampled rows per merged tensor (ignored with ``full``)
     full: bool = False
     seed: int = 0
@@ -87,7 +88,7 @@ class CheckGroup:
     def nbytes(self) -> int:
         """Bytes read: the file hashed, or both copies of every tensor checked."""
         if self.hash_path:
-            return os.path.getsize(self.hash_path)
+            return self.hash_size or os.path.getsize(self.hash_path)
         return sum(c.out.nbytes + c.base.nbytes for c in self.checks)
 
     @property
@@ -179,7 +180,7 @@ def _check_merged(
     if n * per == 0:
         return [], ValueStats(), 0
     name = os.path.basename(o.path)
-    out_fd, base_fd = files.fd(o.path), files.fd(b.path)
+    out_fd, base_fd = files.source(o.path), files.source(b.path)
     sample = sample_rows(c.key, n, g.rows, g.seed, g.full)
     terms = load_terms(c.deltas, reader.read, reader.read_rows)
     full_ref = None
@@ -260,10 +261,10 @@ class _ScaledOutput:
         assert c.scale is not None
         n, per = geometry(c.base.shape)
         fmax = FP8_MAX[c.out.dtype]
-        s = read_scalar(files.fd(c.scale.path), c.scale.offset, c.scale.dtype, c.scale.nbytes)
+        s = read_scalar(files.source(c.scale.path), c.scale.offset, c.scale.dtype, c.scale.nbytes)
         bs = c.base_scale
-        s0 = read_scalar(files.fd(bs.path), bs.offset, bs.dtype, bs.nbytes) if bs is not None else None
-        q = read_rows(files.fd(c.out.path), c.out, per, range(n))
+        s0 = read_scalar(files.source(bs.path), bs.offset, bs.dtype, bs.nbytes) if bs is not None else None
+        q = read_rows(files.source(c.out.path), c.out, per, range(n))
         return cls(c, fmax, float(s), show_value(float(s), c.scale.dtype), s0, q, n, per)
 
     @property
@@ -321,7 +322,7 @@ def _scaled_reference(
     b, n, per = c.base, out.n, out.per
     terms = load_terms(c.deltas, reader.read, reader.read_rows)
     local = all(d.row_local for d in c.deltas)
-    w = read_rows(files.fd(b.path), b, per, sample if local else range(n))
+    w = read_rows(files.source(b.path), b, per, sample if local else range(n))
     w = w.to(torch.float32) * out.s0 if out.s0 is not None else w.to(torch.float32)  # ComfyUI's dequantization
     if local:
         ref = reference_rows(w, terms, n, per, sample)
@@ -337,10 +338,10 @@ def _check_quantized(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     b, o = c.base, c.out
     assert c.scale is not None
     n, per = geometry(b.shape)
-    w = read_rows(files.fd(b.path), b, per, range(n)).to(torch.float32)
+    w = read_rows(files.source(b.path), b, per, range(n)).to(torch.float32)
     want_q, want_s = quantize(w, o.dtype, scale_dtype=to_torch(c.scale.dtype))
-    got = read_bytes(files.fd(o.path), o.offset, o.nbytes)
-    got_s = read_bytes(files.fd(c.scale.path), c.scale.offset, c.scale.nbytes)
+    got = read_bytes(files.source(o.path), o.offset, o.nbytes)
+    got_s = read_bytes(files.source(c.scale.path), c.scale.offset, c.scale.nbytes)
     if bytes(got_s) != want_s.reshape(-1).view(torch.uint8).numpy().tobytes():
         sd = c.scale.dtype
         got_v = float(torch.frombuffer(got_s, dtype=to_torch(sd))[0].item())
@@ -377,7 +378,7 @@ def _check_input_scale(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int,
     s = c.input_scale
     if s is None:
         return []
-    got = float(read_scalar(files.fd(s.path), s.offset, s.dtype, s.nbytes))
+    got = float(read_scalar(files.source(s.path), s.offset, s.dtype, s.nbytes))
     if got == INPUT_SCALE:
         return []
     want = f"expected {INPUT_SCALE:g} (the input scale of '{c.key}')"
@@ -405,7 +406,7 @@ def _check_untouched(c: TensorCheck, files: OpenFiles) -> list[tuple[int, int, s
     b, o = c.base, c.out
     if o.nbytes == 0:
         return []
-    out_fd, base_fd = files.fd(o.path), files.fd(b.path)
+    out_fd, base_fd = files.source(o.path), files.source(b.path)
     _n, per = geometry(b.shape)
     src_size, out_size = itemsize(b.dtype), itemsize(o.dtype)
     step = max(1, CHUNK_BYTES // max(src_size, out_size, 1))  # elements per chunk

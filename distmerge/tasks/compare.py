@@ -23,7 +23,7 @@ from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.header import TensorInfo
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.mergemath import Term
-from distmerge.tasks.reading import read_bytes
+from distmerge.tasks.reading import Source, read_bytes
 from distmerge.tasks.ulp import error_text, finite, show_value, ulp_distance, ulp_tolerance
 
 __all__ = [
@@ -101,7 +101,7 @@ def sample_rows(key: str, n: int, rows: int, seed: int, full: bool) -> list[int]
     return sorted(torch.randperm(n, generator=g)[:rows].tolist())
 
 
-def read_rows(fd: int, info: TensorInfo, per: int, rows: Sequence[int]) -> torch.Tensor:
+def read_rows(fd: Source, info: TensorInfo, per: int, rows: Sequence[int]) -> torch.Tensor:
     """Rows ``rows`` (sorted) of ``info`` as a ``[len(rows), per]`` tensor of its dtype; runs of
     consecutive rows are read at once."""
     row_bytes = per * itemsize(info.dtype)

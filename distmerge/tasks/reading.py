@@ -20,14 +20,17 @@ import threading
 
 import torch
 
-from distmerge.inputs import objstore
+from distmerge.inputs import objstore, rawio
 from distmerge.inputs.dtypes import itemsize
 from distmerge.inputs.objstore import is_s3
-from distmerge.inputs.rawio import pread_exact, read_bytes
+from distmerge.inputs.rawio import pread_exact
 from distmerge.inputs.torch_dtypes import to_torch
 from distmerge.tasks.directio import open_direct, read_direct, resident_fraction
 
-__all__ = ["OpenFiles", "read_bytes", "read_into", "read_placed", "read_scalar", "scalar_at"]
+__all__ = ["OpenFiles", "Source", "read_bytes", "read_into", "read_placed", "read_scalar", "scalar_at"]
+
+#: where a task reads bytes from: an open file's descriptor, or an ``s3://`` object's URL
+Source = int | str
 
 #: a range whose pages are at least this much in the page cache is copied from there
 _CACHED = 0.5
@@ -48,6 +51,10 @@ class OpenFiles:
             if path not in self.fds:
                 self.fds[path] = os.open(path, os.O_RDONLY)
             return self.fds[path]
+
+    def source(self, path: str) -> Source:
+        """``fd(path)``, or for an ``s3://`` object its URL (read with ranged GETs by ``read_bytes``)."""
+        return path if is_s3(path) else self.fd(path)
 
     def direct_fd(self, path: str) -> int | None:
         """An ``O_DIRECT`` descriptor of ``path``, or None where direct I/O is off
@@ -113,7 +120,14 @@ def scalar_at(files: OpenFiles, path: str, offset: int, code: str) -> torch.Tens
     return read_scalar(files.fd(path), offset, code)
 
 
-def read_scalar(fd: int, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:
+def read_bytes(src: Source, offset: int, nbytes: int) -> bytearray:
+    """Exactly ``nbytes`` at ``offset`` of a file (its descriptor) or an object (its URL: one ranged GET)."""
+    if isinstance(src, str):
+        return bytearray(objstore.read_range(src, offset, nbytes))
+    return rawio.read_bytes(src, offset, nbytes)
+
+
+def read_scalar(fd: Source, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:
     """The one-element tensor of dtype ``code`` at ``offset`` (``nbytes`` long, by default one
     element) as a float32 0-d tensor."""
     return _scalar(read_bytes(fd, offset, itemsize(code) if nbytes is None else nbytes), code)
