@@ -75,7 +75,7 @@ from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.header import Header
 from distmerge.inputs.hub import local_path
 from distmerge.inputs.s3client import is_s3
-from distmerge.output.recorded import Recorded, recorded_checksums
+from distmerge.output.recorded import Recorded, checksum_mismatches, recorded_checksums
 from distmerge.output.staging import NoStaging
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
 from distmerge.plan.merge_plan import deltas_by_target
@@ -297,7 +297,8 @@ def verify(
     results = run_job(VerifyJob(checks, out_ck.headers, recorded, opts, replace(how, device="cpu")))
     found, extra = found + _tally(report, results), sum(max(0, r.n_failures - len(r.failures)) for r in results)
     if recorded is not None:
-        sum_fails = _compare_checksums(out_ck, recorded, results)
+        digests = {os.path.basename(r.hashed): r.digest for r in results if r.hashed and r.digest}
+        sum_fails = [(CHECKSUM, 0, m) for m in checksum_mismatches(out_ck, recorded, digests)]
         report.checksums = "mismatch" if (sum_fails or problem) else "match"
         found += sum_fails
     return report.finish(found, full=opts.full, rows=opts.rows, near=NEAR, extra=extra)
@@ -371,24 +372,6 @@ def _where(path: str | os.PathLike[str], hub: bool = True) -> str:
     in Ray workers, whose working folder may differ), a cache reference (``hub``) as its snapshot."""
     p = os.fspath(path)
     return p if is_s3(p) else os.path.abspath(local_path(p) if hub else p)
-
-
-def _compare_checksums(out_ck: BaseCheckpoint, recorded_by: Recorded, results: Sequence[Any]) -> list[Finding]:
-    """Every shard's hash (from ``results``) against the recorded one."""
-    algo, recorded = recorded_by
-    digests = {os.path.basename(r.hashed): r.digest for r in results if r.hashed and r.digest}
-    names = {os.path.basename(f) for f in out_ck.files}
-    msgs = []
-    for f in out_ck.files:
-        name = os.path.basename(f)
-        want = recorded.get(name)
-        if want is None:
-            msgs.append(f"{f}: no {algo} recorded for this shard")
-        elif name in digests and digests[name] != want:
-            msgs.append(f"{f}: {algo} {digests[name][:12]} does not match the recorded {want[:12]}")
-    where = f"{out_ck.path}: a {algo} is recorded for"
-    msgs += [f"{where} '{n}', which is not a shard of this checkpoint" for n in recorded if n not in names]
-    return [(CHECKSUM, 0, m) for m in msgs]
 
 
 # ----------------------------------------------------------------------------------------------

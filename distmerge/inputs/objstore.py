@@ -16,11 +16,6 @@ Example:
     (True, False)
     >>> split("s3://models/wan/high_noise_model/")
     ('models', 'wan/high_noise_model/')
-    >>> try:
-    ...     split("s3:///wan/lora.safetensors")
-    ... except UsageError as e:
-    ...     print(e)
-    s3:///wan/lora.safetensors: no bucket in this URL (expected s3://bucket/key)
 """
 
 from __future__ import annotations

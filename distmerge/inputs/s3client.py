@@ -12,6 +12,11 @@ Example:
     ('models', 'wan/high_noise_model/')
     >>> folder_prefix("wan/base"), folder_prefix("")
     ('wan/base/', '')
+    >>> try:
+    ...     split("s3:///wan/lora.safetensors")
+    ... except UsageError as e:
+    ...     print(e)
+    s3:///wan/lora.safetensors: no bucket in this URL (expected s3://bucket/key)
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 
 from distmerge.errors import FormatError
 from distmerge.inputs import objstore
@@ -24,7 +25,7 @@ from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
 from distmerge.inputs.s3client import is_s3
 from distmerge.tasks.checksum import ALGORITHMS
 
-__all__ = ["Recorded", "recorded_checksums"]
+__all__ = ["Recorded", "checksum_mismatches", "recorded_checksums"]
 
 #: ``(algorithm, {shard name: hex})``
 Recorded = tuple[str, dict[str, str]]
@@ -97,3 +98,20 @@ def _from_sidecar(algo: str, side: str) -> tuple[Recorded | None, str]:
             return (algo, {}), f"{side}: expected 'HEX  NAME' with a {n}-digit {algo}, found {ln[:80]!r}"
         sums[os.path.basename(m.group(2))] = m.group(1).lower()
     return (algo, sums), ""
+
+
+def checksum_mismatches(out: BaseCheckpoint, recorded_by: Recorded, digests: Mapping[str, str]) -> list[str]:
+    """Every shard's hash (``digests``: shard name -> hex, as the tasks read them) against the
+    recorded one: a shard with none recorded, a different one, a recorded name that is no shard."""
+    algo, recorded = recorded_by
+    names = {os.path.basename(f) for f in out.files}
+    msgs = []
+    for f in out.files:
+        name = os.path.basename(f)
+        want = recorded.get(name)
+        if want is None:
+            msgs.append(f"{f}: no {algo} recorded for this shard")
+        elif name in digests and digests[name] != want:
+            msgs.append(f"{f}: {algo} {digests[name][:12]} does not match the recorded {want[:12]}")
+    where = f"{out.path}: a {algo} is recorded for"
+    return msgs + [f"{where} '{n}', which is not a shard of this checkpoint" for n in recorded if n not in names]
