@@ -151,7 +151,10 @@ class BucketStaging(ModelOutput):
             )
         self.published = True
         stale = [self.url(n) for n in previous if n not in names]
-        objwrite.delete_objects(stale)  # shards of the model this one replaced that it does not use
+        try:  # shards of the model this one replaced that it does not use
+            objwrite.delete_objects(stale)
+        except FormatError as e:  # the model is published: a leftover is said, not a failed run
+            logger.warning("%s; the merged model is published", e)
         return names
 
     def _units_of(self, plan: MergePlan, shard: str) -> list[WorkUnit]:
