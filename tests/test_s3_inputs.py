@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from distmerge.app.synth import write_lora
 
+from .s3server import child_env
 from .test_cli import run_cli
 
 pytest_plugins = ["tests.s3server"]
@@ -38,13 +39,8 @@ def _files(folder: str) -> dict[str, object]:
     return out
 
 
-def _env(env: dict[str, str]) -> dict[str, str]:
-    """This process's environment without its ``AWS_*`` variables, with ``env``'s."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | env
-
-
 def _merge(base: str, lora: str, out: str, env: dict[str, str], *extra: str):
-    full = _env(env)
+    full = child_env(env)
     return subprocess.run(
         [sys.executable, "-m", "distmerge", "merge", "--base", base, "--lora", lora, "-o", out, *extra],
         capture_output=True,
@@ -142,7 +138,9 @@ def test_extract_from_a_bucket_writes_the_local_extraction_s_bytes(s3, bucket, t
     ]:
         outs[where] = str(tmp_path / f"{where}.safetensors")
         args = ["extract", "--base", base, "--tuned", tuned_in, "-o", outs[where], "--rank", "4", "-q"]
-        r = subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=_env(env))
+        r = subprocess.run(
+            [sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=child_env(env)
+        )
         assert r.returncode == 0, r.stderr
     local, remote = (safe_open(outs[w], "pt") for w in ("local", "s3"))
     assert (
@@ -166,7 +164,9 @@ def test_verify_reads_a_merged_model_in_a_bucket_and_finds_a_damaged_shard(s3, b
 
     def verify():
         args = ["verify", out, "--base", base, "--lora", lora, "-q"]
-        return subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=_env(env))
+        return subprocess.run(
+            [sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=child_env(env)
+        )
 
     r = verify()
     assert r.returncode == 0 and r.stdout.startswith("verify: OK"), r.stdout + r.stderr

@@ -23,6 +23,8 @@ import torch
 import distmerge
 from distmerge.app.synth import WanConfig, make_factors, write_lora, write_wan_base
 
+from .s3server import child_env
+
 pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.ray  # merges run Ray tasks
 
@@ -30,13 +32,8 @@ MEDIUM = WanConfig(dim=256, ffn=512, blocks=8, in_dim=16, text_dim=256, freq_dim
 UNITS = ["--unit-size", "1MB", "--max-shard-size", "16MB", "-q"]
 
 
-def _env(env: dict[str, str]) -> dict[str, str]:
-    """This process's environment without ``AWS_*`` and ``RAY_ADDRESS``, with ``env``'s variables."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
-
-
 def _merge(env: dict[str, str], *args: str, popen: bool = False):
-    full = _env(env)
+    full = child_env(env)
     argv = [sys.executable, "-m", "distmerge", "merge", *args]
     if popen:
         return subprocess.Popen(argv, env=full, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -304,9 +301,8 @@ def test_a_job_file_merges_from_and_into_a_bucket(s3, medium, tmp_path):
         f"     unit_size: 1MB, max_shard_size: 16MB, report: 's3://{b}/job/low-report.json'}}\n"
     )
     env = {**s3.env("admin"), "DISTMERGE_CACHE_DIR": str(tmp_path / "cache")}
-    full = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"} | env
     r = subprocess.run(
-        [sys.executable, "-m", "distmerge", "run", str(job), "-q"], capture_output=True, text=True, env=full
+        [sys.executable, "-m", "distmerge", "run", str(job), "-q"], capture_output=True, text=True, env=child_env(env)
     )
     assert r.returncode == 0, r.stderr
     got = _objects(s3, f"s3://{b}/job/low")

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 from distmerge import __version__
 from distmerge.app.driver import Job, JobOutcome, RunOptions, run_job, with_keywords
 from distmerge.app.options import MergeOptions
-from distmerge.app.preflight import Inputs, Located, check_options, collect_deltas, locate, lora_specs, read_inputs
+from distmerge.app.preflight import (
+    Inputs,
+    Located,
+    check_options,
+    collect_deltas,
+    fetched_roots,
+    locate,
+    lora_specs,
+    read_inputs,
+)
 from distmerge.app.preflight import resolve_dtype as resolve_dtype
 from distmerge.app.report import MergeReport, UnitReport
 from distmerge.app.validate import check_output_name
@@ -232,8 +241,8 @@ class MergeJob(Job[MergeReport]):
     def shared_paths(self) -> tuple[list[str], str] | None:
         """What every node must see at the same path (objects in a bucket are read and written by
         URL, LoRAs from a bucket fetched by each node)."""
-        files = [f for f in self.i.base.files if not is_s3(f)]
-        files += [p for (p, _), (r, _) in zip(self.i.specs, self.i.lora_refs) if not is_s3(r.reference or "")]
+        fetched = fetched_roots(self.i.specs, [r for r, _ in self.i.lora_refs])
+        files = [f for f in self.i.base.files if not is_s3(f)] + [p for p, _ in self.i.specs if p not in fetched]
         out = "" if self.to_bucket else self.i.target.directory
         return (files, out) if files or out else None
 

@@ -35,7 +35,7 @@ from distmerge.errors import PlanError
 from distmerge.formats.layouts import not_loaded
 from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.hub import local_path
-from distmerge.inputs.paths import refuse_url
+from distmerge.inputs.paths import absolute, refuse_url
 from distmerge.inputs.s3client import is_s3
 from distmerge.output.ledger import ProgressFn
 from distmerge.output.lock import OutputLock
@@ -136,8 +136,7 @@ class ExtractJob(Job[ExtractReport]):
         """Both checkpoints, header-only, checked against each other and planned once (every plan
         error comes before Ray starts); the output's form, and that it is no input."""
         base, tuned = (  # absolute: the workers' working folder differs (an s3:// URL as it is)
-            open_base(p if is_s3(p) else os.path.abspath(local_path(p))).require_safetensors("extract")
-            for p in self.args[:2]
+            open_base(absolute(local_path(p))).require_safetensors("extract") for p in self.args[:2]
         )
         check_pair(base, tuned)
         make_extract_plan(base, tuned, self.options, unit_size=self.run.unit_size)
@@ -234,9 +233,7 @@ class ExtractJob(Job[ExtractReport]):
 def _adapter_config(plan: ExtractPlan, outcomes: Sequence[UnitOutcome]) -> str:
     """The PEFT folder's ``adapter_config.json``, from what the units made of each module."""
     entries = [(s.module, s.role, s.rank) for o in outcomes for s in o.tensors if s.role]
-    config = peft_adapter_config(
-        entries, base_path=plan.base if is_s3(plan.base) else os.path.abspath(plan.base), rank=plan.options.rank
-    )
+    config = peft_adapter_config(entries, base_path=absolute(plan.base), rank=plan.options.rank)
     return json.dumps(config, indent=2) + "\n"
 
 

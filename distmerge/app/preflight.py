@@ -29,6 +29,7 @@ from distmerge.inputs.hub import Resolved
 from distmerge.inputs.hub import resolve as resolve_reference
 from distmerge.inputs.lorafile import open_lora
 from distmerge.inputs.objstore import is_s3
+from distmerge.inputs.paths import absolute
 from distmerge.output.bucket import resolve_bucket_output
 from distmerge.output.companions import Companions, find_companions
 from distmerge.output.manifest import Manifest, load_previous
@@ -163,7 +164,7 @@ def locate(base: str | os.PathLike[str], specs: Sequence[tuple[str, float]], out
     """
     base_ref = resolve_reference(base)  # a Hugging Face cache reference becomes its snapshot path
     # absolute: Ray's workers (and a caller's later os.chdir) must read the same files
-    base_ck = open_base(base_ref.local if is_s3(base_ref.local) else os.path.abspath(base_ref.local))
+    base_ck = open_base(absolute(base_ref.local))
     lora_refs = [(lora_reference(p), w) for p, w in specs]
     local = [(os.path.abspath(r.local), w) for r, w in lora_refs]
     where = [str(r.reference) if _fetched(r) else p for (p, _), (r, _) in zip(local, lora_refs)]

@@ -74,7 +74,7 @@ from distmerge.inputs.checkpoint import BaseCheckpoint, open_base
 from distmerge.inputs.gguffile import is_gguf_name
 from distmerge.inputs.header import Header
 from distmerge.inputs.hub import local_path
-from distmerge.inputs.s3client import is_s3
+from distmerge.inputs.paths import absolute
 from distmerge.output.recorded import Recorded, checksum_mismatches, recorded_checksums
 from distmerge.output.staging import NoStaging
 from distmerge.plan.fp8 import ScaledLayout, scaled_layout
@@ -275,7 +275,7 @@ def verify(
     if opts.rows < 0:
         raise PlanError(f"--rows must be >= 0, got {opts.rows}")
     # absolute paths: the check tasks run in Ray workers, whose working folder may differ
-    base_ck = open_base(_where(base)).require_safetensors("verify")
+    base_ck = open_base(absolute(local_path(base))).require_safetensors("verify")
     if is_gguf_name(merged):
         raise FormatError(f"{os.fspath(merged)}: verify reads safetensors outputs, not GGUF")
     refs = [(lora_reference(p), w) for p, w in lora_specs(loras)]
@@ -284,7 +284,7 @@ def verify(
     gathered.deltas = moved(gathered.deltas, fetched_roots(specs, [r for r, _ in refs]))
     out_code, report = resolve_dtype(opts.dtype), VerifyReport(output=os.fspath(merged), tensors=len(base_ck.tensors))
     try:
-        out_ck = open_base(_where(merged, hub=False))
+        out_ck = open_base(absolute(merged))
     except FormatError as e:
         return report.finish([(STRUCTURE, 0, str(e))], full=opts.full, rows=opts.rows, near=NEAR)
     report.shards = len(out_ck.files)
@@ -365,13 +365,6 @@ class VerifyJob(Job[list[GroupResult]]):
 
     def report(self, outcome: JobOutcome) -> list[GroupResult]:
         return [outcome.results[g.index] for g in outcome.plan.units]
-
-
-def _where(path: str | os.PathLike[str], hub: bool = True) -> str:
-    """Where a checkpoint is read: an ``s3://`` URL as it is, a path absolute (the check tasks run
-    in Ray workers, whose working folder may differ), a cache reference (``hub``) as its snapshot."""
-    p = os.fspath(path)
-    return p if is_s3(p) else os.path.abspath(local_path(p) if hub else p)
 
 
 # ----------------------------------------------------------------------------------------------

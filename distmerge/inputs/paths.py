@@ -16,8 +16,9 @@ import re
 
 from distmerge.errors import UsageError
 from distmerge.inputs.gguffile import GGUF_SUFFIX
+from distmerge.inputs.s3client import is_s3
 
-__all__ = ["inside", "missing", "is_file_output", "refuse_url", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
+__all__ = ["absolute", "inside", "missing", "is_file_output", "refuse_url", "FILE_SUFFIXES", "OTHER_WEIGHT_SUFFIXES"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -26,6 +27,17 @@ FILE_SUFFIXES = (".safetensors", GGUF_SUFFIX)
 #: weight-file extensions an output cannot be written as (distmerge writes safetensors or GGUF): an
 #: output named like one is refused instead of silently becoming a folder of that name
 OTHER_WEIGHT_SUFFIXES = (".sft", ".st", ".safetensor", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` as Ray's workers (and a caller's later ``os.chdir``) read it: an ``s3://`` URL as it
+    is, a local path made absolute.
+
+    >>> absolute("s3://models/wan/base"), absolute("/data/../data/base")
+    ('s3://models/wan/base', '/data/base')
+    """
+    p = os.fspath(path)
+    return p if is_s3(p) else os.path.abspath(p)
 
 
 def inside(child: str, parent: str) -> bool:

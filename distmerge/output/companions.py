@@ -27,6 +27,7 @@ from distmerge.inputs import objstore
 from distmerge.inputs.checkpoint import INDEX_SUFFIX, BaseCheckpoint
 from distmerge.inputs.hub import Resolved
 from distmerge.inputs.objstore import is_s3
+from distmerge.inputs.paths import absolute
 
 __all__ = [
     "RECIPE_NAME",
@@ -178,7 +179,7 @@ def make_recipe(
     input was resolved from.
     """
     base_entry: dict[str, Any] = {
-        "path": base.path if is_s3(base.path) else os.path.abspath(base.path),
+        "path": absolute(base.path),
         "naming": naming,
         "files": [os.path.basename(f) for f in base.files],
     }

@@ -115,9 +115,7 @@ def read_placed(
 
 def scalar_at(files: OpenFiles, path: str, offset: int, code: str) -> torch.Tensor:
     """``read_scalar`` of ``path`` (a file, or an ``s3://`` object)."""
-    if is_s3(path):
-        return _scalar(bytearray(objstore.read_range(path, offset, itemsize(code))), code)
-    return read_scalar(files.fd(path), offset, code)
+    return read_scalar(files.source(path), offset, code)
 
 
 def read_bytes(src: Source, offset: int, nbytes: int) -> bytearray:
@@ -130,9 +128,5 @@ def read_bytes(src: Source, offset: int, nbytes: int) -> bytearray:
 def read_scalar(fd: Source, offset: int, code: str, nbytes: int | None = None) -> torch.Tensor:
     """The one-element tensor of dtype ``code`` at ``offset`` (``nbytes`` long, by default one
     element) as a float32 0-d tensor."""
-    return _scalar(read_bytes(fd, offset, itemsize(code) if nbytes is None else nbytes), code)
-
-
-def _scalar(raw: bytearray, code: str) -> torch.Tensor:
-    """One value of dtype ``code`` (its bytes ``raw``) as a float32 0-d tensor."""
+    raw = read_bytes(fd, offset, itemsize(code) if nbytes is None else nbytes)
     return torch.frombuffer(raw, dtype=to_torch(code)).to(torch.float32).reshape(())
