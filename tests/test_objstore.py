@@ -313,12 +313,24 @@ def test_an_unreachable_endpoint_is_named(s3, s3_env, monkeypatch):
 
 
 def test_boto3_missing_is_a_usage_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "boto3", None)  # ``import boto3`` raises ImportError
+    from distmerge.inputs import objwrite
+
+    for name in ("boto3", "botocore", "botocore.exceptions"):  # not installed: neither imports
+        monkeypatch.setitem(sys.modules, name, None)
     objstore.reset()
+    url = "s3://bkt/a.bin"
     try:
-        with pytest.raises(UsageError) as e:
-            objstore.stat("s3://bkt/a.bin")
-        assert str(e.value) == "s3:// paths need boto3: pip install 'distmerge[s3]'"
+        calls = [
+            (objstore.stat, (url,)),
+            (objstore.list_objects, ("s3://bkt/base",)),
+            (objstore.read_range, (url, 0, 1)),
+        ]
+        calls += [(objstore.cached, (url,)), (objwrite.check_bucket, (url,)), (objwrite.create_upload, (url,))]
+        calls += [(objwrite.open_uploads, ("s3://bkt/out",)), (objwrite.abort_upload, (url, "id"))]
+        for call, args in calls:
+            with pytest.raises(UsageError) as e:
+                call(*args)
+            assert str(e.value) == "s3:// paths need boto3: pip install 'distmerge[s3]'", call.__name__
         assert objstore.is_s3("s3://bkt/a.bin") and objstore.split("s3://bkt/a.bin") == ("bkt", "a.bin")
     finally:
         objstore.reset()

@@ -167,6 +167,7 @@ def _transfer(url: str, offset: int, n: int, sink: Callable[[Any, int], int], et
     """GET ``[offset, offset + n)`` and hand the body to ``sink(body, done)`` (which consumes some
     of it and says how many bytes) until all ``n`` are in; a body that breaks off is asked for again
     from where it stopped (``etag``: only while the object still has it)."""
+    client()  # boto3 missing: its UsageError, before botocore's names are imported
     from botocore.exceptions import HTTPClientError, IncompleteReadError
 
     bucket, key = object_key(url)

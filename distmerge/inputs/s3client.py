@@ -103,9 +103,13 @@ def _make_client() -> tuple[Any, Any]:
     return session, session.client("s3", config=config)
 
 
-def errors() -> tuple[type[Exception], ...]:  # the store's answers, and transport failures
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def errors() -> tuple[type[Exception], ...]:
+    """The store's answers and transport failures, as ``except`` clauses name them; none without
+    boto3 (then ``client()`` raises its ``UsageError``, which an ``except errors()`` must let through)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
     return (BotoCoreError, ClientError)
 
 
